@@ -1,0 +1,3 @@
+from litft.cli import main
+
+main()

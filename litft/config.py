@@ -1,0 +1,182 @@
+"""The model configuration: every architectural difference between families is a field here.
+
+Nothing in litft looks at a model's *name* to decide how it computes; a named config in
+``litft.zoo`` is only a set of defaults for these fields, and a checkpoint's own
+``model_config.yaml`` (or HF ``config.json``) always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+
+
+@dataclass
+class Config:
+    """Architecture of a decoder-only transformer as used by :class:`litft.model.GPT`."""
+
+    name: str = ""
+    hf_id: str = ""
+    # which HF architecture (and so which weight-name table) the weights follow, e.g. "llama", "gemma2"
+    hf_model_type: str = "llama"
+
+    vocab_size: int = 32000
+    block_size: int = 4096  # max_position_embeddings: the longest context the model supports
+    n_layer: int = 16
+    n_embd: int = 4096
+    n_head: int = 32
+    n_query_groups: Optional[int] = None  # key/value heads (GQA); None = n_head (MHA)
+    head_size: Optional[int] = None  # None = n_embd // n_head
+    intermediate_size: int = 11008
+
+    # attention
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    attention_out_bias: bool = False  # bias on the output projection
+    qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3, Gemma 3)
+    query_pre_attn_scalar: Optional[float] = None  # scores are scaled by this ** -0.5; None = head_size (Gemma 2/3)
+    attn_logit_softcapping: Optional[float] = None  # Gemma 2
+    sliding_window: Optional[int] = None  # window size for layers of type "sliding"
+    # per-layer attention kind: "full" or "sliding"; None = all "sliding" if sliding_window else all "full"
+    layer_types: Optional[list[str]] = None
+
+    # rotary position embedding
+    rope_theta: float = 10000.0
+    rope_local_theta: Optional[float] = None  # base for sliding layers when it differs (Gemma 3)
+    # {"rope_type": "llama3"|"linear"|"yarn"|"longrope"|"dynamic", ...} as in HF ``rope_parameters``
+    rope_scaling: Optional[dict[str, Any]] = None
+    partial_rotary_factor: float = 1.0  # fraction of each head that is rotated (Phi-4-mini: 0.75)
+
+    # normalisation
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + weight) (Gemma)
+    post_block_norms: bool = False  # extra norms after attention and after the MLP (Gemma 2/3)
+
+    # MLP
+    mlp_activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"
+    mlp_bias: bool = False
+    n_expert: int = 0  # > 0: mixture of experts (Mixtral)
+    n_expert_per_token: int = 0
+    moe_normalize_topk: bool = True
+
+    # embeddings and head
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(n_embd) (Gemma)
+    tie_embeddings: bool = False
+    final_logit_softcapping: Optional[float] = None  # Gemma 2
+
+    # token ids the checkpoint declares (used by generation and export; tokenizer files may refine them)
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list[int]] = None
+    pad_token_id: Optional[int] = None
+
+    extra: dict[str, Any] = field(default_factory=dict)  # HF config keys litft does not interpret, kept for export
+
+    def __post_init__(self) -> None:
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head}); set head_size")
+            self.head_size = self.n_embd // self.n_head
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
+        if self.layer_types is None:
+            kind = "sliding" if self.sliding_window else "full"
+            self.layer_types = [kind] * self.n_layer
+        if len(self.layer_types) != self.n_layer:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries but n_layer is {self.n_layer}")
+        bad = sorted(set(self.layer_types) - {"full", "sliding"})
+        if bad:
+            raise ValueError(f"layer_types may only hold 'full' or 'sliding', got {bad}")
+        if "sliding" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has 'sliding' layers but sliding_window is not set")
+        if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
+            raise ValueError(f"n_expert_per_token must be in [1, n_expert={self.n_expert}], got {self.n_expert_per_token}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of dimensions of each head that RoPE rotates."""
+        return int(self.head_size * self.partial_rotary_factor)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    # ------------------------------------------------------------------ named configs and files
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        """A named config from the zoo, by short name (``Llama-3.2-1B``) or HF repo id."""
+        from litft.zoo import get_config
+
+        return get_config(name, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+        """Build a Config from a mapping, naming unknown or mistyped fields in the error."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of Config fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"{source}: unknown field(s) {', '.join(hints)}. Valid fields: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: model config not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
+        cfg = cls.from_dict(data or {}, source=str(path))
+        _check_required(data or {}, str(path))
+        return cfg
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "Config":
+        """The config of a native checkpoint directory (``model_config.yaml``)."""
+        checkpoint_dir = Path(checkpoint_dir)
+        path = checkpoint_dir / MODEL_CONFIG_FILE
+        if not path.is_file():
+            hint = ""
+            if (checkpoint_dir / "config.json").is_file():
+                hint = f" It holds a Hugging Face config.json: run `litft convert from_hf {checkpoint_dir}` first."
+            raise FileNotFoundError(f"{checkpoint_dir} is not a litft checkpoint: no {MODEL_CONFIG_FILE}.{hint}")
+        return cls.from_file(path)
+
+    def save(self, checkpoint_dir: str | Path) -> Path:
+        path = Path(checkpoint_dir) / MODEL_CONFIG_FILE
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+_REQUIRED = ("vocab_size", "n_layer", "n_embd", "n_head", "intermediate_size", "hf_model_type")
+
+
+def _check_required(data: dict[str, Any], source: str) -> None:
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")

@@ -1,0 +1,232 @@
+"""Hugging Face checkpoints ↔ native litft checkpoints, streamed shard by shard.
+
+Both directions read the family's one weight-name table (``litft.zoo``); sizes always come from the
+checkpoint's own ``config.json`` / ``model_config.yaml``, never from a model name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from litft.config import MODEL_CONFIG_FILE, Config
+from litft.weights import (
+    SafetensorsReader,
+    atomic_directory,
+    copy_tokenizer_files,
+    expected_shapes,
+    parse_dtype,
+    parse_size,
+    weight_files,
+    write_shards,
+)
+from litft.zoo import family_for
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """The text model's section of an HF ``config.json`` (multimodal wrappers keep it in ``text_config``)."""
+    path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise FileNotFoundError(f"{hf_dir}: no such directory")
+    if not path.is_file():
+        hint = " It is a litft checkpoint already." if (Path(hf_dir) / MODEL_CONFIG_FILE).is_file() else ""
+        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face checkpoint: no config.json.{hint}")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(hf, dict) or "model_type" not in hf:
+        raise ValueError(f"{path}: expected a JSON object with a 'model_type' field")
+    if isinstance(hf.get("text_config"), dict):
+        text = dict(hf["text_config"])
+        text.setdefault("model_type", f"{hf['model_type']}_text")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key not in text and key in hf:
+                text[key] = hf[key]
+        hf = text
+    return hf
+
+
+def hf_config_to_config(hf_dir: Path, name: str = "", hf_id: str = "") -> Config:
+    hf = read_hf_config(hf_dir)
+    family = family_for(hf["model_type"])
+    return family.config_from_hf(hf, name=name or Path(hf_dir).name, hf_id=hf_id)
+
+
+class _HFSource:
+    """Tensors of an HF checkpoint (safetensors, or legacy .bin loaded with weights_only=True)."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        files = weight_files(hf_dir)
+        self.reader: Optional[SafetensorsReader] = SafetensorsReader(files) if files else None
+        self.bins: list[Path] = []
+        if self.reader is None:
+            self.bins = sorted(Path(hf_dir).glob("pytorch_model*.bin"))
+            if not self.bins:
+                raise FileNotFoundError(f"{hf_dir}: no weights (*.safetensors or pytorch_model*.bin) found")
+
+    def shards(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """(file, lazy tensor getter per name) for each shard."""
+        if self.reader is not None:
+            for f in self.reader.files:
+                yield f, {k: (lambda k=k: self.reader.get(k)) for k in self.reader.keys_in(f)}
+        for f in self.bins:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            yield f, {k: (lambda v=v: v) for k, v in state.items()}
+
+
+def hf_tensors_to_native(
+    hf_dir: Path, config: Config, dtype: Optional[torch.dtype] = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Native (name, tensor) pairs of an HF checkpoint, shard by shard, shapes checked against ``config``."""
+    family = family_for(config.hf_model_type)
+    expected = expected_shapes(config)
+    seen: set[str] = set()
+    for path, getters in _HFSource(hf_dir).shards():
+        for hf_key, get in getters.items():
+            if family.is_ignored_hf(hf_key):
+                continue
+            match = family.hf_to_native(hf_key)
+            if match is None:
+                raise ValueError(f"{path}: tensor {hf_key!r} is not part of a {family.architecture} "
+                                 f"(model_type {family.model_type!r}) checkpoint")
+            rule, natives = match
+            if natives == ("lm_head.weight",) and config.tie_embeddings:
+                continue  # a tied head is the embedding; some checkpoints store a copy
+            tensor = get()
+            parts = tensor.split(rule.split(config), dim=0) if rule.split else (tensor,)
+            if len(parts) != len(natives) or (rule.split and sum(rule.split(config)) != tensor.shape[0]):
+                raise ValueError(f"{path}: tensor {hf_key!r} of shape {list(tensor.shape)} cannot be split into "
+                                 f"{rule.split(config)} as config.json implies")
+            for name, part in zip(natives, parts):
+                if name not in expected:
+                    raise ValueError(f"{path}: tensor {hf_key!r} maps to {name!r}, which config.json does not "
+                                     f"describe (n_layer={config.n_layer}, n_expert={config.n_expert})")
+                if part.shape != expected[name]:
+                    raise ValueError(f"{path}: tensor {hf_key!r} has shape {list(part.shape)}, config.json implies "
+                                     f"{list(expected[name])}")
+                if dtype is not None and part.is_floating_point():
+                    part = part.to(dtype)
+                seen.add(name)
+                yield name, part.contiguous()
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise ValueError(f"{hf_dir}: checkpoint lacks tensor(s) for {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+
+
+def convert_from_hf(
+    hf_dir: Path,
+    out_dir: Optional[Path] = None,
+    dtype: Optional[str] = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    hf_id: str = "",
+) -> Path:
+    """Convert a Hugging Face checkpoint folder into a native litft checkpoint.
+
+    Args:
+        hf_dir: folder with ``config.json``, ``*.safetensors`` (or ``pytorch_model*.bin``) and tokenizer files.
+        out_dir: where to write the native checkpoint; default ``<hf_dir>-litft``.
+        dtype: cast floating-point weights to this dtype (float32, bfloat16, float16); default keeps them.
+        max_shard_size: largest safetensors shard to write, e.g. ``5GB``.
+        overwrite: replace ``out_dir`` if it exists and is not empty.
+        hf_id: HF repo id recorded in ``model_config.yaml``.
+    """
+    hf_dir = Path(hf_dir)
+    config = hf_config_to_config(hf_dir, hf_id=hf_id)
+    out_dir = Path(out_dir) if out_dir is not None else hf_dir.parent / f"{hf_dir.name}-litft"
+    with atomic_directory(out_dir, overwrite) as tmp:
+        write_shards(hf_tensors_to_native(hf_dir, config, parse_dtype(dtype)), tmp, parse_size(max_shard_size))
+        config.save(tmp)
+        copy_tokenizer_files(hf_dir, tmp)
+        if not (tmp / "generation_config.json").is_file():
+            write_generation_config(config, tmp)
+    return out_dir
+
+
+def native_tensors_to_hf(
+    checkpoint_dir: Path, config: Config, dtype: Optional[torch.dtype] = None,
+    state: Optional[dict[str, torch.Tensor]] = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs of a native checkpoint (or of an in-memory ``state``), fused tensors joined."""
+    family = family_for(config.hf_model_type)
+    if state is None:
+        reader = SafetensorsReader(weight_files(checkpoint_dir))
+        if not reader.keys():
+            raise FileNotFoundError(f"{checkpoint_dir}: no weights found")
+        names, get = reader.keys(), reader.get
+    else:
+        names, get = list(state), state.__getitem__
+    plan: dict[str, list[Optional[str]]] = {}
+    rules = {}
+    for name in names:
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        match = family.native_to_hf(name)
+        if match is None:
+            raise ValueError(f"{checkpoint_dir}: tensor {name!r} has no {family.architecture} name")
+        rule, part, hf_key = match
+        plan.setdefault(hf_key, [None] * len(rule.natives))[part] = name
+        rules[hf_key] = rule
+    for hf_key, parts in plan.items():
+        if None in parts:
+            raise ValueError(f"{checkpoint_dir}: {hf_key!r} needs {rules[hf_key].natives} but some are missing")
+        tensors = [get(p) for p in parts]
+        tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        yield hf_key, tensor
+
+
+def weights_dtype(checkpoint_dir: Path) -> Optional[torch.dtype]:
+    files = weight_files(checkpoint_dir)
+    if not files:
+        return None
+    reader = SafetensorsReader(files[:1])
+    for k in reader.keys():
+        t = reader.get(k)
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def convert_to_hf(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    dtype: Optional[str] = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write a native checkpoint as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` and
+    vLLM load directly: ``config.json``, ``generation_config.json``, tokenizer files and safetensors shards
+    (with ``model.safetensors.index.json`` when there is more than one).
+
+    Args:
+        checkpoint_dir: a native litft checkpoint (``model_config.yaml`` + safetensors).
+        out_dir: the folder to create.
+        dtype: cast floating-point weights to this dtype; default keeps the checkpoint's.
+        max_shard_size: largest shard, e.g. ``5GB`` (transformers' default).
+        overwrite: replace ``out_dir`` if it exists and is not empty.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    config = Config.from_checkpoint(checkpoint_dir)
+    family = family_for(config.hf_model_type)
+    torch_dtype = parse_dtype(dtype)
+    with atomic_directory(Path(out_dir), overwrite) as tmp:
+        write_shards(native_tensors_to_hf(checkpoint_dir, config, torch_dtype), tmp, parse_size(max_shard_size))
+        hf = family.config_to_hf(config, torch_dtype or weights_dtype(checkpoint_dir))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        copy_tokenizer_files(checkpoint_dir, tmp)
+        if not (tmp / "generation_config.json").is_file():
+            write_generation_config(config, tmp)
+    return Path(out_dir)
+
+
+def write_generation_config(config: Config, directory: Path) -> None:
+    gen = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+                             ("pad_token_id", config.pad_token_id)) if v is not None}
+    (Path(directory) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

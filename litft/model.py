@@ -1,0 +1,437 @@
+"""One decoder-only transformer for every family in the zoo.
+
+``GPT`` → ``Block`` (norm → attention → norm → MLP or MoE) → head. Every difference between
+families is a :class:`litft.config.Config` field. Module and parameter names follow the
+Hugging Face Llama layout (``q_proj``, ``gate_proj``, ...) so LoRA targets and PEFT exports
+use the names users already know.
+
+Attention is computed over *slots*: positions in the sequence (or in the KV cache when one is
+set). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
+sliding layers, and both slots carry the same segment id (packing and left padding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from litft.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.max_cache_length = 0
+
+    # ------------------------------------------------------------------ weights
+
+    def tie_weights(self) -> None:
+        """Re-tie the head to the embedding after loading with ``assign=True``."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_buffers(self, device: Optional[torch.device] = None) -> None:
+        """(Re)compute non-persistent buffers (RoPE frequencies), e.g. after building on the meta device."""
+        device = device or self.embed.weight.device
+        self.rope.reset(device)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init for models trained from scratch and tests."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
+
+    # ------------------------------------------------------------------ KV cache
+
+    def set_kv_cache(
+        self, batch_size: int, max_length: Optional[int] = None, device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Preallocate a KV cache of ``batch_size`` rows and ``max_length`` slots in every block."""
+        max_length = max_length or self.config.block_size
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_length,
+                                          self.config.head_size, device, dtype)
+        self.max_cache_length = max_length
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+        self.max_cache_length = 0
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (or final hidden states) for token ids ``idx`` of shape (B, T).
+
+        input_pos: (T,) cache slots to write this chunk to; requires :meth:`set_kv_cache`.
+        positions: (T,) or (B, T) RoPE positions; default = the slots (``input_pos`` or ``arange(T)``).
+        segment_ids: (B, S) segment of every slot (S = T without a cache, the cache length with one);
+            attention never crosses segments. Used for packing and for left padding.
+        """
+        B, T = idx.shape
+        cached = input_pos is not None
+        if cached and self.max_cache_length == 0:
+            raise RuntimeError("input_pos given but no KV cache is set: call model.set_kv_cache(...) first")
+        q_slots = input_pos if cached else torch.arange(T, device=idx.device)
+        if positions is None:
+            positions = q_slots
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0).expand(B, T)
+        kv_len = self.max_cache_length if cached else T
+
+        masks = {}
+        for kind in set(self.config.layer_types):
+            window = self.config.sliding_window if kind == "sliding" else None
+            masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached)
+
+        x = self.embed(idx)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
+        for block, kind in zip(self.blocks, self.config.layer_types):
+            x = block(x, rope[kind], masks[kind], input_pos)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return self.head(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final (normed) hidden states, with the final softcap where the family has one."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        self.mlp = MoE(config) if config.n_expert else GatedMLP(config)
+        if config.post_block_norms:
+            self.post_attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+            self.post_mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
+                input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rope, mask, input_pos)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
+        self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
+        self.o_proj = nn.Linear(nh * hs, config.n_embd, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hs, config.norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(hs, config.norm_eps, config.norm_unit_offset)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = (config.query_pre_attn_scalar or hs) ** -0.5
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
+                input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs = self.config.head_size
+        q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, ng, T, hs)
+        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = self.attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        cap = self.config.attn_logit_softcapping
+        if cap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+            )
+        # softcapping needs the scores themselves: cap them, then mask them (never add a mask to capped scores)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        scores = torch.tanh(scores / cap) * cap
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return probs @ v
+
+
+def build_attention_mask(
+    q_slots: torch.Tensor, kv_len: int, window: Optional[int], segment_ids: Optional[torch.Tensor], cached: bool,
+) -> Optional[torch.Tensor]:
+    """Boolean mask (B or 1, 1, T, S) of what each query may attend to; None means plain causal."""
+    if not cached and window is None and segment_ids is None:
+        return None
+    k_slots = torch.arange(kv_len, device=q_slots.device)
+    diff = q_slots.unsqueeze(-1) - k_slots.unsqueeze(0)  # (T, S)
+    mask = diff >= 0
+    if window is not None:
+        mask = mask & (diff < window)
+    mask = mask.unsqueeze(0)
+    if segment_ids is not None:
+        if segment_ids.shape[-1] != kv_len:
+            raise ValueError(f"segment_ids covers {segment_ids.shape[-1]} slots, expected {kv_len}")
+        q_seg = segment_ids.index_select(1, q_slots)  # (B, T)
+        mask = mask & (q_seg.unsqueeze(-1) == segment_ids.unsqueeze(1))
+    return mask.unsqueeze(1)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, n_groups: int, max_length: int, head_size: int,
+                 device: Optional[torch.device], dtype: Optional[torch.dtype]) -> None:
+        super().__init__()
+        shape = (batch_size, n_groups, max_length, head_size)
+        # zeros, not empty: masked slots must not hold NaNs that 0 * NaN would leak through
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"batch of {k.shape[0]} rows but the KV cache holds {self.k.shape[0]}")
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu)."""
+
+    def __init__(self, config: Config, intermediate_size: Optional[int] = None) -> None:
+        super().__init__()
+        size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.n_embd, size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.n_embd, size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(size, config.n_embd, bias=config.mlp_bias)
+        self.activation = config.mlp_activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(activate(self.gate_proj(x), self.activation) * self.up_proj(x))
+
+
+def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "silu":
+        return F.silu(x)
+    if kind == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if kind == "gelu":
+        return F.gelu(x)
+    raise ValueError(f"unknown mlp_activation {kind!r}")
+
+
+class MoE(nn.Module):
+    """Sparse mixture of gated-MLP experts with top-k softmax routing (Mixtral)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_expert))
+        self.top_k = config.n_expert_per_token
+        self.normalize = config.moe_normalize_topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(chosen == e)
+            if token_idx.numel() == 0:
+                continue
+            y = expert(x[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out.view(shape)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; ``unit_offset`` scales by (1 + weight) as Gemma does."""
+
+    def __init__(self, size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size) if unit_offset else torch.ones(size))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * xf.to(dtype)
+
+
+# ---------------------------------------------------------------------- rotary embeddings
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables per layer kind, computed from positions in float32 on every call."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.attention_scaling: dict[str, float] = {}
+        self.long_switch: Optional[int] = None
+        self.reset(None)
+
+    def reset(self, device: Optional[torch.device]) -> None:
+        cfg = self.config
+        for kind in ("full", "sliding"):
+            if kind == "sliding" and cfg.rope_local_theta is not None:
+                inv, scale, long_inv = rope_inv_freq(cfg.rope_dim, cfg.rope_local_theta, None, cfg.block_size)
+            else:
+                inv, scale, long_inv = rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.block_size)
+            self.register_buffer(f"inv_freq_{kind}", inv if device is None else inv.to(device), persistent=False)
+            if long_inv is not None:
+                self.register_buffer(f"long_inv_freq_{kind}", long_inv if device is None else long_inv.to(device), persistent=False)
+                self.long_switch = int(cfg.rope_scaling["original_max_position_embeddings"])
+            self.attention_scaling[kind] = scale
+
+    def forward(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = getattr(self, f"inv_freq_{kind}")
+        if self.long_switch is not None and hasattr(self, f"long_inv_freq_{kind}"):
+            # LongRoPE: the long factors apply once the sequence is longer than the original context
+            use_long = positions.max() + 1 > self.long_switch
+            inv_freq = torch.where(use_long, getattr(self, f"long_inv_freq_{kind}"), inv_freq)
+        freqs = positions.float().unsqueeze(-1) * inv_freq.float()  # (B, T, rope_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.attention_scaling[kind]
+        cos, sin = emb.cos() * scale, emb.sin() * scale
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)  # (B, 1, T, rope_dim)
+
+
+def rope_inv_freq(
+    dim: int, base: float, scaling: Optional[dict], max_positions: int
+) -> tuple[torch.Tensor, float, Optional[torch.Tensor]]:
+    """Inverse frequencies, the cos/sin scaling factor and (LongRoPE only) the long-context frequencies."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (base**exponents)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if scaling is None or kind == "default":
+        return inv_freq, 1.0, None
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0, None
+    if kind == "dynamic":
+        return inv_freq, 1.0, None  # dynamic NTK only changes frequencies past max_position_embeddings
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0, None
+    if kind == "yarn":
+        return _yarn(dim, base, scaling, max_positions)
+    if kind == "longrope":
+        old_len = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or max_positions / old_len
+        att = scaling.get("attention_factor")
+        if att is None:
+            att = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+        short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * base**exponents)
+        long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * base**exponents)
+        return short, att, long
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, dynamic, llama3, yarn, longrope)")
+
+
+def _yarn(dim: int, base: float, scaling: dict, max_positions: int) -> tuple[torch.Tensor, float, None]:
+    old_len = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_positions / old_len
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    att = scaling.get("attention_factor")
+    if att is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        att = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep, att, None
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the first ``rope_dim`` channels of each head (HF "rotate_half" layout)."""
+    cos, sin = rope
+    rot = cos.shape[-1]
+    x_rot, x_pass = (x[..., :rot], x[..., rot:]) if rot < x.shape[-1] else (x, None)
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return out if x_pass is None else torch.cat((out, x_pass), dim=-1)

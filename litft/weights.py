@@ -1,0 +1,254 @@
+"""Reading and writing weights: safetensors shards, atomic checkpoint directories, and building a
+:class:`~litft.model.GPT` on the meta device then loading its weights memory-mapped (never twice in RAM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from litft.config import Config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = name.removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights, from its index when it has one."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map'): {e}") from e
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that do not exist: {', '.join(missing)}")
+        return files
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    return sorted(directory.glob("*.safetensors"))
+
+
+class SafetensorsReader:
+    """Lazy, memory-mapped access to the tensors of several safetensors files by name."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.files = files
+        self._handles = {}
+        self.location: dict[str, Path] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+                keys = list(handle.keys())
+            except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+                raise ValueError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+            self._handles[f] = handle
+            for k in keys:
+                self.location[k] = f
+
+    def keys(self) -> list[str]:
+        return list(self.location)
+
+    def keys_in(self, f: Path) -> list[str]:
+        return [k for k, loc in self.location.items() if loc == f]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._handles[self.location[key]].get_slice(key).get_shape())
+
+    def nbytes(self, key: str) -> int:
+        s = self._handles[self.location[key]].get_slice(key)
+        n = 1
+        for d in s.get_shape():
+            n *= d
+        return n * _DTYPE_SIZES.get(s.get_dtype(), 4)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handles[self.location[key]].get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"{self.location[key]}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from e
+
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def write_shards(
+    tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int, total: Optional[int] = None,
+    metadata: Optional[dict[str, str]] = None,
+) -> None:
+    """Write (name, tensor) pairs to ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_bytes``,
+    plus an index, or to a single ``model.safetensors`` when everything fits in one shard.
+
+    Only one shard is held in memory at a time.
+    """
+    from safetensors.torch import save_file
+
+    metadata = metadata or {"format": "pt"}
+    shards: list[tuple[Path, list[str]]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total_size = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if not current:
+            return
+        path = directory / f"shard-{len(shards):05d}.tmp"
+        save_file({k: v.contiguous() for k, v in current.items()}, str(path), metadata=metadata)
+        shards.append((path, list(current)))
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        n = tensor.numel() * tensor.element_size()
+        if current and size + n > max_shard_bytes:
+            flush()
+        current[name] = tensor
+        size += n
+        total_size += n
+    flush()
+    if len(shards) == 1:
+        shards[0][0].rename(directory / SINGLE_FILE)
+        return
+    weight_map = {}
+    for k, (path, names) in enumerate(shards):
+        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(directory / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"``, ``"500MB"`` or a byte count."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                       ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir``, on failure it is removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite true to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def expected_shapes(config: Config) -> dict[str, torch.Size]:
+    """Names and shapes of every tensor a checkpoint of ``config`` must hold (a tied head is not stored)."""
+    from litft.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def load_model(
+    checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: Optional[str | torch.dtype] = None,
+) -> "GPT":
+    """Build the model on the meta device and assign the checkpoint's (memory-mapped) tensors to it."""
+    from litft.model import GPT
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config = Config.from_checkpoint(checkpoint_dir)
+    dtype = parse_dtype(dtype)
+    files = weight_files(checkpoint_dir)
+    if not files:
+        raise FileNotFoundError(f"{checkpoint_dir}: no weights ({SINGLE_FILE} or {INDEX_FILE}) found")
+    reader = SafetensorsReader(files)
+    expected = expected_shapes(config)
+    check_tensor_names(reader, expected, str(checkpoint_dir))
+    state = {}
+    for key in expected:
+        t = reader.get(key)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[key] = t.to(device)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.init_buffers(torch.device(device))
+    return model
+
+
+def check_tensor_names(reader: SafetensorsReader, expected: dict[str, torch.Size], source: str) -> None:
+    """Clear errors for missing, unexpected or wrongly shaped tensors."""
+    have = set(reader.keys())
+    missing = [k for k in expected if k not in have]
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    unexpected = sorted(have - set(expected) - {"lm_head.weight"})
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}" +
+                         (" ..." if len(unexpected) > 5 else "") + " for this model_config.yaml")
+    for k, shape in expected.items():
+        got = reader.shape(k)
+        if list(shape) != got:
+            raise ValueError(f"{reader.location[k]}: tensor {k!r} has shape {got}, model_config.yaml implies "
+                             f"{list(shape)}")
+
+
+def save_model(model: torch.nn.Module, checkpoint_dir: Path, max_shard_size: int | str = "5GB") -> None:
+    """Write a model's weights (not its config) as safetensors shards into an existing directory."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if getattr(model, "config", None) is not None and model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    write_shards(iter(state.items()), Path(checkpoint_dir), parse_size(max_shard_size))

@@ -1,0 +1,255 @@
+"""What every family file declares: its named configs, how its HF ``config.json`` maps to
+:class:`~litft.config.Config`, and its HF weight-name table. Each table is used in both
+conversion directions (HF → litft and litft → HF).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from litft.config import Config
+
+# HF config.json key  <->  Config field, shared by all families (one table, both directions)
+COMMON_CONFIG_KEYS: dict[str, str] = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "block_size",
+    "num_hidden_layers": "n_layer",
+    "hidden_size": "n_embd",
+    "num_attention_heads": "n_head",
+    "num_key_value_heads": "n_query_groups",
+    "head_dim": "head_size",
+    "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "norm_eps",
+    "tie_word_embeddings": "tie_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+# keys only some families have: written back only when set
+OPTIONAL_CONFIG_KEYS: dict[str, str] = {
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
+
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+# keys that HF writes but that carry no architecture (dropped from Config.extra)
+IGNORED_HF_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
+    "initializer_range", "attention_dropout", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
+    "hidden_activation", "layer_types", "sliding_window", "output_router_logits", "router_aux_loss_coef",
+    "router_jitter_noise", "pretraining_tp", "_sliding_window_pattern", "sliding_window_pattern",
+    "rope_local_base_freq", "partial_rotary_factor", "original_max_position_embeddings", "use_sliding_window",
+    "max_window_layers", "num_local_experts", "num_experts_per_tok", "attention_bias", "mlp_bias",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "embd_pdrop", "resid_pdrop",
+    "hidden_dropout", "use_bidirectional_attention",
+}
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One row of a weight-name table: ``native`` ↔ ``hf`` templates with ``{i}`` (layer) and ``{e}`` (expert).
+
+    A fused HF tensor (Phi-3 ``qkv_proj``) maps to several native tensors: ``native`` is then a tuple,
+    and ``split`` gives each part's size along dim 0 for a config.
+    """
+
+    native: str | tuple[str, ...]
+    hf: str
+    split: Optional[Callable[[Config], list[int]]] = None
+
+    @property
+    def natives(self) -> tuple[str, ...]:
+        return self.native if isinstance(self.native, tuple) else (self.native,)
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(f"^{pattern}$")
+
+
+@dataclass
+class Family:
+    """A family of architectures that share one HF weight layout."""
+
+    model_type: str  # HF model_type written to config.json (and Config.hf_model_type)
+    architecture: str  # HF class name written to config.json "architectures"
+    weight_rules: list[WeightRule]
+    configs: list[Config] = field(default_factory=list)
+    traits: dict[str, Any] = field(default_factory=dict)  # Config fields fixed by the architecture
+    hf_defaults: dict[str, Any] = field(default_factory=dict)  # HF config-class defaults for absent keys
+    # family-specific parts of the config mapping, both directions
+    read_hf: Optional[Callable[[dict, dict], None]] = None  # (hf_config, fields) -> fills fields
+    write_hf: Optional[Callable[[Config, dict], None]] = None  # (config, hf_config) -> fills hf_config
+    # prefixes of HF checkpoints that wrap the text model (multimodal repos), mapped to the plain prefix
+    hf_prefix_aliases: dict[str, str] = field(default_factory=dict)
+    hf_ignored_prefixes: tuple[str, ...] = ()  # tensors that are not part of the text model
+
+    def __post_init__(self) -> None:
+        self._hf_regex = [(_template_regex(r.hf), r) for r in self.weight_rules]
+        self._native_regex = [[(_template_regex(n), r, j) for j, n in enumerate(r.natives)] for r in self.weight_rules]
+
+    # -------------------------------------------------------------- config mapping
+
+    def config_from_hf(self, hf: dict[str, Any], name: str = "", hf_id: str = "") -> Config:
+        hf = {**self.hf_defaults, **{k: v for k, v in hf.items() if v is not None or k in ("sliding_window",)}}
+        fields: dict[str, Any] = dict(self.traits)
+        for hf_key, cfg_key in COMMON_CONFIG_KEYS.items():
+            if hf.get(hf_key) is not None:
+                fields[cfg_key] = hf[hf_key]
+        for hf_key, cfg_key in OPTIONAL_CONFIG_KEYS.items():
+            if hf.get(hf_key) is not None:
+                fields[cfg_key] = hf[hf_key]
+        act = hf.get("hidden_activation") or hf.get("hidden_act")
+        if act is not None and "mlp_activation" not in self.traits:
+            if act not in ACTIVATIONS:
+                raise ValueError(f"config.json: unsupported hidden_act {act!r} (supported: {sorted(ACTIVATIONS)})")
+            fields["mlp_activation"] = ACTIVATIONS[act]
+        for key in ("attention_bias", "mlp_bias"):
+            if key in hf and key not in self.traits:
+                fields[key] = bool(hf[key])
+        if "attention_out_bias" not in self.traits:  # HF puts the same bias switch on o_proj, Qwen2 aside
+            fields["attention_out_bias"] = fields.get("attention_bias", False)
+        theta, scaling, local_theta = read_rope(hf)
+        fields["rope_theta"] = theta
+        fields["rope_scaling"] = scaling
+        if local_theta is not None:
+            fields["rope_local_theta"] = local_theta
+        if hf.get("partial_rotary_factor") is not None:
+            fields["partial_rotary_factor"] = float(hf["partial_rotary_factor"])
+        if hf.get("sliding_window"):
+            fields["sliding_window"] = int(hf["sliding_window"])
+        if hf.get("layer_types"):
+            fields["layer_types"] = [_layer_kind(t) for t in hf["layer_types"]]
+        if self.read_hf is not None:
+            self.read_hf(hf, fields)
+        if not fields.get("sliding_window"):
+            fields.pop("sliding_window", None)
+            if fields.get("layer_types") and "sliding" in fields["layer_types"]:
+                fields["layer_types"] = ["full"] * len(fields["layer_types"])
+        known = set(COMMON_CONFIG_KEYS) | IGNORED_HF_KEYS
+        fields["extra"] = {k: v for k, v in hf.items() if k not in known and k not in self.hf_defaults}
+        fields.update(name=name, hf_id=hf_id, hf_model_type=self.model_type)
+        return Config.from_dict(fields, source="config.json")
+
+    def config_to_hf(self, config: Config, dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+        hf: dict[str, Any] = dict(config.extra)
+        hf["architectures"] = [self.architecture]
+        hf["model_type"] = self.model_type
+        for hf_key, cfg_key in COMMON_CONFIG_KEYS.items():
+            hf[hf_key] = getattr(config, cfg_key)
+        for hf_key, cfg_key in OPTIONAL_CONFIG_KEYS.items():
+            if getattr(config, cfg_key) is not None:
+                hf[hf_key] = getattr(config, cfg_key)
+        hf["hidden_act"] = HF_ACTIVATIONS[config.mlp_activation]
+        hf["attention_bias"] = config.attention_bias
+        hf["mlp_bias"] = config.mlp_bias
+        hf["rope_theta"] = config.rope_theta
+        hf["rope_scaling"] = config.rope_scaling
+        if config.partial_rotary_factor != 1.0:
+            hf["partial_rotary_factor"] = config.partial_rotary_factor
+        hf["sliding_window"] = config.sliding_window
+        if config.sliding_window:
+            hf["layer_types"] = [f"{t}_attention" for t in config.layer_types]
+        if self.write_hf is not None:
+            self.write_hf(config, hf)
+        if dtype is not None:
+            hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        hf["use_cache"] = True
+        return hf
+
+    # -------------------------------------------------------------- weight names
+
+    def hf_to_native(self, hf_key: str) -> Optional[tuple[WeightRule, tuple[str, ...]]]:
+        """The rule matching an HF tensor name and the native name(s) it maps to; None if not a text weight."""
+        for alias, plain in self.hf_prefix_aliases.items():
+            if hf_key.startswith(alias):
+                hf_key = plain + hf_key[len(alias):]
+                break
+        for regex, rule in self._hf_regex:
+            m = regex.match(hf_key)
+            if m:
+                return rule, tuple(_fill(n, m) for n in rule.natives)
+        return None
+
+    def is_ignored_hf(self, hf_key: str) -> bool:
+        return hf_key.startswith(self.hf_ignored_prefixes) or hf_key.endswith("rotary_emb.inv_freq")
+
+    def native_to_hf(self, native_key: str) -> Optional[tuple[WeightRule, int, str]]:
+        """The rule matching a native tensor name, its part index in a fused HF tensor, and the HF name."""
+        for entries in self._native_regex:
+            for regex, rule, part in entries:
+                m = regex.match(native_key)
+                if m:
+                    return rule, part, _fill(rule.hf, m)
+        return None
+
+
+def _fill(template: str, m: re.Match) -> str:
+    return template.replace("{i}", m.groupdict().get("i") or "").replace("{e}", m.groupdict().get("e") or "")
+
+
+def _layer_kind(hf_type: str) -> str:
+    if hf_type in ("sliding_attention", "sliding", "local"):
+        return "sliding"
+    if hf_type in ("full_attention", "full", "global"):
+        return "full"
+    raise ValueError(f"config.json: unsupported layer type {hf_type!r} (expected full_attention or sliding_attention)")
+
+
+def read_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict], Optional[float]]:
+    """RoPE base, scaling dict and local base from either the legacy (rope_theta/rope_scaling) or the
+    transformers-5 (rope_parameters) layout of config.json."""
+    params = hf.get("rope_parameters")
+    local_theta = hf.get("rope_local_base_freq")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full = params.get("full_attention") or {}
+        sliding = params.get("sliding_attention") or {}
+        theta = full.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = _scaling(full, hf)
+        local_theta = sliding.get("rope_theta", local_theta)
+        return float(theta), scaling, None if local_theta is None else float(local_theta)
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        return float(theta), _scaling(params, hf), None if local_theta is None else float(local_theta)
+    theta = hf.get("rope_theta", 10000.0)
+    scaling = _scaling(hf.get("rope_scaling") or {}, hf)
+    return float(theta), scaling, None if local_theta is None else float(local_theta)
+
+
+def _scaling(params: dict[str, Any], hf: dict[str, Any]) -> Optional[dict]:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
+    scaling["rope_type"] = kind
+    if kind in ("longrope", "yarn") and "original_max_position_embeddings" not in scaling:
+        scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
+    return scaling
+
+
+def llama_rules(attention_bias: bool = False) -> list[WeightRule]:
+    """The Llama layout that most families share."""
+    layer = "model.layers.{i}."
+    rules = [
+        WeightRule("embed.weight", "model.embed_tokens.weight"),
+        WeightRule("norm.weight", "model.norm.weight"),
+        WeightRule("lm_head.weight", "lm_head.weight"),
+        WeightRule("blocks.{i}.attn_norm.weight", layer + "input_layernorm.weight"),
+        WeightRule("blocks.{i}.mlp_norm.weight", layer + "post_attention_layernorm.weight"),
+    ]
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        rules.append(WeightRule(f"blocks.{{i}}.attn.{p}.weight", layer + f"self_attn.{p}.weight"))
+        rules.append(WeightRule(f"blocks.{{i}}.attn.{p}.bias", layer + f"self_attn.{p}.bias"))
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        rules.append(WeightRule(f"blocks.{{i}}.mlp.{p}.weight", layer + f"mlp.{p}.weight"))
+        rules.append(WeightRule(f"blocks.{{i}}.mlp.{p}.bias", layer + f"mlp.{p}.bias"))
+    for p in ("q_norm", "k_norm"):
+        rules.append(WeightRule(f"blocks.{{i}}.attn.{p}.weight", layer + f"self_attn.{p}.weight"))
+    return rules

@@ -1,0 +1,57 @@
+"""Tiny random-init transformers models of every family, built in tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, initializer_range=0.1)
+
+_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+             "long_factor": [2.0 + 0.3 * i for i in range(8)], "original_max_position_embeddings": 16}
+
+# (id, HF model_type, config overrides): one or more variants per family in the zoo
+FAMILY_VARIANTS = {
+    "llama": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True, head_dim=32)),
+    "llama-yarn": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 16})),
+    "llama-linear-bias": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True,
+                                        mlp_bias=True)),
+    "mistral": ("mistral", dict(sliding_window=4)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "gemma": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=3.0)),
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": 100000.0},
+                                                    "sliding_attention": {"rope_type": "default",
+                                                                          "rope_theta": 1000.0}})),
+    "qwen2": ("qwen2", dict()),
+    "qwen3": ("qwen3", dict(head_dim=32)),
+    "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),
+    "phi4-mini": ("phi3", dict(pad_token_id=0, partial_rotary_factor=0.75, tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Build, randomise and save a tiny HF model; returns the model (eval mode, eager attention)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, overrides = FAMILY_VARIANTS[variant]
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    with torch.no_grad():  # non-trivial norm weights so that norm variants are really exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
