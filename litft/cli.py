@@ -14,11 +14,33 @@ from typing import Callable, Optional, Union
 
 # command path → ("module:function", one-line summary shown by `litft --help`)
 Table = dict[str, Union[tuple[str, str], "Table"]]
+# In a sub-table, the "" key is its default leaf: it runs when the next argument is not one of the table's
+# names, with all remaining arguments (so `litft evaluate ckpt --tasks x` and `litft evaluate perplexity ...`).
+DEFAULT = ""
+DEFAULT_LABEL = "(default)"
 COMMANDS: Table = {
     "download": ("litft.download:download", "Download a model from the Hugging Face Hub and convert it."),
+    "generate": ("litft.generate.cli:generate", "Generate text for a prompt or every row of a JSONL file."),
+    "chat": ("litft.generate.cli:chat", "Chat with a model in the terminal (chat template, history, streaming)."),
     "convert": {
         "from_hf": ("litft.convert.hf:convert_from_hf", "Hugging Face checkpoint folder → litft checkpoint."),
         "to_hf": ("litft.convert.hf:convert_to_hf", "litft checkpoint → Hugging Face folder (transformers, vLLM)."),
+    },
+    "evaluate": {
+        # "" = the default leaf: `litft evaluate <checkpoint> --tasks ...` (first argument not a subcommand name)
+        "": ("litft.evaluate.harness:evaluate", "Run lm-eval tasks on a checkpoint: <checkpoint> --tasks t1,t2 "
+                                                "(bare --tasks lists them)."),
+        "perplexity": ("litft.evaluate.perplexity:perplexity", "Perplexity of a checkpoint on a .txt/.jsonl file."),
+        "accuracy": ("litft.evaluate.accuracy:accuracy", "Accuracy of a generations file against references."),
+    },
+    "finetune": {
+        "full": ("litft.finetune.full:finetune_full", "Fine-tune all weights of a checkpoint."),
+        "lora": ("litft.finetune.lora:finetune_lora", "Fine-tune LoRA/DoRA weights (QLoRA with --quantize bnb.nf4)."),
+        "adapter": ("litft.finetune.adapter:finetune_adapter", "Fine-tune a LLaMA-Adapter on a frozen checkpoint."),
+    },
+    "configs": {
+        "ls": ("litft.configs:ls", "List the fine-tuning recipes in config_hub/finetune."),
+        "cp": ("litft.configs:cp", "Copy a recipe to a YAML file you can edit."),
     },
 }
 
@@ -30,12 +52,21 @@ def _load(target: str) -> Callable:
 
 def _usage(path: list[str], table: Table) -> str:
     prog = " ".join(["litft", *path])
-    lines = [f"usage: {prog} <command> [options]", "", "commands:"]
-    width = max(len(k) for k in table) + 2
+    lines = [f"usage: {prog} <command> [options]"]
+    if DEFAULT in table:
+        lines.append(f"       {prog} [arguments]      (no command name: runs {DEFAULT_LABEL})")
+    lines += ["", "commands:"]
+    width = max(len(k or DEFAULT_LABEL) for k in table) + 2
     for name, entry in table.items():
-        summary = entry[1] if isinstance(entry, tuple) else "subcommands: " + ", ".join(entry)
-        lines.append(f"  {name:<{width}}{summary}")
-    lines += ["", f"Run `{prog} <command> --help` for a command's options."]
+        if isinstance(entry, tuple):
+            summary = entry[1]
+        else:
+            summary = "subcommands: " + ", ".join(k for k in entry if k != DEFAULT)
+            if DEFAULT in entry:
+                summary = f"{entry[DEFAULT][1]} Subcommands: " + ", ".join(k for k in entry if k != DEFAULT)
+        lines.append(f"  {name or DEFAULT_LABEL:<{width}}{summary}")
+    lines += ["", f"Run `{prog} <command> --help` for a command's options"
+              + (f", `{prog} <arguments> --help` for {DEFAULT_LABEL}'s." if DEFAULT in table else ".")]
     return "\n".join(lines)
 
 
@@ -47,6 +78,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not argv or argv[0] in ("-h", "--help"):
             print(_usage(path, table))
             return
+        if argv[0] not in table and DEFAULT in table:
+            entry = table[DEFAULT]  # e.g. `litft evaluate <checkpoint> --tasks ...`: argv is all the leaf's
+            break
         name = argv.pop(0)
         if name not in table:
             import difflib
@@ -63,6 +97,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     from jsonargparse import CLI
 
     function = _load(entry[0])
+    # a leaf may accept shorthand its signature cannot express (`litft evaluate --tasks` with no value, a
+    # positional that may be left out): its function then carries `cli_argv(argv) -> argv`, applied before parsing
+    argv = getattr(function, "cli_argv", lambda args: args)(argv)
     try:
         CLI(function, args=argv, prog=" ".join(["litft", *path]), as_positional=True)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:

@@ -173,6 +173,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = (config.query_pre_attn_scalar or hs) ** -0.5
         self.kv_cache: Optional[KVCache] = None
+        # PEFT hook (LLaMA-Adapter): ``adapter(attn, q)`` returns a term added to the attention output (B, nh, T, hs)
+        self.adapter: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -187,6 +189,8 @@ class CausalSelfAttention(nn.Module):
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         y = self.attend(q, k, v, mask)
+        if self.adapter is not None:
+            y = y + self.adapter(self, q)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -347,8 +351,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = getattr(self, f"inv_freq_{kind}")
         if self.long_switch is not None and hasattr(self, f"long_inv_freq_{kind}"):
-            # LongRoPE: the long factors apply once the sequence is longer than the original context
-            use_long = positions.max() + 1 > self.long_switch
+            # LongRoPE: the long factors apply once the sequence is longer than the original context; each
+            # row decides for itself, so a batch gives the same result as each of its rows alone
+            use_long = (positions.amax(dim=-1, keepdim=True) + 1 > self.long_switch).unsqueeze(-1)  # (B, 1, 1)
             inv_freq = torch.where(use_long, getattr(self, f"long_inv_freq_{kind}"), inv_freq)
         freqs = positions.float().unsqueeze(-1) * inv_freq.float()  # (B, T, rope_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)

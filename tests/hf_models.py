@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -39,12 +40,16 @@ FAMILY_VARIANTS = {
 }
 
 
-def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Build, randomise and save a tiny HF model; returns the model (eval mode, eager attention)."""
+def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  overrides: Optional[dict] = None):
+    """Build, randomise and save a tiny HF model; returns the model (eval mode, eager attention).
+
+    ``overrides`` change config fields on top of the variant's, e.g. ``{"vocab_size": 400}`` to fit a tokenizer.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, overrides = FAMILY_VARIANTS[variant]
-    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model_type, variant_overrides = FAMILY_VARIANTS[variant]
+    config = AutoConfig.for_model(model_type, **{**TINY, **variant_overrides, **(overrides or {})})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)

@@ -1,0 +1,65 @@
+"""``litft finetune full``: every weight of the model trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+
+from litft.data import DataArgs
+from litft.finetune import run_config
+from litft.train.args import EvalArgs, TrainArgs
+
+
+def finetune_full(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/full"),
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(lr=2e-5, weight_decay=0.01),
+    eval: EvalArgs = EvalArgs(),
+    optimizer: Union[str, dict] = "AdamW",
+    precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
+    devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto",
+    resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
+) -> Path:
+    """Fine-tune all the weights of a checkpoint.
+
+    Args:
+        checkpoint_dir: The litft checkpoint to start from (``litft download``/``convert from_hf`` output, or the
+            ``final/`` of an earlier run, to continue training with new data or settings).
+        out_dir: Where run.yaml, checkpoints/step-N, final/ and logs/ are written.
+        data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
+        train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
+        eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
+            ``{class_path: ..., init_args: {...}}``; lr and weight decay come from ``train``.
+        precision: "bf16-true", "bf16-mixed", "16-mixed" or "32-true"; default bf16-true on a GPU with bfloat16,
+            else 32-true.
+        devices: Devices per node: a count, -1/"auto" for all, or ids like "0,1".
+        num_nodes: Number of machines.
+        strategy: "auto" (one device: plain; several: DDP), "ddp" or "fsdp".
+        accelerator: "auto", "cpu", "cuda" or "mps".
+        resume: "auto" continues from the newest checkpoint in out_dir (if any), a path from that checkpoint;
+            false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
+        overwrite: Replace a run already in out_dir.
+    """
+    from litft.train.loop import Method, fit
+    from litft.weights import load_model, save_model
+
+    def load(model: torch.nn.Module, directory: Path) -> None:
+        state = load_model(directory, device="cpu").state_dict()
+        model.load_state_dict(state, strict=False)
+
+    method = Method(name="full", full=True, prepare=lambda model: model.requires_grad_(True), save=save_model,
+                    load=load)
+    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        optimizer=optimizer, precision=precision, devices=devices, num_nodes=num_nodes,
+                        strategy=strategy, accelerator=accelerator, resume=resume, overwrite=overwrite)
+    return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
+               num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
+               overwrite=overwrite, run_config=config)

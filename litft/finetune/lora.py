@@ -1,0 +1,97 @@
+"""``litft finetune lora``: LoRA (and DoRA, rsLoRA) on a frozen base; QLoRA with ``--quantize bnb.nf4``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+
+from litft.data import DataArgs
+from litft.finetune import run_config
+from litft.peft import LoRAArgs
+from litft.train.args import EvalArgs, TrainArgs
+
+Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"]
+
+
+def finetune_lora(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/lora"),
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(lr=2e-4),
+    eval: EvalArgs = EvalArgs(),
+    lora: LoRAArgs = LoRAArgs(),
+    quantize: Optional[Quantize] = None,
+    merge: bool = False,
+    optimizer: Union[str, dict] = "AdamW",
+    precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
+    devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto",
+    resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
+) -> Path:
+    """Fine-tune low-rank adapters on the frozen weights of a checkpoint (QLoRA: with a 4-bit base).
+
+    Args:
+        checkpoint_dir: The litft checkpoint to start from (``litft download``/``convert from_hf`` output, or the
+            ``final/`` of an earlier run: its LoRA weights are merged into the base and a new LoRA trains on top).
+        out_dir: Where run.yaml, checkpoints/step-N, final/ and logs/ are written. ``final/`` holds
+            lora.safetensors + lora.yaml, base.yaml (the checkpoint they apply to), model_config.yaml and the
+            tokenizer, and with ``merge`` the merged model.safetensors.
+        data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
+        train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
+        eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        lora: Rank, alpha, dropout, target projections, DoRA and rsLoRA (``--lora.r 16 --lora.targets all-linear``).
+        quantize: Quantize the frozen base with bitsandbytes (QLoRA): "bnb.nf4", "bnb.nf4-dq" (double
+            quantization), "bnb.fp4" or "bnb.int8". Needs bitsandbytes (the ``quantize`` extra) and a device it
+            supports (CUDA; CPU with bitsandbytes >= 0.48).
+        merge: Also write the base with the LoRA weights merged into ``final/model.safetensors`` (a plain checkpoint).
+        optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
+            ``{class_path: ..., init_args: {...}}``; lr and weight decay come from ``train``.
+        precision: "bf16-true", "bf16-mixed", "16-mixed" or "32-true"; default bf16-true on a GPU with bfloat16,
+            else 32-true.
+        devices: Devices per node: a count, -1/"auto" for all, or ids like "0,1".
+        num_nodes: Number of machines.
+        strategy: "auto" (one device: plain; several: DDP), "ddp" or "fsdp".
+        accelerator: "auto", "cpu", "cuda" or "mps".
+        resume: "auto" continues from the newest checkpoint in out_dir (if any), a path from that checkpoint;
+            false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
+        overwrite: Replace a run already in out_dir.
+    """
+    from litft.peft import apply_lora, load_lora, merge_lora, save_lora
+    from litft.train.loop import Method, fit
+
+    if quantize is not None:
+        from litft.peft.quantize import import_bitsandbytes
+
+        import_bitsandbytes(quantize)  # fail before anything is loaded; device support is probed by quantize_model
+
+    def prepare(model: torch.nn.Module) -> None:
+        if quantize is not None:
+            from litft.peft import quantize_model
+
+            quantize_model(model, quantize)
+        apply_lora(model, lora)
+
+    def finalize(model: torch.nn.Module, directory: Path) -> None:
+        if merge:
+            from litft.weights import save_model
+
+            if quantize is not None:
+                raise ValueError("merge with a quantized base is not supported: merge the LoRA weights into the "
+                                 "unquantized checkpoint instead (litft finetune lora ... without --quantize)")
+            save_model(merge_lora(model) or model, directory)
+
+    method = Method(name="lora", full=False, prepare=prepare, save=lambda model, d: save_lora(model, lora, d),
+                    load=load_lora, finalize=finalize)
+    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval, lora=lora,
+                        quantize=quantize, merge=merge, optimizer=optimizer, precision=precision, devices=devices,
+                        num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
+                        overwrite=overwrite)
+    return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
+               num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
+               overwrite=overwrite, run_config=config)
+

@@ -1,0 +1,125 @@
+"""Conversations: message validation, a session that keeps history, and the interactive loop of ``litft chat``."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, TextIO
+
+from litft.generate.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from litft.api import LLM
+
+ROLES = ("system", "user", "assistant", "tool")
+
+HELP = ("Type a message and press Enter. End a line with \\ to continue on the next line. "
+        "/reset clears the history, /exit (or Ctrl-D) leaves.")
+
+
+def check_messages(messages: Sequence[Any]) -> None:
+    """Raise ValueError unless ``messages`` is a non-empty list of {"role": ..., "content": str} dicts."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError('messages must be a non-empty list like [{"role": "user", "content": "Hi"}]')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f'messages[{i}] must be a dict with "role" and "content", got {m!r}')
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}]: role {m['role']!r} is invalid: expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}]: content must be a string, got {type(m['content']).__name__}")
+
+
+class ChatSession:
+    """A conversation with history. When it outgrows the context, the oldest turns are dropped (the system
+    message stays)."""
+
+    def __init__(self, llm: "LLM", params: SamplingParams, system: Optional[str] = None) -> None:
+        self.llm = llm
+        self.params = params
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.dropped = 0  # messages dropped so far to fit the context
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to ``text``; the exchange joins the history once the reply is complete."""
+        if not text.strip():
+            raise ValueError("the message is empty")
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = self._fit(messages)
+        request = self.llm.engine.new_request(ids, self.params)
+        reply = []
+        for piece in self.llm.engine.stream(request):
+            reply.append(piece)
+            yield piece
+        self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
+
+    def _fit(self, messages: list[dict[str, str]]) -> list[int]:
+        limit = self.llm.engine.max_seq_length - self.params.max_new_tokens
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        while True:
+            ids = self.llm.encode_chat(messages)
+            if len(ids) <= limit:
+                return ids
+            if len(messages) - first <= 1:
+                raise ValueError(f"the message is {len(ids)} tokens with the chat template, more than the "
+                                 f"{limit} the context leaves after max_new_tokens={self.params.max_new_tokens}")
+            # drop the oldest exchange (user + assistant) after the system message
+            drop = 2 if len(messages) - first > 2 else 1
+            del messages[first:first + drop]
+            self.dropped += drop
+
+
+def read_message(stdin: TextIO, stdout: TextIO, prompt: str = ">> ", more: str = ".. ") -> Optional[str]:
+    """One message from ``stdin``; lines ending with a backslash continue on the next line. None at EOF."""
+    stdout.write(prompt)
+    stdout.flush()
+    lines: list[str] = []
+    while True:
+        line = stdin.readline()
+        if not line:  # Ctrl-D / end of input
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\r\n")
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            stdout.write(more)
+            stdout.flush()
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+def chat_loop(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+              stderr: TextIO = sys.stderr) -> None:
+    """The interactive loop: read a message, stream the reply, until /exit or end of input."""
+    stderr.write(HELP + "\n")
+    while True:
+        text = read_message(stdin, stdout)
+        if text is None:
+            stdout.write("\n")
+            return
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            stderr.write("(history cleared)\n")
+            continue
+        if not command:
+            continue
+        dropped = session.dropped
+        try:
+            for piece in session.send(text):
+                stdout.write(piece)
+                stdout.flush()
+        except ValueError as e:
+            stderr.write(f"error: {e}\n")
+            continue
+        stdout.write("\n")
+        stdout.flush()
+        if session.dropped > dropped:
+            stderr.write(f"(the conversation outgrew the context: dropped the {session.dropped - dropped} oldest "
+                         f"message(s))\n")

@@ -1,0 +1,255 @@
+"""``litft generate`` and ``litft chat``: thin entry points whose signatures are the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from litft.generate.sampling import SamplingParams
+
+
+def generate(
+    checkpoint: Path,
+    prompt: Optional[str] = None,
+    input: Optional[Path] = None,
+    output: Optional[Path] = None,
+    prompt_field: str = "prompt",
+    id_field: str = "id",
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stop: Optional[list[str]] = None,
+    seed: Optional[int] = None,
+    chat_template: Optional[bool] = None,
+    truncate: bool = False,
+    max_seq_length: Optional[int] = None,
+    quantize: Optional[str] = None,
+    precision: Optional[str] = None,
+    device: str = "auto",
+    compile: bool = False,
+) -> None:
+    """Generate text for one prompt (streamed to stdout) or for every row of a JSONL file.
+
+    Args:
+        checkpoint: checkpoint folder (litft, Hugging Face, or a fine-tune run's final/).
+        prompt: the prompt; its completion is streamed to stdout.
+        input: JSONL (or JSON list) file of prompts, one object per row, instead of --prompt.
+        output: with --input: JSONL file to append {"id", "generation", "finish_reason", ...} rows to; rows whose
+            id is already there are skipped, so an interrupted run resumes where it stopped.
+        prompt_field: field of each input row holding the prompt (a string, or a list of chat messages).
+        id_field: field of each input row holding its id; rows without one are numbered from 0 in file order.
+        batch_size: how many rows decode together (finished rows are replaced at once by waiting ones).
+        max_new_tokens: the most tokens to generate per prompt.
+        temperature: 0 = greedy decoding; higher = more random.
+        top_k: sample only from the k most likely tokens.
+        top_p: sample only from the most likely tokens that together have probability top_p.
+        min_p: drop tokens less likely than min_p times the most likely one.
+        repetition_penalty: > 1 discourages repeating tokens of the prompt and the output.
+        stop: strings that end the generation (cut right before), e.g. --stop '["\\n\\n", "Question:"]'.
+        seed: random seed for reproducible sampling.
+        chat_template: format string prompts with the checkpoint's chat template; default: when it has one.
+        truncate: drop the oldest prompt tokens when prompt + max_new_tokens exceeds the context (default: error).
+        max_seq_length: longest prompt + generation; default the model's context.
+        quantize: quantized inference, e.g. bnb.nf4 or bnb.int8.
+        precision: bf16-true, 16-true or 32-true; default bf16 on GPU, 32-true on CPU.
+        device: auto, cpu, cuda or cuda:N.
+        compile: compile the decode step with torch.compile (CUDA graphs on GPU).
+    """
+    from litft.api import LLM
+
+    if (prompt is None) == (input is None):
+        raise ValueError("give exactly one of --prompt \"...\" or --input file.jsonl")
+    if input is not None and output is None:
+        raise ValueError("--input needs --output (the JSONL file generations are written to)")
+    if output is not None and input is None:
+        raise ValueError("--output is for --input mode; with --prompt the text goes to stdout")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+    rows = _read_input(Path(input), prompt_field, id_field) if input is not None else None
+    llm = LLM.load(checkpoint, device=device, precision=precision, quantize=quantize, compile=compile,
+                   max_seq_length=max_seq_length)
+    use_template = _has_chat_template(llm.tokenizer) if chat_template is None else chat_template
+    if use_template and not _has_chat_template(llm.tokenizer):
+        raise ValueError(f"--chat_template true but {checkpoint} has no chat template")
+    if prompt is not None:
+        ids = _encode(llm, prompt, use_template, "--prompt")
+        request = llm.engine.new_request(ids, params, truncate)
+        t0 = time.perf_counter()
+        for piece in llm.engine.stream(request):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        elapsed = time.perf_counter() - t0
+        print(f"{request.num_generated} tokens in {elapsed:.2f} s ({request.num_generated / elapsed:.1f} tokens/s), "
+              f"finish reason: {request.finish_reason}", file=sys.stderr)
+        return
+    _generate_file(llm, rows, Path(output), params, use_template, truncate, batch_size)
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _encode(llm: Any, prompt: Any, use_template: bool, source: str) -> list[int]:
+    if isinstance(prompt, list):  # chat messages
+        if not _has_chat_template(llm.tokenizer):
+            raise ValueError(f"{source}: the prompt is a list of chat messages but the checkpoint has no chat template")
+        try:
+            return llm.encode_chat(prompt)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    if not isinstance(prompt, str):
+        raise ValueError(f"{source}: the prompt must be a string or a list of chat messages, got "
+                         f"{type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"{source}: the prompt is empty")
+    if use_template:
+        return llm.encode_chat([{"role": "user", "content": prompt}])
+    return llm.encode(prompt)
+
+
+def _read_input(path: Path, prompt_field: str, id_field: str) -> list[tuple[Any, Any, str]]:
+    """[(id, prompt, source)] of the input file, with clear errors for missing fields and duplicate ids."""
+    from litft.data.loader import read_records
+
+    records = read_records(path)
+    rows, seen = [], {}
+    for index, r in enumerate(records):
+        if prompt_field not in r.data:
+            raise ValueError(f"{r.source}: no {prompt_field!r} field (fields: {', '.join(r.data)}); choose the "
+                             f"prompt's field with --prompt_field")
+        key = r.data.get(id_field, index)
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise ValueError(f"{r.source}: {id_field} must be a string or an integer, got {key!r}")
+        if str(key) in seen:
+            raise ValueError(f"{r.source}: duplicate {id_field} {key!r} (first at {seen[str(key)]})")
+        seen[str(key)] = r.source
+        rows.append((key, r.data[prompt_field], r.source))
+    return rows
+
+
+def _done_ids(output: Path) -> set[str]:
+    """Ids already in ``output``; a last line cut off by an interruption is removed from the file."""
+    if not output.is_file():
+        return set()
+    data = output.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # partial last line: drop it so appending starts on a fresh line
+        with open(output, "r+b") as f:
+            f.truncate(end)
+        data = data[:end]
+    done = set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            done.add(str(row["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{output}:{number}: not a generation row (expected a JSON object with an 'id'); "
+                             f"is --output the right file?") from None
+    return done
+
+
+def _generate_file(llm: Any, rows: list[tuple[Any, Any, str]], output: Path, params: SamplingParams,
+                   use_template: bool, truncate: bool, batch_size: int) -> None:
+    from tqdm import tqdm
+
+    done = _done_ids(output)
+    known = {str(key) for key, _, _ in rows}
+    stray = sorted(done - known)
+    if stray:
+        raise ValueError(f"{output} holds id(s) {', '.join(stray[:5])} that are not in the input: it belongs to "
+                         f"another input file (choose another --output)")
+    todo = [row for row in rows if str(row[0]) not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(rows)} rows are already in {output}", file=sys.stderr)
+    if not todo:
+        print(f"nothing to do: all {len(rows)} rows are in {output}", file=sys.stderr)
+        return
+    requests = []
+    for key, prompt, source in todo:
+        ids = _encode(llm, prompt, use_template, source)
+        try:
+            requests.append(llm.engine.new_request(ids, params, truncate))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    finished: dict[int, Any] = {}
+    next_to_write = 0
+    with open(output, "a", encoding="utf-8") as f, tqdm(total=len(rows), initial=len(done), unit="row",
+                                                        desc="generate", file=sys.stderr) as bar:
+        def on_finish(index: int, request: Any) -> None:
+            nonlocal next_to_write
+            finished[index] = request
+            bar.update(1)
+            while next_to_write in finished:  # write in input order, each line flushed as soon as it can be
+                r = finished.pop(next_to_write)
+                row = {"id": todo[next_to_write][0], "generation": r.text, "finish_reason": r.finish_reason,
+                       "prompt_tokens": len(r.prompt_ids), "generated_tokens": r.num_generated}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                next_to_write += 1
+
+        llm.engine.run(requests, max_batch_size=batch_size, on_finish=on_finish)
+    print(f"wrote {len(todo)} generations to {output}", file=sys.stderr)
+
+
+def chat(
+    checkpoint: Path,
+    system: Optional[str] = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_k: Optional[int] = None,
+    top_p: float = 0.9,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: Optional[int] = None,
+    max_seq_length: Optional[int] = None,
+    quantize: Optional[str] = None,
+    precision: Optional[str] = None,
+    device: str = "auto",
+    compile: bool = False,
+) -> None:
+    """Chat with a model in the terminal, using its chat template; the reply is streamed.
+
+    Type a message and press Enter; end a line with a backslash (\\) to continue the message on the next line.
+    /reset clears the history, /exit or Ctrl-D leaves. When the conversation outgrows the context, the
+    oldest exchanges are dropped.
+
+    Args:
+        checkpoint: checkpoint folder (litft, Hugging Face, or a fine-tune run's final/) with a chat template.
+        system: system message that starts the conversation.
+        max_new_tokens: the most tokens per reply.
+        temperature: 0 = greedy decoding; higher = more random.
+        top_k: sample only from the k most likely tokens.
+        top_p: sample only from the most likely tokens that together have probability top_p.
+        min_p: drop tokens less likely than min_p times the most likely one.
+        repetition_penalty: > 1 discourages repeating tokens.
+        seed: random seed for reproducible sampling.
+        max_seq_length: longest conversation + reply; default the model's context.
+        quantize: quantized inference, e.g. bnb.nf4 or bnb.int8.
+        precision: bf16-true, 16-true or 32-true; default bf16 on GPU, 32-true on CPU.
+        device: auto, cpu, cuda or cuda:N.
+        compile: compile the decode step with torch.compile (CUDA graphs on GPU).
+    """
+    from litft.api import LLM
+    from litft.generate.chat import ChatSession, chat_loop
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    llm = LLM.load(checkpoint, device=device, precision=precision, quantize=quantize, compile=compile,
+                   max_seq_length=max_seq_length)
+    if not _has_chat_template(llm.tokenizer):
+        raise ValueError(f"{checkpoint} has no chat template (chat_template in tokenizer_config.json or "
+                         f"chat_template.jinja); use `litft generate {checkpoint} --prompt ...` instead")
+    chat_loop(ChatSession(llm, params, system))

@@ -1,0 +1,162 @@
+"""The training settings shared by every fine-tuning method: ``--train.*`` and ``--eval.*`` on the CLI and in YAML."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+
+@dataclass
+class TrainArgs:
+    """How the optimisation runs, when it stops and when it saves.
+
+    Args:
+        global_batch_size: Samples (or packed rows) per optimizer step; ``global_batch_size / (micro_batch_size *
+            devices * num_nodes)`` micro-batches are accumulated per step.
+        micro_batch_size: Samples (or packed rows) per forward/backward pass on one device.
+        max_seq_length: Longest sample in tokens (longer ones are truncated and counted); None = the model's context.
+        epochs: Passes over the training data (used when ``max_steps`` is not set).
+        max_steps: Optimizer steps to run; overrides ``epochs``.
+        max_time: Stop after this much training time: seconds, "90s", "30m", "2h" or "HH:MM:SS" (a resumed run
+            counts the time of the runs before it).
+        lr: Peak learning rate.
+        min_lr: Learning rate at the end of the cosine decay.
+        warmup_steps: Steps of linear warmup from 0 to ``lr``.
+        lr_schedule: "cosine" (warmup, then cosine decay to ``min_lr`` at the last step) or "constant" (warmup,
+            then ``lr``).
+        weight_decay: Decoupled weight decay (AdamW) applied to matrices; biases, norms and embeddings get none.
+        max_norm: Clip the gradient norm to this value (None = no clipping).
+        seed: Seed for initialisation of new weights, dropout and the data order.
+        activation_checkpointing: Recompute each transformer block's activations in the backward pass (less
+            memory, about 30% more compute).
+        log_interval: Log loss, learning rate and throughput every N optimizer steps.
+        save_interval: Save a resumable checkpoint to ``out_dir/checkpoints/step-N`` every N steps (None = only
+            ``final/``).
+        keep_last: How many of the newest ``checkpoints/step-N`` to keep (None = all).
+    """
+
+    global_batch_size: int = 16
+    micro_batch_size: int = 1
+    max_seq_length: Optional[int] = None
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    max_time: Optional[Union[float, str]] = None
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_norm: Optional[float] = 1.0
+    seed: int = 42
+    activation_checkpointing: bool = False
+    log_interval: int = 1
+    save_interval: Optional[int] = None
+    keep_last: Optional[int] = 2
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of range."""
+        positive = {"global_batch_size": self.global_batch_size, "micro_batch_size": self.micro_batch_size,
+                    "epochs": self.epochs, "log_interval": self.log_interval}
+        optional_positive = {"max_seq_length": self.max_seq_length, "max_steps": self.max_steps,
+                             "save_interval": self.save_interval, "keep_last": self.keep_last}
+        for name, value in {**positive, **optional_positive}.items():
+            if value is None and name in optional_positive:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name}={value!r} is invalid: expected an integer >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                             f"train.micro_batch_size={self.micro_batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr={self.lr} is invalid: expected a number > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} is invalid: expected 0 <= min_lr <= lr ({self.lr})")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} is invalid: expected an integer >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay={self.weight_decay} is invalid: expected a number >= 0")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ValueError(f"train.max_norm={self.max_norm} is invalid: expected a number > 0 (or null = no "
+                             "clipping)")
+        parse_duration(self.max_time)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each device."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of train.micro_batch_size "
+                f"({self.micro_batch_size}) x devices x num_nodes ({world_size})"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class EvalArgs:
+    """Validation during and after training.
+
+    Args:
+        interval: Compute the validation loss every N optimizer steps (None = only at the end).
+        max_batches: Use at most this many validation micro-batches per evaluation (None = all).
+        initial_validation: Also compute the validation loss before the first step.
+        final_validation: Compute the validation loss after the last step.
+        early_stopping_patience: Stop when the validation loss has not improved by more than
+            ``early_stopping_min_delta`` for this many evaluations in a row (None = never).
+        early_stopping_min_delta: Smallest decrease of the validation loss that counts as an improvement.
+        generate_samples: Before and after training, greedily generate the responses of up to N validation
+            samples, print the exact-match accuracy against the references and a few of the generations
+            (0 = off).
+        max_new_tokens: Longest generation for ``generate_samples`` (None = the longest reference + 8).
+    """
+
+    interval: Optional[int] = None
+    max_batches: Optional[int] = None
+    initial_validation: bool = False
+    final_validation: bool = True
+    early_stopping_patience: Optional[int] = None
+    early_stopping_min_delta: float = 0.0
+    generate_samples: int = 0
+    max_new_tokens: Optional[int] = None
+
+    def validate(self) -> None:
+        for name in ("interval", "max_batches", "early_stopping_patience", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"eval.{name}={value!r} is invalid: expected an integer >= 1 (or null)")
+        if self.generate_samples < 0:
+            raise ValueError(f"eval.generate_samples={self.generate_samples} is invalid: expected an integer >= 0")
+        if self.early_stopping_min_delta < 0:
+            raise ValueError(f"eval.early_stopping_min_delta={self.early_stopping_min_delta} is invalid: expected "
+                             "a number >= 0")
+
+
+Precision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
+Strategy = Literal["auto", "ddp", "fsdp"]
+Accelerator = Literal["auto", "cpu", "cuda", "mps"]
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Optional[Union[float, str]]) -> Optional[float]:
+    """Seconds from ``3600``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"`` or ``"[DD:]HH:MM:SS"``; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
+        if m:
+            seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        elif re.fullmatch(r"\d+(:\d+){1,3}", text):
+            parts = [int(p) for p in text.split(":")]
+            seconds = 0.0
+            for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+                seconds += part * unit
+        else:
+            raise ValueError(f"train.max_time={value!r} is invalid: expected seconds, '30m', '2h' or 'HH:MM:SS'")
+    if seconds <= 0:
+        raise ValueError(f"train.max_time={value!r} is invalid: expected a positive duration")
+    return seconds

@@ -1,0 +1,199 @@
+"""Checkpoints of a run: atomic, keep-last-K, resumable step-exactly, and loadable like any checkpoint.
+
+Layout of ``out_dir``::
+
+    run.yaml                 the resolved config (``--config run.yaml`` runs it again)
+    checkpoints/step-N/      a loadable checkpoint (see below) + state.pt (optimizer, RNG, data position, counters)
+    final/                   the result: a loadable checkpoint
+    logs/                    metrics.jsonl + TensorBoard events
+
+A loadable checkpoint is ``model_config.yaml`` + tokenizer files + either the full weights
+(``model.safetensors``) or a method's trainable weights (``lora.safetensors`` + ``lora.yaml``,
+``adapter.safetensors`` + ``adapter.yaml``) with ``base.yaml`` naming the checkpoint they apply to.
+:func:`load_checkpoint` loads either kind. Every directory is written to a temp dir and renamed, so a kill
+during a save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from litft.config import Config
+from litft.weights import atomic_directory, copy_tokenizer_files, load_model, weight_files
+
+STATE_FILE = "state.pt"
+BASE_FILE = "base.yaml"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+RUN_FILE = "run.yaml"
+LOGS = "logs"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step-{step}"
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete ``checkpoints/step-N`` directories of ``out_dir`` (those holding a state file), oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_DIR.fullmatch(d.name)
+            if m and d.is_dir() and (d / STATE_FILE).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> None:
+    """Temp dirs left by a run killed during a save (never a complete checkpoint)."""
+    for parent in (Path(out_dir), Path(out_dir) / CHECKPOINTS):
+        if parent.is_dir():
+            for d in parent.iterdir():
+                if d.name.startswith(".") and (".tmp-" in d.name or ".old-" in d.name or ".trash-" in d.name):
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+def prune_checkpoints(out_dir: Path, keep_last: Optional[int]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (renamed away first, so none is ever half-deleted)."""
+    if keep_last is None:
+        return
+    for _, d in list_checkpoints(out_dir)[:-keep_last]:
+        trash = d.parent / f".{d.name}.trash-{os.getpid()}"
+        d.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def write_model_files(
+    model: torch.nn.Module, directory: Path, save_weights: Callable[[torch.nn.Module, Path], None],
+    source_dir: Path, base_dir: Optional[Path], method: str,
+) -> None:
+    """Write a loadable checkpoint into the existing (temp) ``directory``: weights via ``save_weights``, the
+    model config, the tokenizer files of ``source_dir`` and, for weights that apply to a base, ``base.yaml``."""
+    save_weights(model, directory)
+    model.config.save(directory)
+    copy_tokenizer_files(source_dir, directory)
+    if base_dir is not None:
+        (directory / BASE_FILE).write_text(yaml.safe_dump(
+            {"method": method, "base_checkpoint": str(Path(base_dir).resolve())}, sort_keys=False))
+
+
+def save_training_checkpoint(
+    out_dir: Path, step: int, model: torch.nn.Module, save_weights: Callable[[torch.nn.Module, Path], None],
+    source_dir: Path, base_dir: Optional[Path], method: str, state: dict[str, Any], keep_last: Optional[int],
+) -> Path:
+    """Atomically write ``checkpoints/step-N`` (model files + ``state.pt``), then prune old ones."""
+    target = step_dir(out_dir, step)
+    with atomic_directory(target, overwrite=True) as tmp:
+        write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
+        torch.save(state, tmp / STATE_FILE)
+        delay = float(os.environ.get("LITFT_TEST_SAVE_DELAY", "0") or 0)  # tests kill the process mid-save
+        if delay:
+            time.sleep(delay)
+    prune_checkpoints(out_dir, keep_last)
+    return target
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint: no {STATE_FILE} (resume needs a "
+                                f"{CHECKPOINTS}/step-N directory written by litft finetune)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the training state (truncated or not written by litft?): {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def read_base(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
+    """``base.yaml`` of a checkpoint holding only a method's weights; None for a checkpoint with full weights."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if weight_files(checkpoint_dir) and any(f.name.startswith("model") for f in weight_files(checkpoint_dir)):
+        return None
+    path = checkpoint_dir / BASE_FILE
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or "base_checkpoint" not in data or "method" not in data:
+        raise ValueError(f"{path}: expected 'method' and 'base_checkpoint' keys")
+    return data
+
+
+def load_checkpoint(
+    checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: Optional[str | torch.dtype] = None,
+    merge: bool = True,
+) -> torch.nn.Module:
+    """Load any litft checkpoint: full weights, or LoRA/adapter weights applied to the base named in
+    ``base.yaml`` (recursively, so a fine-tune of a fine-tune loads too).
+
+    LoRA weights are merged into the base unless ``merge=False``; adapter weights stay separate modules.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    base = read_base(checkpoint_dir)
+    if base is None:
+        return load_model(checkpoint_dir, device=device, dtype=dtype)
+    base_dir = Path(base["base_checkpoint"])
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir / BASE_FILE}: base checkpoint {str(base_dir)!r} does not exist "
+                                "(the LoRA/adapter weights here apply to it)")
+    model = load_checkpoint(base_dir, device=device, dtype=dtype, merge=True)
+    method = base["method"]
+    if method == "lora":
+        from litft.peft import load_lora, merge_lora
+
+        load_lora(model, checkpoint_dir)
+        if merge:
+            model = merge_lora(model) or model
+    elif method == "adapter":
+        from litft.peft import load_adapter
+
+        load_adapter(model, checkpoint_dir)
+    else:
+        raise ValueError(f"{checkpoint_dir / BASE_FILE}: unknown method {method!r} (expected lora or adapter)")
+    return model
+
+
+def checkpoint_config(checkpoint_dir: Path) -> Config:
+    """The model config of a checkpoint (its own ``model_config.yaml``)."""
+    return Config.from_checkpoint(checkpoint_dir)

@@ -1,0 +1,616 @@
+"""The one training loop, on Lightning Fabric, for every fine-tuning method.
+
+A :class:`Method` says which modules change and which parameters train (full, LoRA, adapter, ...);
+:func:`fit` does everything else: precision and devices, data, gradient accumulation with the loss
+normalised by the target tokens of the whole optimizer step, clipping, the schedule, validation, early
+stopping, logging, atomic checkpoints and step-exact resume, and the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from litft.config import Config
+from litft.peft.lora import check_trainable, count_parameters
+from litft.train import checkpoint as ckpt
+from litft.train.args import EvalArgs, TrainArgs, parse_duration
+from litft.train.metrics import RunLogger, flops_per_token, matmul_params, peak_flops, peak_memory
+from litft.train.schedule import build_optimizer, lr_at, resolve_optimizer
+
+IGNORE_INDEX = -100
+PRECISIONS = ("bf16-true", "bf16-mixed", "16-mixed", "32-true")
+STRATEGIES = ("auto", "ddp", "fsdp")
+ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class Method:
+    """What a fine-tuning method decides; everything else is the loop's.
+
+    Args:
+        name: "full", "lora", "adapter", ...: recorded in ``base.yaml`` and used by :func:`ckpt.load_checkpoint`.
+        full: All weights train: checkpoints hold the whole model (else only the trainable weights plus
+            ``base.yaml`` naming the checkpoint they apply to).
+        prepare: Modify the loaded model in place (quantize, inject modules) and set ``requires_grad``.
+        save: Write the weights a checkpoint of this method holds into a directory.
+        load: Load them back (into a model already ``prepare``-d).
+        finalize: Optional extra step for ``final/`` (e.g. writing merged weights), called after ``save``.
+    """
+
+    name: str
+    full: bool
+    prepare: Callable[[nn.Module], None]
+    save: Callable[[nn.Module, Path], None]
+    load: Callable[[nn.Module, Path], None]
+    finalize: Optional[Callable[[nn.Module, Path], None]] = None
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps the model so one forward gives the summed cross-entropy over target tokens (labels != -100).
+
+    Only the hidden states of target positions go through the head, so prompt and padding positions cost no
+    logits memory. Wrapping (rather than calling ``model.head`` outside ``forward``) keeps autocast and
+    distributed gradient hooks in effect for the whole computation.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.model(input_ids, positions=positions, segment_ids=segment_ids, return_hidden=True)
+        targets = labels != IGNORE_INDEX
+        logits = self.model.head(hidden[targets])
+        return F.cross_entropy(logits.float(), labels[targets], reduction="sum")
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a micro-batch: segment ids > 0 when packed; else, per right-padded row, everything
+    up to its last target (a sample ends with its trained EOS)."""
+    if batch.get("segment_ids") is not None:
+        return int((batch["segment_ids"] > 0).sum())
+    labels = batch["labels"]
+    T = labels.shape[1]
+    is_target = labels != IGNORE_INDEX
+    last = T - torch.flip(is_target, dims=[1]).int().argmax(dim=1)  # index after the last target
+    return int(torch.where(is_target.any(dim=1), last, torch.zeros_like(last)).sum())
+
+
+def forward_backward(
+    loss_model: Callable[..., torch.Tensor], micro_batches: Sequence[dict[str, torch.Tensor]],
+    backward: Callable[[torch.Tensor], None], n_targets: int, world_size: int = 1,
+    no_sync: Callable[[bool], Any] = lambda accumulating: contextlib.nullcontext(),
+) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step; returns the summed loss (a detached tensor).
+
+    Each micro-batch's summed token loss is divided by ``n_targets``, the target tokens of the whole step
+    (counted up front, over all devices), so the gradient is that of the mean token loss over the step,
+    whatever the split into micro-batches. Data-parallel gradient averaging divides by the world size, which
+    the factor ``world_size`` undoes.
+    """
+    total = torch.zeros(())
+    scale = world_size / max(n_targets, 1)
+    for i, batch in enumerate(micro_batches):
+        with no_sync(i < len(micro_batches) - 1):
+            loss_sum = loss_model(**batch)
+            backward(loss_sum * scale)
+        total = total + loss_sum.detach().float().cpu()
+    return total
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every block's activations in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpointed(forward: Callable, *args: Any) -> torch.Tensor:
+        return checkpoint(forward, *args, use_reentrant=False)
+
+    for block in model.blocks:
+        block.forward = functools.partial(checkpointed, block.forward)
+
+
+# ------------------------------------------------------------------------------------------ validation of inputs
+
+
+def resolve_precision(precision: Optional[str], accelerator: str) -> str:
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "cuda")
+    if precision is None:
+        return "bf16-true" if cuda and torch.cuda.is_bf16_supported() else "32-true"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is invalid: expected one of {', '.join(PRECISIONS)}")
+    if precision == "16-mixed" and not cuda:
+        raise ValueError("precision='16-mixed' needs a CUDA GPU (float16 autocast); on this machine use "
+                         "'bf16-mixed', 'bf16-true' or '32-true'")
+    return precision
+
+
+def check_devices(devices: Union[int, str], num_nodes: int, strategy: str, accelerator: str) -> None:
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator={accelerator!r} is invalid: expected one of {', '.join(ACCELERATORS)}")
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ValueError("accelerator='cuda' but no CUDA GPU is available (torch.cuda.is_available() is False)")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is invalid: expected one of {', '.join(STRATEGIES)}")
+    ok = (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)) or (
+        isinstance(devices, str) and (devices == "auto" or all(p.strip().isdigit() for p in devices.split(",")
+                                                                if p.strip()) and devices.strip(", ")))
+    if not ok:
+        raise ValueError(f"devices={devices!r} is invalid: expected a count >= 1, -1 or 'auto' (all), or device ids "
+                         "like '0,1'")
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ValueError(f"num_nodes={num_nodes!r} is invalid: expected an integer >= 1")
+
+
+def _dtype_of(precision: str) -> torch.dtype:
+    return {"bf16-true": torch.bfloat16}.get(precision, torch.float32)
+
+
+def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, overwrite: bool) -> Optional[Path]:
+    """The checkpoint to resume from, or None for a fresh run (refusing to mix a fresh run into an old one)."""
+    if isinstance(resume, str) and resume.lower() in ("false", "no", "0", ""):
+        resume = False
+    if resume is True or (isinstance(resume, str) and resume == "auto"):
+        if overwrite:
+            raise ValueError("resume='auto' and overwrite=true contradict each other: pick one")
+        return ckpt.latest_checkpoint(out_dir)
+    if resume is False:
+        existing = [n for n in (ckpt.RUN_FILE, ckpt.CHECKPOINTS, ckpt.FINAL, ckpt.LOGS) if (out_dir / n).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"out_dir {str(out_dir)!r} already holds a run ({', '.join(existing)}): pass --resume auto to "
+                "continue it, --overwrite true to replace it, or choose another --out_dir"
+            )
+        return None
+    path = Path(resume)
+    if not (path / ckpt.STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume={str(resume)!r}: not a training checkpoint (expected a directory holding "
+                                f"{ckpt.STATE_FILE}, e.g. {out_dir / ckpt.CHECKPOINTS}/step-N), or use 'auto'/false")
+    return path
+
+
+def _is_rank_zero(fabric: Any) -> bool:
+    return fabric.global_rank == 0
+
+
+def _fabric(accelerator: str, devices: Union[int, str], num_nodes: int, strategy: str, precision: str) -> Any:
+    import lightning as L
+
+    try:
+        return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                        precision=precision)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot set up accelerator={accelerator!r} devices={devices!r} num_nodes={num_nodes} "
+                         f"strategy={strategy!r} precision={precision!r}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+class _MicroBatches:
+    """An endless stream of micro-batches over epochs, whose position is the data iterator's state."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+        self._it: Optional[Iterator] = None
+
+    def take(self, n: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        while len(out) < n:
+            if self._it is None:
+                self._it = iter(self.batches)
+            try:
+                out.append(next(self._it))
+            except StopIteration:
+                self._it = None
+        return out
+
+
+def fit(
+    method: Method,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    data: Any,
+    train: TrainArgs,
+    eval: EvalArgs,
+    precision: Optional[str] = None,
+    devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    accelerator: str = "auto",
+    optimizer: Union[str, dict] = "AdamW",
+    resume: Union[bool, str, Path] = False,
+    overwrite: bool = False,
+    run_config: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Fine-tune the checkpoint in ``checkpoint_dir`` with ``method``; returns ``out_dir/final``.
+
+    Every input is checked (and the data and model loaded) before anything is written to ``out_dir``.
+    ``run_config`` is written to ``out_dir/run.yaml`` with the resolved values filled in.
+    """
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    # ---- checks that need nothing loaded
+    train.validate()
+    eval.validate()
+    check_devices(devices, num_nodes, strategy, accelerator)
+    precision = resolve_precision(precision, accelerator)
+    max_time = parse_duration(train.max_time)
+    resolve_optimizer(optimizer)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint_dir {str(checkpoint_dir)!r} does not exist (download or convert a "
+                                "model first: litft download <repo_id>)")
+    config = Config.from_checkpoint(checkpoint_dir)
+    max_seq_length = train.max_seq_length or config.block_size
+    if max_seq_length > config.block_size:
+        raise ValueError(f"train.max_seq_length={max_seq_length} is larger than the model's context: "
+                         f"block_size={config.block_size} in {checkpoint_dir / 'model_config.yaml'}")
+    resume_from = resolve_resume(resume, out_dir, overwrite)
+    if (isinstance(resume, str) and resume == "auto" or resume is True) and resume_from is None \
+            and (out_dir / ckpt.FINAL).is_dir():
+        print(f"{out_dir} holds a finished run (final/) and no checkpoint to resume: nothing to do. Pass --overwrite "
+              "true to train again.", file=sys.stderr)
+        return out_dir / ckpt.FINAL
+
+    fabric = _fabric(accelerator, devices, num_nodes, strategy, precision)
+    fabric.launch()
+    rank_zero = _is_rank_zero(fabric)
+    world_size = fabric.world_size
+    accumulation = train.accumulation_steps(world_size)
+    _seed(train.seed + fabric.global_rank)
+
+    # ---- data (bad rows, empty files, missing chat templates fail here, before any write)
+    from litft.data import BatchIterator, load_datasets
+    from litft.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    train_samples, val_samples, stats = load_datasets(data, tokenizer, max_seq_length)
+    if rank_zero:
+        print(stats.summary(), file=sys.stderr)
+    if world_size > 1:  # each rank its own equal share
+        n = len(train_samples) // world_size * world_size
+        if n == 0:
+            raise ValueError(f"{len(train_samples)} training samples cannot be split over {world_size} devices")
+        train_samples = train_samples[fabric.global_rank:n:world_size]
+        val_samples = val_samples[fabric.global_rank::world_size]
+    pad_id = 0
+    batches = BatchIterator(train_samples, train.micro_batch_size, max_seq_length, pad_id,
+                            packing=data.packing, shuffle=True, seed=data.seed)
+    val_batches = (BatchIterator(val_samples, train.micro_batch_size, max_seq_length, pad_id,
+                                 packing=data.packing, shuffle=False, seed=data.seed) if val_samples else None)
+    total_steps = train.max_steps or math.ceil(train.epochs * len(batches) / accumulation)
+
+    # ---- model and method
+    dtype = _dtype_of(precision)
+    state = None
+    if resume_from is not None:
+        state = ckpt.load_training_state(resume_from)
+        if state.get("method") != method.name:
+            raise ValueError(f"{resume_from} was written by a {state.get('method')!r} run, not {method.name!r}")
+    weights_dir = resume_from if (resume_from is not None and method.full) else checkpoint_dir
+    model = ckpt.load_checkpoint(weights_dir, device=fabric.device, dtype=dtype)
+    method.prepare(model)
+    if resume_from is not None and not method.full:
+        method.load(model, resume_from)
+    n_trainable = check_trainable(model, method.name)
+    n_params = count_parameters(model)
+    if train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    loss_model = fabric.setup_module(CausalLMLoss(model))
+    opt = build_optimizer(optimizer, model, train.lr, train.weight_decay, fused=fabric.device.type == "cuda")
+    opt = fabric.setup_optimizers(opt)
+
+    base_dir = None if method.full else checkpoint_dir
+    save_weights = method.save
+
+    step, micro_done, tokens_total, elapsed_before = 0, 0, 0, 0.0
+    best_val, bad_evals = math.inf, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        step, micro_done = int(state["step"]), int(state["micro_batches"])
+        tokens_total, elapsed_before = int(state["tokens"]), float(state["elapsed"])
+        best_val, bad_evals = float(state["best_val"]), int(state["bad_evals"])
+
+    # ---- first writes: out_dir only now
+    if rank_zero:
+        if resume_from is None and overwrite:
+            for name in (ckpt.RUN_FILE, ckpt.CHECKPOINTS, ckpt.FINAL, ckpt.LOGS):
+                target = out_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temp_dirs(out_dir)
+        resolved = dict(run_config or {})
+        resolved["precision"] = precision
+        if isinstance(resolved.get("train"), dict):
+            resolved["train"]["max_seq_length"] = max_seq_length
+        _write_yaml_atomic(out_dir / ckpt.RUN_FILE, resolved)
+    logger = RunLogger(out_dir / ckpt.LOGS, enabled=rank_zero, resume_step=step if state is not None else None)
+    if rank_zero:
+        where = f"resuming from {resume_from} at step {step}" if state else "starting"
+        print(f"{method.name}: {n_trainable:,} of {n_params:,} parameters train ({100 * n_trainable / n_params:.2f}%); "
+              f"{where}; {total_steps} steps of {train.global_batch_size} samples ({accumulation} micro-batches of "
+              f"{train.micro_batch_size} per device); precision {precision}; device {fabric.device}", file=sys.stderr)
+
+    flops_token = flops_per_token(config, matmul_params(model), n_trainable, max_seq_length, method.full)
+    compute_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
+    peak = peak_flops(fabric.device, compute_dtype)
+
+    def validate() -> Optional[float]:
+        if val_batches is None:
+            return None
+        loss_model.eval()
+        loss_sum = torch.zeros((), device=fabric.device)
+        n = torch.zeros((), device=fabric.device)
+        with torch.no_grad():
+            for i, batch in enumerate(val_batches.batch(0, k) for k in range(len(val_batches))):
+                if eval.max_batches is not None and i >= eval.max_batches:
+                    break
+                batch = {k: v.to(fabric.device) for k, v in batch.items()}
+                loss_sum += loss_model(**batch).float()
+                n += count_targets(batch)
+        loss_model.train()
+        loss_sum, n = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(n, reduce_op="sum")
+        return float(loss_sum / n.clamp_min(1))
+
+    def generations(when: str) -> Optional[float]:
+        if not eval.generate_samples or not val_samples:
+            return None
+        accuracy = None
+        if rank_zero:
+            accuracy = exact_match(model, tokenizer, val_samples[: eval.generate_samples], eval.max_new_tokens,
+                                   when, show=3)
+            logger.log({f"accuracy_{when}": accuracy}, step)
+        fabric.barrier()
+        return accuracy
+
+    def save(at_step: int) -> None:
+        if rank_zero:
+            train_state = {
+                "format": 1, "method": method.name, "step": at_step, "micro_batches": micro_done,
+                "tokens": tokens_total, "elapsed": elapsed_before + (time.perf_counter() - t0),
+                "optimizer": opt.state_dict(), "scheduler": {"step": at_step, "total_steps": total_steps},
+                "rng": ckpt.rng_state(), "data": batches.state_dict(), "best_val": best_val, "bad_evals": bad_evals,
+                "world_size": world_size,
+            }
+            ckpt.save_training_checkpoint(out_dir, at_step, model, save_weights, checkpoint_dir, base_dir,
+                                          method.name, train_state, train.keep_last)
+        fabric.barrier()
+
+    model.train()
+    loss_model.train()
+    if state is None:
+        generations("before")
+        if eval.initial_validation:
+            val = validate()
+            if val is not None and rank_zero:
+                logger.log({"val_loss": val, "val_ppl": math.exp(min(val, 50))}, 0)
+                print(f"step 0: val_loss {val:.4f}", file=sys.stderr)
+    else:
+        ckpt.set_rng_state(state["rng"])  # last: nothing may draw random numbers between here and the first step
+
+    stream = _MicroBatches(batches)
+    budget = None if train.max_steps else train.epochs * len(batches)  # micro-batches the epochs allow
+    progress = _progress(total_steps, step, rank_zero)
+    stop_reason = "max_steps" if train.max_steps else "epochs"
+    t0 = time.perf_counter()
+    window_tokens, window_t0 = 0, time.perf_counter()
+    last_val = None
+    try:
+        while step < total_steps:
+            n_micro = accumulation if budget is None else min(accumulation, budget - micro_done)
+            if n_micro <= 0:
+                break
+            lr = lr_at(step, total_steps, train.lr, train.min_lr, train.warmup_steps, train.lr_schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            micro = [{k: v.to(fabric.device) for k, v in b.items()} for b in stream.take(n_micro)]
+            n_targets = sum(count_targets(b) for b in micro)
+            n_tokens = sum(count_tokens(b) for b in micro)
+            if world_size > 1:
+                counts = fabric.all_reduce(torch.tensor([n_targets, n_tokens], device=fabric.device), reduce_op="sum")
+                n_targets, n_tokens = int(counts[0]), int(counts[1])
+            loss_sum = forward_backward(
+                loss_model, micro, fabric.backward, n_targets, world_size,
+                no_sync=lambda accumulating: fabric.no_backward_sync(loss_model, enabled=accumulating),
+            )
+            if world_size > 1:
+                loss_sum = fabric.all_reduce(loss_sum.to(fabric.device), reduce_op="sum").cpu()
+            loss = float(loss_sum) / max(n_targets, 1)
+            if not math.isfinite(loss):
+                raise RuntimeError(
+                    f"the training loss is {loss} at step {step + 1} (lr {lr:.3g}): stopping. Lower train.lr, keep "
+                    "train.max_norm set, or use precision bf16-mixed/32-true; the last good checkpoint is in "
+                    f"{out_dir / ckpt.CHECKPOINTS}"
+                )
+            grad_norm = None
+            if train.max_norm is not None:
+                grad_norm = float(fabric.clip_gradients(loss_model, opt, max_norm=train.max_norm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            micro_done += n_micro
+            tokens_total += n_tokens
+            window_tokens += n_tokens
+
+            if step % train.log_interval == 0 or step == total_steps:
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - window_t0, 1e-9)
+                window_tokens, window_t0 = 0, now
+                mem_kind, mem = peak_memory(fabric.device)
+                metrics = {"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_total,
+                           "epoch": micro_done / len(batches), f"peak_memory_{mem_kind}_gb": mem}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = grad_norm
+                if peak is not None:
+                    metrics["mfu"] = tok_s * flops_token / (peak * world_size)
+                logger.log(metrics, step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                                         mfu=f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a")
+            if progress is not None:
+                progress.update(1)
+
+            stop_early = False
+            if eval.interval and step % eval.interval == 0 and step < total_steps:
+                last_val = validate()
+                if last_val is not None:
+                    if rank_zero:
+                        logger.log({"val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))}, step)
+                        _write(progress, f"step {step}: val_loss {last_val:.4f}")
+                    if last_val < best_val - eval.early_stopping_min_delta:
+                        best_val, bad_evals = last_val, 0
+                    else:
+                        bad_evals += 1
+                        if eval.early_stopping_patience and bad_evals >= eval.early_stopping_patience:
+                            stop_early, stop_reason = True, (
+                                f"early stopping: no validation improvement in {bad_evals} evaluations "
+                                f"(best {best_val:.4f})")
+            elapsed = elapsed_before + time.perf_counter() - t0
+            out_of_time = max_time is not None and elapsed >= max_time
+            if out_of_time:
+                stop_reason = f"max_time ({train.max_time}) reached"
+            if train.save_interval and step % train.save_interval == 0 and step < total_steps:
+                save(step)
+            if stop_early or out_of_time:
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+
+    # ---- the end: validation, generations, final/
+    final_val = validate() if eval.final_validation else None
+    if final_val is not None and rank_zero:
+        logger.log({"val_loss": final_val, "val_ppl": math.exp(min(final_val, 50))}, step)
+    generations("after")
+    final_dir = out_dir / ckpt.FINAL
+    if rank_zero:
+        with _atomic_overwrite(final_dir) as tmp:
+            ckpt.write_model_files(model, tmp, save_weights, checkpoint_dir, base_dir, method.name)
+            if method.finalize is not None:
+                method.finalize(model, tmp)
+        mem_kind, mem = peak_memory(fabric.device)
+        elapsed = elapsed_before + time.perf_counter() - t0
+        summary = {"final_step": step, "stop_reason": stop_reason, "train_time_s": elapsed, "tokens": tokens_total,
+                   f"peak_memory_{mem_kind}_gb": mem}
+        if final_val is not None:
+            summary["final_val_loss"] = final_val
+        logger.log(summary, step)
+        print(f"done after step {step} ({stop_reason}); " + (f"val_loss {final_val:.4f}; " if final_val is not None
+                                                                else "")
+              + f"{tokens_total:,} tokens in {elapsed:.0f}s; peak memory ({mem_kind}) {mem:.2f} GB; "
+              f"MFU {'n/a' if peak is None else 'in logs/metrics.jsonl'}\nfinal checkpoint: {final_dir}",
+              file=sys.stderr)
+    logger.close()
+    fabric.barrier()
+    return final_dir
+
+
+@contextlib.contextmanager
+def _atomic_overwrite(target: Path) -> Iterator[Path]:
+    from litft.weights import atomic_directory
+
+    with atomic_directory(target, overwrite=True) as tmp:
+        yield tmp
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+                mininterval=0.5)
+
+
+def _write(progress: Any, text: str) -> None:
+    if progress is not None:
+        progress.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ exact match
+
+
+def prompt_and_reference(sample: Any) -> tuple[list[int], list[int]]:
+    """Split a sample at its first trained token: the prompt ids (everything the model reads before it) and the
+    reference response ids (the first run of trained tokens)."""
+    labels = sample.labels
+    start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    end = start
+    while end < len(labels) and labels[end] != IGNORE_INDEX:
+        end += 1
+    return list(sample.input_ids[: start + 1]), list(labels[start:end])
+
+
+def exact_match(model: nn.Module, tokenizer: Any, samples: Sequence[Any], max_new_tokens: Optional[int],
+                when: str = "", show: int = 3) -> float:
+    """Greedy-generate the response of each sample and return the fraction equal to the reference (text
+    compared after stripping whitespace); prints the accuracy and the first ``show`` generations."""
+    from litft.generate.engine import Engine
+    from litft.generate.sampling import SamplingParams
+
+    stop_ids = set(getattr(tokenizer, "stop_ids", None) or ()) | {tokenizer.eos_id}
+    pairs = [prompt_and_reference(s) for s in samples]
+    refs = [[t for t in ref if t not in stop_ids] for _, ref in pairs]
+    longest = max(len(r) for _, r in pairs)
+    was_training = model.training
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=max_new_tokens or longest + 8, temperature=0.0)
+    try:
+        with torch.no_grad():
+            results = engine.generate([p for p, _ in pairs], params)
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+    correct = 0
+    lines = []
+    for i, ((prompt, _), ref, result) in enumerate(zip(pairs, refs, results)):
+        got = tokenizer.decode(list(result.tokens)).strip()
+        want = tokenizer.decode(ref).strip()
+        correct += got == want
+        if i < show:
+            prompt_text = tokenizer.decode(prompt, skip_special_tokens=True).strip()
+            lines.append(f"  prompt:    {prompt_text!r}\n  generated: {got!r}\n  reference: {want!r}"
+                         f"  {'✓' if got == want else '✗'}")
+    accuracy = correct / len(samples)
+    label = f" {when} training" if when else ""
+    print(f"exact match{label}: {accuracy:.1%} ({correct}/{len(samples)} validation samples)", file=sys.stderr)
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+    return accuracy

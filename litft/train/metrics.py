@@ -1,0 +1,150 @@
+"""Throughput, model FLOPs utilisation, peak memory, and the run's logs (``metrics.jsonl`` + TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from litft.config import Config
+
+# Dense peak tensor throughput in FLOP/s for 16-bit (bf16/fp16) matmuls, and for fp32 (TF32 on NVIDIA), by the
+# start of torch.cuda.get_device_name(). Unknown devices report MFU as n/a rather than a guess.
+PEAK_FLOPS = {
+    "NVIDIA H200": (989e12, 494e12),
+    "NVIDIA H100 NVL": (835e12, 418e12),
+    "NVIDIA H100 PCIe": (756e12, 378e12),
+    "NVIDIA H100": (989e12, 494e12),  # SXM
+    "NVIDIA A100": (312e12, 156e12),
+    "NVIDIA L40S": (362e12, 183e12),
+    "NVIDIA L4": (121e12, 60e12),
+    "NVIDIA A10G": (70e12, 35e12),
+    "NVIDIA A10": (125e12, 62e12),
+    "NVIDIA GeForce RTX 4090": (165e12, 83e12),
+    "NVIDIA GeForce RTX 3090": (71e12, 36e12),
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Peak FLOP/s of one CUDA device for matmuls in ``dtype``; None when unknown (and always on CPU/MPS)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.startswith(prefix):
+            half, single = PEAK_FLOPS[prefix]
+            return half if dtype in (torch.bfloat16, torch.float16) else single
+    return None
+
+
+def flops_per_token(config: Config, n_params: int, n_trainable: int, seq_length: int, full: bool) -> float:
+    """Training FLOPs per token (forward + backward), the numerator of MFU.
+
+    With N the parameters in matmuls, L layers, H·Q the attention width (heads x head size) and T the
+    sequence length:
+
+    - full fine-tuning: ``6N + 12·L·H·Q·T``: 2N forward, 4N backward (gradients for activations and weights);
+    - parameter-efficient (LoRA, adapter): ``4N + 6·N_trainable + 12·L·H·Q·T``: the frozen weights need only
+      the forward and the activation gradients (2N + 2N), the trainable ones all three (6 per parameter).
+
+    The attention term counts the score and value matmuls (2·2·T·H·Q per layer and token forward, x3 with
+    backward) over the full square, as PaLM's appendix B does. MFU = tokens/s x this / peak FLOP/s.
+    """
+    attention = 12 * config.n_layer * config.n_head * config.head_size * seq_length
+    if full:
+        return 6 * n_params + attention
+    return 4 * (n_params - n_trainable) + 6 * n_trainable + attention
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in matmuls per token: everything except the embedding table (its lookup is
+    free) unless the head shares it."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = getattr(model, "embed", None)
+    if embed is not None and not getattr(getattr(model, "config", None), "tie_embeddings", False):
+        total -= embed.weight.numel()
+    return total
+
+
+def peak_memory(device: torch.device) -> tuple[str, float]:
+    """("cuda", GB allocated at peak) on CUDA, else ("rss", peak resident memory of the process in GB)."""
+    if device.type == "cuda":
+        return "cuda", torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        import resource
+
+        return "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+    except Exception:  # pragma: no cover - not on Linux
+        return "rss", float("nan")
+
+
+class RunLogger:
+    """Appends one JSON object per event to ``logs/metrics.jsonl`` and mirrors numbers to TensorBoard."""
+
+    def __init__(self, log_dir: Path, enabled: bool = True, resume_step: Optional[int] = None) -> None:
+        self.enabled = enabled
+        self.path = Path(log_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        else:
+            self.path.write_text("")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(log_dir), purge_step=(resume_step + 1) if resume_step else None)
+        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+            self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop entries a killed run wrote after the checkpoint it is resumed from."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``out_dir/logs/metrics.jsonl``."""
+    path = Path(out_dir) / "logs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,90 @@
+"""Learning-rate schedule (a pure function of the step, so resuming needs no scheduler state) and the optimizer."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from typing import Any, Iterable, Union
+
+import torch
+
+
+def lr_at(step: int, total_steps: int, lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
+          schedule: str = "cosine") -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps`` steps to ``lr``,
+    then cosine decay reaching ``min_lr`` at the last step (``total_steps - 1``), or constant ``lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; expected 'cosine' or 'constant'")
+    decay_steps = max(total_steps - 1 - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: matrices decay, vectors (biases, norms, gates) and embeddings do not."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed" in name.split(".")[0]:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def resolve_optimizer(optimizer: Union[str, dict]) -> tuple[type, dict[str, Any]]:
+    """The optimizer class and extra init args from ``"AdamW"``, ``"torch.optim.SGD"`` or
+    ``{"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}``."""
+    if isinstance(optimizer, dict):
+        unknown = sorted(set(optimizer) - {"class_path", "init_args"})
+        if "class_path" not in optimizer or unknown:
+            raise ValueError(f"optimizer={optimizer!r} is invalid: expected a class name or a mapping with "
+                             "'class_path' and optional 'init_args'")
+        path, init_args = str(optimizer["class_path"]), dict(optimizer.get("init_args") or {})
+    else:
+        path, init_args = str(optimizer), {}
+    module_name, _, cls_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name or "torch.optim")
+        cls = getattr(module, cls_name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"optimizer {path!r} not found: give a torch.optim class name (e.g. AdamW, SGD) or a full "
+                         "class path (e.g. bitsandbytes.optim.PagedAdamW8bit)") from None
+    if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"optimizer {path!r} is not a torch.optim.Optimizer subclass")
+    for key in ("lr", "weight_decay"):
+        if key in init_args:
+            raise ValueError(f"optimizer init_args sets {key!r}: set it with train.{key} instead")
+    return cls, init_args
+
+
+def build_optimizer(optimizer: Union[str, dict], model: torch.nn.Module, lr: float, weight_decay: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """Instantiate ``optimizer`` over the trainable parameters of ``model`` (fused AdamW/Adam where asked and
+    supported, i.e. on CUDA)."""
+    cls, init_args = resolve_optimizer(optimizer)
+    params = inspect.signature(cls.__init__).parameters
+    if fused and "fused" in params and "fused" not in init_args:
+        init_args["fused"] = True
+    groups = param_groups(model.named_parameters(), weight_decay)
+    kwargs = {"lr": lr, **init_args}
+    if "weight_decay" not in params:
+        if weight_decay:
+            raise ValueError(f"optimizer {cls.__name__} takes no weight_decay; set train.weight_decay=0")
+        for g in groups:
+            g.pop("weight_decay", None)
+    try:
+        return cls(groups, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"optimizer {cls.__name__}: {e}") from e

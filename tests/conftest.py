@@ -1,0 +1,43 @@
+"""Shared test set-up: the whole session is offline, and tiny checkpoints are built once per session.
+
+Session fixtures are shared by many tests: treat their folders as read-only (copy them to ``tmp_path``
+before changing anything).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the network: set before huggingface_hub / transformers / datasets are imported
+# (they read these once, at import time). Subprocesses started by tests inherit them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 400  # the fixture tokenizers' vocabulary (tests/fixtures_tokenizers.py)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (fp32, 3 layers, hidden 64, llama3 RoPE scaling, vocab 400) saved by transformers
+    with the fixture BPE tokenizer: a Hugging Face checkpoint folder as the Hub has them. Read-only."""
+    from tests.fixtures_tokenizers import make_bpe_tokenizer
+    from tests.hf_models import make_hf_model
+
+    directory = tmp_path_factory.mktemp("tiny_llama") / "hf"
+    make_hf_model("llama", directory, overrides={"vocab_size": TINY_VOCAB})
+    make_bpe_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_native(tiny_llama_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_llama_hf`` converted to a litft checkpoint (model.safetensors, model_config.yaml, tokenizer).
+    Read-only."""
+    from litft.convert.hf import convert_from_hf
+
+    return convert_from_hf(tiny_llama_hf, tmp_path_factory.mktemp("tiny_llama_native") / "native")

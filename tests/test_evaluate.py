@@ -1,0 +1,175 @@
+"""``litft evaluate``: litft's lm-eval model class against lm-eval's own ``hf`` backend on the same weights.
+
+Oracle: ``lm_eval.simple_evaluate(model="hf", pretrained=<HF folder>)`` on a tiny random Llama with a real
+tokenizer (BOS added by its post-processor), and ``LitftLM`` on the litft checkpoint converted from it.
+Local tasks (YAML + JSONL written here, run offline): multiple choice (acc, acc_norm, one few-shot example,
+a context longer than the model's 64 tokens so left truncation is exercised), generation (generate_until,
+exact_match) and a rolling-loglikelihood perplexity task (documents longer than 64 tokens). Direct calls on
+Instances add an empty context, a BOS-prefixed context and trailing-space contexts.
+
+Tolerances: accuracy-type metrics equal within 1e-4; every per-request loglikelihood within
+1e-4 + 1e-5·|ll| (float32 sums over up to ~100 tokens); is-greedy flags and generated texts identical.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from tests.test_perplexity import CORPUS, make_tiny_llama  # noqa: E402
+
+
+def write_tasks(directory: Path) -> Path:
+    """Three local lm-eval tasks (YAML + JSONL) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    long_question = " ".join(CORPUS[2:5])  # > 64 tokens with the few-shot example: left-truncated
+    mc = [("What is the capital of France?", ["Paris", "Berlin", "a dog"], 0),
+          ("What is two plus two?", ["four", "five and six", "0"], 0),
+          ("Which animal is quick?", ["the fox", "the lazy dog", "a time"], 0),
+          ("Once upon a", [" time", "model", "letter"], 1),
+          (long_question, ["A", "B", "C D"], 2)]
+    rows = [{"question": q, "choices": c, "label": label} for q, c, label in mc]
+    gen = [("What is two plus two?", "four"), ("The capital of France?", "Paris"), ("Count: 1 2 3", "4"),
+           ("Say a letter", "A"), ("Once upon a", "time")]
+    ppl = [" ".join(CORPUS), "Paris is the capital.", " ".join(reversed(CORPUS)) * 2]
+    files = {"mc.jsonl": rows, "gen.jsonl": [{"question": q, "answer": a} for q, a in gen],
+             "ppl.jsonl": [{"text": t} for t in ppl]}
+    for name, data in files.items():
+        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+    data = "dataset_path: json\ndataset_kwargs:\n  cache_dir: {cache}\n  data_files:\n    test: {file}\ntest_split: test\n"
+    cache = directory / "hf_datasets_cache"
+    (directory / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n" + data.format(cache=cache, file=directory / "mc.jsonl") +
+        "output_type: multiple_choice\nnum_fewshot: 1\nfewshot_split: test\nfewshot_config:\n  sampler: first_n\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (directory / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\n" + data.format(cache=cache, file=directory / "gen.jsonl") +
+        'output_type: generate_until\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n", "."]\n  max_gen_toks: 12\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n")
+    (directory / "tiny_ppl.yaml").write_text(
+        "task: tiny_ppl\n" + data.format(cache=cache, file=directory / "ppl.jsonl") +
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    make_tiny_llama(root / "hf", root / "native")
+    return {"hf": root / "hf", "native": root / "native", "tasks": write_tasks(root / "tasks")}
+
+
+TASKS = ["tiny_mc", "tiny_gen", "tiny_ppl"]
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4 + 1e-5 * abs(b)
+
+
+def test_litft_model_matches_hf_backend(tiny: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from litft.evaluate.harness import LitftLM
+
+    manager = TaskManager(include_path=str(tiny["tasks"]), include_defaults=False)
+    common = dict(tasks=TASKS, task_manager=manager, bootstrap_iters=0, log_samples=True)
+    expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny['hf']},dtype=float32",
+                                       device="cpu", batch_size=2, **common)
+    # a different batch size: results must not depend on batching/padding
+    model = LitftLM(pretrained=str(tiny["native"]), batch_size=3)
+    got = lm_eval.simple_evaluate(model=model, **common)
+
+    for task in TASKS:
+        for key, value in expected["results"][task].items():
+            if isinstance(value, float):
+                assert got["results"][task][key] == pytest.approx(value, abs=1e-4, rel=1e-5), (task, key)
+        want, have = expected["samples"][task], got["samples"][task]
+        assert len(want) == len(have) > 0
+        for a, b in zip(want, have):
+            assert a["arguments"] == b["arguments"]  # same prompts (few-shot, templates)
+            for ra, rb in zip(a["resps"], b["resps"]):
+                ra, rb = ra[0], rb[0]
+                if task == "tiny_mc":  # (loglikelihood, is_greedy)
+                    assert close(rb[0], ra[0]) and rb[1] == ra[1], (ra, rb)
+                elif task == "tiny_ppl":  # rolling loglikelihood
+                    assert close(rb, ra), (ra, rb)
+                else:  # generated text
+                    assert rb == ra
+    assert expected["results"]["tiny_mc"]["acc,none"] == got["results"]["tiny_mc"]["acc,none"]
+    # the tasks really exercised what they should: a left-truncated context, more than one rolling window
+    assert any("truncating" in r.message for r in caplog.records if r.name == "litft.evaluate")
+    assert len(model.tok_encode(" ".join(CORPUS))) > 64
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "sentencepiece"])
+def test_loglikelihood_requests_directly(tiny: dict[str, Path], tmp_path: Path, tokenizer: str) -> None:
+    """Both backends on hand-made Instances: empty context (prefix token), trailing-space contexts, a
+    context starting with the BOS text, multi-token continuations, an input longer than the context."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from litft.evaluate.harness import LitftLM
+
+    if tokenizer == "bpe":
+        hf_dir, native_dir = tiny["hf"], tiny["native"]
+    else:
+        hf_dir, native_dir = tmp_path / "hf", tmp_path / "native"
+        make_tiny_llama(hf_dir, native_dir, tokenizer)
+    hf = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=4)
+    lt = LitftLM(pretrained=str(native_dir), batch_size=2)
+    bos_text = hf.tokenizer.bos_token
+    pairs = [("", "The quick brown fox"), ("Paris is the ", "capital"), (bos_text + "Question:", " What is two"),
+             ("A B C", " D"), (" ".join(CORPUS), " Once upon a time"), ("12", "345 and 6,789.")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    texts = [CORPUS[0], " ".join(CORPUS) * 2]
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+    for (want_ll, want_greedy), (ll, greedy) in zip(hf.loglikelihood(requests), lt.loglikelihood(requests)):
+        assert close(ll, want_ll) and greedy == want_greedy
+    for want, got in zip(hf.loglikelihood_rolling(rolling), lt.loglikelihood_rolling(rolling)):
+        assert close(got, want)
+    for text in ("Paris", bos_text + "Paris", " leading space"):
+        assert lt.tok_encode(text) == hf.tok_encode(text)  # BOS added once, never twice
+    assert len(lt.tok_encode(texts[1])) > 2 * 64  # several rolling windows
+
+
+def test_list_and_unknown_tasks(tiny: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from litft.cli import main
+    from litft.evaluate.harness import evaluate
+
+    include = ["--include_path", str(tiny["tasks"]), "--include_defaults", "false"]
+    main(["evaluate", "--tasks", *include])  # a bare --tasks lists the tasks, no checkpoint needed
+    listed = capsys.readouterr().out.splitlines()
+    assert {"tiny_mc", "tiny_gen", "tiny_ppl"} <= set(listed)
+    with pytest.raises(ValueError, match=r"unknown task 'tiny_mcq'\. Close names: tiny_mc"):
+        evaluate(tiny["native"], tasks="tiny_gen,tiny_mcq", include_path=str(tiny["tasks"]), include_defaults=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(tiny["native"]), "--tasks", "tiny_pp", *include])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "unknown task 'tiny_pp'" in err and "tiny_ppl" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="--include_path .*nowhere"):
+        evaluate(tiny["native"], tasks="tiny_mc", include_path=str(tiny["tasks"] / "nowhere"))
+
+
+def test_evaluate_command_writes_results(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, "-m", "litft", "evaluate", str(tiny["native"]), "--tasks", "tiny_mc,tiny_gen",
+                          "--include_path", str(tiny["tasks"]), "--include_defaults", "false", "--limit", "3",
+                          "--batch_size", "4", "--bootstrap_iters", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["results"]) == {"tiny_mc", "tiny_gen"}
+    assert results["results"]["tiny_mc"]["sample_len"] == 3
+    assert "acc_norm" in run.stdout and "exact_match" in run.stdout  # the table

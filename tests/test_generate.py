@@ -1,0 +1,280 @@
+"""The generation engine: greedy decoding equals transformers' ``generate`` for every family, batches and
+continuous batching equal generating alone, sampling filters equal transformers' warpers, stop tokens and
+strings, streaming, compile, and clear errors for bad input. Also ``litft generate`` on a JSONL file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from litft.convert.hf import convert_from_hf
+from litft.generate.engine import Engine
+from litft.generate.sampling import (
+    Flags,
+    RowParams,
+    SamplingParams,
+    apply_repetition_penalty,
+    min_p_filter,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+from litft.weights import load_model
+from tests.hf_models import FAMILY_VARIANTS, make_hf_model
+
+NEW = 20
+GREEDY = SamplingParams(max_new_tokens=NEW, stop_token_ids=[])
+
+
+def make_tiny_checkpoint(root: Path, variant: str = "llama") -> dict[str, Path]:
+    """A tiny random HF model of ``variant`` with the byte-level BPE test tokenizer (vocab 400, Llama 3 chat
+    template, stop tokens <|end_of_text|> and <|eot_id|>), as an HF folder and as a native checkpoint."""
+    from tests.fixtures_tokenizers import make_bpe_tokenizer
+
+    hf_dir, native = root / "hf", root / "native"
+    make_hf_model(variant, hf_dir, overrides={"vocab_size": 400, "bos_token_id": 0, "eos_token_id": [1, 2]})
+    make_bpe_tokenizer(hf_dir)  # after the model: its generation_config.json (eos = both stop tokens) wins
+    convert_from_hf(hf_dir, native)
+    return {"hf": hf_dir, "native": native}
+
+
+def _prompts(lengths: tuple[int, ...], vocab: int = 128, seed: int = 5) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("llama")
+    hf = make_hf_model("llama", d / "hf")
+    hf.generation_config.eos_token_id = None
+    return hf, load_model(convert_from_hf(d / "hf", d / "native"))
+
+
+# ---------------------------------------------------------------------- greedy parity with transformers
+
+
+@pytest.mark.parametrize("variant", sorted(FAMILY_VARIANTS))
+def test_greedy_equals_transformers_and_batch_equals_alone(variant: str, tmp_path: Path) -> None:
+    from transformers import GenerationConfig
+
+    hf = make_hf_model(variant, tmp_path / "hf")
+    engine = Engine(load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native")))
+    # lengths chosen so that sequences cross every sliding window and LongRoPE's switch point (16)
+    prompts = _prompts((7, 12, 3))
+    batched = [r.tokens for r in engine.generate(prompts, GREEDY)]
+    config = GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    hf.generation_config.eos_token_id = None  # lengths must match: never stop early
+    for prompt, ours in zip(prompts, batched):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(prompt):]
+        assert ours == theirs.tolist(), variant
+        assert engine.generate([prompt], GREEDY)[0].tokens == ours, f"{variant}: batch != alone"
+
+
+def test_repetition_penalty_equals_transformers(llama) -> None:
+    from transformers import GenerationConfig
+
+    hf, model = llama
+    prompt = _prompts((9,))[0]
+    ours = Engine(model).generate([prompt], SamplingParams(max_new_tokens=NEW, repetition_penalty=1.5,
+                                                           stop_token_ids=[]))[0].tokens
+    config = GenerationConfig(max_new_tokens=NEW, do_sample=False, repetition_penalty=1.5, eos_token_id=None,
+                              pad_token_id=0)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, 9:].tolist()
+    assert ours == theirs
+
+
+# ---------------------------------------------------------------------- batching, continuous batching, cache shifts
+
+
+def test_continuous_batching_equals_alone(llama) -> None:
+    _, model = llama
+    engine = Engine(model)
+    prompts = _prompts((5, 10, 3, 14, 8))
+    params = [SamplingParams(max_new_tokens=m, stop_token_ids=[]) for m in (15, 12, 9, 6, 16)]
+    alone = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+    engine.max_rows_in_use = 0
+    finished = []
+    together = engine.generate(prompts, params, max_batch_size=2, on_finish=lambda i, r: finished.append(i))
+    assert [r.tokens for r in together] == alone
+    assert [len(t) for t in alone] == [15, 12, 9, 6, 16]
+    assert sorted(finished) == list(range(5)) and engine.max_rows_in_use == 2
+    assert all(r.finish_reason == "length" for r in together)
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "phi3"])
+def test_requests_join_a_running_batch_and_the_cache_shifts(variant: str, tmp_path: Path) -> None:
+    """The step-wise API a server schedules with: a longer prompt joins mid-decode (slots shift right), the cache
+    fills up (slots shift left); sliding windows, softcapping and LongRoPE still give the tokens of each alone."""
+    make_hf_model(variant, tmp_path / "hf")
+    engine = Engine(load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native")))
+    prompts = _prompts((5, 10, 14))
+    params = [SamplingParams(max_new_tokens=m, stop_token_ids=[]) for m in (15, 12, 6)]
+    alone = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+    engine.allocate(batch_size=2, cache_length=24)
+    a = engine.add([engine.new_request(prompts[0], params[0])])[0]
+    for _ in range(4):
+        engine.step()
+    b = engine.add([engine.new_request(prompts[1], params[1])])[0]  # t = 9 < 10: shift right
+    c = None
+    while engine.active_requests():
+        engine.step()
+        for r in engine.sync():
+            if r.finished:
+                engine.remove(r)
+                if r is a:
+                    c = engine.add([engine.new_request(prompts[2], params[2])])[0]
+    assert [a.tokens, b.tokens, c.tokens] == alone
+    assert engine.num_shifts >= 2
+
+
+def test_chunked_prefill_equals_one_shot(llama) -> None:
+    _, model = llama
+    prompts = _prompts((13, 4))
+    whole = [r.tokens for r in Engine(model).generate(prompts, GREEDY)]
+    chunked = [r.tokens for r in Engine(model, prefill_chunk_size=3).generate(prompts, GREEDY)]
+    assert whole == chunked
+
+
+def test_lazy_host_sync_gives_the_same_tokens_and_stops(llama) -> None:
+    _, model = llama
+    prompts = _prompts((6, 11))
+    eager = Engine(model, sync_every=1).generate(prompts, GREEDY)
+    lazy = Engine(model, sync_every=7).generate(prompts, GREEDY)
+    assert [r.tokens for r in eager] == [r.tokens for r in lazy]
+    # a stop token found late (after several unsynced steps) still cuts at the right place
+    stop = eager[0].tokens[4]
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=[stop])
+    r1, r2 = Engine(model, sync_every=1).generate([prompts[0]], params)[0], \
+        Engine(model, sync_every=7).generate([prompts[0]], params)[0]
+    first = eager[0].tokens.index(stop)
+    assert r1.tokens == r2.tokens == eager[0].tokens[:first]
+    assert r1.finish_reason == r2.finish_reason == "stop" and r1.num_generated == first + 1
+
+
+def test_compiled_decode_equals_eager(llama) -> None:
+    _, model = llama
+    prompts = _prompts((5, 9))
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=[])
+    eager = [r.tokens for r in Engine(model).generate(prompts, params)]
+    compiled = Engine(model, compile=True)
+    assert [r.tokens for r in compiled.generate(prompts, params)] == eager
+    assert [r.tokens for r in compiled.generate(prompts, params)] == eager  # the compiled graph is reused
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+def _hf_warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float, min_p: float) -> torch.Tensor:
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    out = TemperatureLogitsWarper(temperature)(ids, logits.clone())
+    if top_k:
+        out = TopKLogitsWarper(top_k)(ids, out)
+    if top_p < 1:
+        out = TopPLogitsWarper(top_p)(ids, out)
+    if min_p > 0:
+        out = MinPLogitsWarper(min_p)(ids, out)
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0.0), (None, 0.8, 0.0), (None, 1.0, 0.1), (20, 0.9, 0.05),
+                                               (1, 0.5, 0.3)])
+def test_filters_equal_transformers_warpers(top_k, top_p, min_p) -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0)) * 3
+    theirs = _hf_warp(logits, 0.7, top_k, top_p, min_p)
+    ours = logits / 0.7
+    if top_k:
+        ours = top_k_filter(ours, top_k)
+    if top_p < 1:
+        ours = top_p_filter(ours, top_p)
+    if min_p > 0:
+        ours = min_p_filter(ours, min_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    kept = ~torch.isinf(ours)
+    assert torch.allclose(ours[kept], theirs[kept])
+
+
+def test_per_row_parameters_equal_one_row_at_a_time() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 2
+    k, p, m = torch.tensor([0, 3, 10]), torch.tensor([1.0, 0.9, 0.5]), torch.tensor([0.0, 0.2, 0.05])
+    rows = min_p_filter(top_p_filter(top_k_filter(logits, k, max_k=10), p), m)
+    for i in range(3):
+        one = logits[i:i + 1]
+        if k[i]:
+            one = top_k_filter(one, int(k[i]))
+        one = min_p_filter(top_p_filter(one, float(p[i])), float(m[i]))
+        assert torch.equal(rows[i:i + 1], one)
+
+
+def test_repetition_penalty_and_sampling_rules() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, 0.5]]
+    # top_k=1 and greedy agree; filtered tokens are never drawn
+    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=1.0, top_k=1)] * 8
+    assert torch.equal(sample(logits, RowParams.of(params, torch.device("cpu")), Flags.of(params)),
+                       logits.argmax(-1))
+    params = [SamplingParams(temperature=1.5, top_k=3, seed=i) for i in range(8)]
+    allowed = logits.topk(3).indices
+    for _ in range(20):
+        drawn = sample(logits, RowParams.of(params, torch.device("cpu")), Flags.of(params))
+        assert (allowed == drawn[:, None]).any(-1).all()
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llama) -> None:
+    _, model = llama
+    engine = Engine(model)
+    prompts = _prompts((6, 9))
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7, stop_token_ids=[])
+    first = engine.generate([prompts[0]], params)[0].tokens
+    assert engine.generate([prompts[0]], params)[0].tokens == first
+    other = SamplingParams(max_new_tokens=5, temperature=0.8, seed=1, stop_token_ids=[])
+    assert engine.generate(prompts, [params, other])[0].tokens == first
+    reseeded = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=8, stop_token_ids=[])
+    assert engine.generate([prompts[0]], reseeded)[0].tokens != first
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("temperature", -0.1, "temperature"),
+    ("max_new_tokens", 0, "max_new_tokens"), ("top_k", -1, "top_k"), ("min_p", 2.0, "min_p"),
+    ("repetition_penalty", 0.0, "repetition_penalty"), ("temperature", float("nan"), "temperature"),
+    ("stop", [""], "stop"),
+])
+def test_bad_sampling_params_are_clear_errors(field, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
+
+
+def test_bad_prompts_are_clear_errors(llama) -> None:
+    _, model = llama
+    engine = Engine(model)  # context: 64 tokens
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[]], GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([[5, 128]], GREEDY)
+    with pytest.raises(ValueError, match=r"exceeds the context of 64 tokens.*truncate"):
+        engine.generate([list(range(60))], GREEDY)
+    # truncation only when asked: keeps the newest tokens
+    r = engine.generate([list(range(60))], GREEDY, truncate=True)[0]
+    assert r.prompt_ids == list(range(16, 60)) and len(r.tokens) == NEW
+    assert r.tokens == engine.generate([list(range(16, 60))], GREEDY)[0].tokens
+    with pytest.raises(ValueError, match="max_seq_length"):
+        Engine(model, max_seq_length=1)
