@@ -224,7 +224,8 @@ class LLM:
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or ())
         return self._complete(self.encode_chat(messages), params, stream, truncate=False)
 
-    def _complete(self, ids: list[int], params: SamplingParams, stream: bool, truncate: bool) -> Union[str, Iterator[str]]:
+    def _complete(self, ids: list[int], params: SamplingParams, stream: bool,
+                  truncate: bool) -> Union[str, Iterator[str]]:
         request = self.engine.new_request(ids, params, truncate)
         if stream:
             return self.engine.stream(request)

@@ -20,11 +20,19 @@ DEFAULT = ""
 DEFAULT_LABEL = "(default)"
 COMMANDS: Table = {
     "download": ("litft.download:download", "Download a model from the Hugging Face Hub and convert it."),
+    "upload": ("litft.upload:upload", "Upload a folder (convert to_hf / to_peft output) to the Hugging Face Hub."),
+    "assets": {
+        "ls": ("litft.asset_cards:ls", "List the asset cards (local checkpoints and tokenizers by name)."),
+    },
     "generate": ("litft.generate.cli:generate", "Generate text for a prompt or every row of a JSONL file."),
     "chat": ("litft.generate.cli:chat", "Chat with a model in the terminal (chat template, history, streaming)."),
+    "serve": ("litft.serve.cli:serve", "Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."),
     "convert": {
         "from_hf": ("litft.convert.hf:convert_from_hf", "Hugging Face checkpoint folder → litft checkpoint."),
         "to_hf": ("litft.convert.hf:convert_to_hf", "litft checkpoint → Hugging Face folder (transformers, vLLM)."),
+        "to_peft": ("litft.convert.peft:to_peft", "LoRA/DoRA run → PEFT adapter folder (adapter_config.json)."),
+        "from_peft": ("litft.convert.peft:from_peft", "PEFT LoRA/DoRA adapter + --base → litft LoRA checkpoint."),
+        "merge_lora": ("litft.convert.merge:merge_lora", "Merge a LoRA/DoRA/QLoRA run into plain native weights."),
     },
     "evaluate": {
         # "" = the default leaf: `litft evaluate <checkpoint> --tasks ...` (first argument not a subcommand name)

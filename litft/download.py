@@ -79,12 +79,12 @@ def download(
     keep_hf: bool = False,
     overwrite: bool = False,
 ) -> Optional[Path]:
-    """Download a model from the Hugging Face Hub and convert it into a litft checkpoint.
+    """Download a model from the Hugging Face Hub and convert it into a litft checkpoint:
+    ``litft download <repo_id>`` writes ``<checkpoint_dir>/<repo_id>``; ``litft download`` alone lists the
+    zoo's models.
 
-    ``litft download <repo_id>`` writes ``<checkpoint_dir>/<repo_id>``; ``litft download`` with no repo id
-    lists the models the zoo knows. Any repo of a supported architecture works, named in the zoo or not:
-    sizes are read from the repo's own config.json. An interrupted download resumes from
-    ``<checkpoint_dir>/<org>/.<name>.download`` when run again.
+    Any repo of a supported architecture works, named in the zoo or not: sizes are read from the repo's own
+    config.json. An interrupted download resumes from ``<checkpoint_dir>/<org>/.<name>.download`` when run again.
 
     Args:
         repo_id: HF repo id (``meta-llama/Llama-3.2-1B``) or a zoo short name (``Llama-3.2-1B``); leave it out

@@ -1,4 +1,4 @@
-"""Tokenizer: HF ``tokenizer.json`` or sentencepiece ``tokenizer.model``, ids and chat templates as transformers has them.
+"""Tokenizer: HF ``tokenizer.json`` or sentencepiece ``tokenizer.model``, with ids and chat templates as in transformers.
 
 ``Tokenizer(checkpoint_dir)`` reads the files a Hub checkpoint ships with and behaves like
 ``transformers.AutoTokenizer.from_pretrained(checkpoint_dir)`` (transformers 5.x) without importing transformers:
@@ -245,7 +245,10 @@ class IncrementalDecoder:
     Text is held back while it ends in an incomplete character (a partial UTF-8 sequence from byte-level or
     byte-fallback tokens decodes to ``"\\ufffd"``), and the window always starts a few tokens back at a point where
     earlier text was complete, so sentencepiece's leading-space stripping only ever affects the (cancelled)
-    context. Call :meth:`flush` at the end to get text still held back (e.g. a truly invalid byte sequence).
+    context. Call :meth:`flush` at the end to get text still held back (only ever needed when the ids end in an
+    invalid byte sequence). The equality with ``decode`` is exact whenever the ids decode to valid UTF-8; for
+    invalid byte-fallback runs ``decode`` replaces already-complete characters of the run too, which a stream
+    that has emitted them cannot take back.
     """
 
     _CONTEXT = 4  # tokens of already-emitted context kept in the decode window
@@ -255,7 +258,6 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self._boundaries: list[int] = [0]  # token offsets where the emitted text ended (complete characters)
         self._emitted_at: int = 0  # token offset up to which text has been emitted
-        self._prefix_text: str = ""  # decode(ids[window start:_emitted_at])
 
     def _window_start(self) -> int:
         start = 0

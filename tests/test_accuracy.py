@@ -117,7 +117,7 @@ def test_accuracy_bad_input(tmp_path: Path) -> None:
         accuracy(generations=gens, references=noanswer)
 
 
-def test_accuracy_cli(tmp_path: Path) -> None:
+def test_accuracy_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import subprocess
     import sys
 
@@ -131,7 +131,33 @@ def test_accuracy_cli(tmp_path: Path) -> None:
     assert "0.5000" in run.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
-    run = subprocess.run([sys.executable, "-m", "litft", "evaluate", "accuracy", "--generations", str(bad),
-                          "--references", str(refs)], capture_output=True, text=True)
-    assert run.returncode == 1
-    assert f"{bad}:1: malformed JSON" in run.stderr and "Traceback" not in run.stderr
+    from litft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "accuracy", "--generations", str(bad), "--references", str(refs)])
+    assert exit_info.value.code == 1
+    assert f"{bad}:1: malformed JSON" in capsys.readouterr().err
+
+
+def test_scores_litft_generate_output(tmp_path: Path) -> None:
+    """The generations file written by `litft generate --input ... --output ...` is read as it is."""
+    from litft.api import LLM
+    from litft.generate.cli import generate
+    from tests.test_perplexity import make_tiny_llama
+
+    make_tiny_llama(tmp_path / "hf", tmp_path / "native")
+    questions = ["The cat runs", "Line 3: 3 plus 4 is", "My friend Anna likes"]
+    greedy = LLM.load(tmp_path / "native", device="cpu").generate(questions[0], max_new_tokens=6)
+    # the test set: no ids (litft generate numbers rows 0, 1, ...); the first answer is what the model says
+    refs = write_jsonl(tmp_path / "test.jsonl", [{"question": q, "answer": a}
+                                                 for q, a in zip(questions, [greedy, "7", "the fence."])])
+    gens = tmp_path / "generations.jsonl"
+    generate(tmp_path / "native", input=refs, output=gens, prompt_field="question", max_new_tokens=6, device="cpu",
+             chat_template=False)
+    rows = [json.loads(line) for line in gens.read_text().splitlines()]
+    expected = [" ".join(r["generation"].split()) == " ".join(a.split())
+                for r, a in zip(rows, [greedy, "7", "the fence."])]
+    assert expected[0]
+    results = accuracy(generations=gens, references=refs, extract="exact")
+    assert [e["correct"] for e in results["examples"]] == expected
+    assert results["accuracy"] == pytest.approx(sum(expected) / 3)

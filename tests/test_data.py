@@ -1,4 +1,4 @@
-"""Data: formats → ids/labels with prompt masking, chat assistant spans, truncation, padding vs packing, resumable batches."""
+"""Data: formats → ids/labels with prompt masking, chat assistant spans, truncation, padding/packing, resumable batches."""
 
 from __future__ import annotations
 
@@ -526,3 +526,21 @@ def test_chat_data_without_chat_template_is_refused(tmp_path, bpe_dir):
     rows = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     with pytest.raises(ValueError, match="chat data needs a chat template"):
         load_datasets(DataArgs(train_path=rows), Tokenizer(bare), 64)
+
+
+def test_chat_template_errors_name_the_row(tmp_path, bpe_dir):
+    from litft.tokenizer import Tokenizer
+    from tests.fixtures_tokenizers import copy_checkpoint
+
+    odd = copy_checkpoint(bpe_dir, tmp_path / "odd")
+    # a template that marks the last message differently: earlier turns are not prefixes of the whole text
+    (odd / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+    rows = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    with pytest.raises(ValueError, match=r"chat\.jsonl:1: the chat template does not render this conversation "
+                                         r"incrementally"):
+        load_datasets(DataArgs(train_path=rows, val_split_fraction=0), Tokenizer(odd), 256)
+    (odd / "chat_template.jinja").write_text("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match=r"chat\.jsonl:1: the chat template failed.*roles must alternate"):
+        load_datasets(DataArgs(train_path=rows, val_split_fraction=0), Tokenizer(odd), 256)

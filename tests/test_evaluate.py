@@ -40,7 +40,8 @@ def write_tasks(directory: Path) -> Path:
              "ppl.jsonl": [{"text": t} for t in ppl]}
     for name, data in files.items():
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in data))
-    data = "dataset_path: json\ndataset_kwargs:\n  cache_dir: {cache}\n  data_files:\n    test: {file}\ntest_split: test\n"
+    data = ("dataset_path: json\ndataset_kwargs:\n  cache_dir: {cache}\n  data_files:\n    test: {file}\n"
+            "test_split: test\n")
     cache = directory / "hf_datasets_cache"
     (directory / "tiny_mc.yaml").write_text(
         "task: tiny_mc\n" + data.format(cache=cache, file=directory / "mc.jsonl") +
@@ -84,7 +85,7 @@ def test_litft_model_matches_hf_backend(tiny: dict[str, Path], caplog: pytest.Lo
     expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny['hf']},dtype=float32",
                                        device="cpu", batch_size=2, **common)
     # a different batch size: results must not depend on batching/padding
-    model = LitftLM(pretrained=str(tiny["native"]), batch_size=3)
+    model = LitftLM(pretrained=str(tiny["native"]), batch_size=3, device="cpu")
     got = lm_eval.simple_evaluate(model=model, **common)
 
     for task in TASKS:
@@ -124,7 +125,7 @@ def test_loglikelihood_requests_directly(tiny: dict[str, Path], tmp_path: Path, 
         hf_dir, native_dir = tmp_path / "hf", tmp_path / "native"
         make_tiny_llama(hf_dir, native_dir, tokenizer)
     hf = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=4)
-    lt = LitftLM(pretrained=str(native_dir), batch_size=2)
+    lt = LitftLM(pretrained=str(native_dir), batch_size=2, device="cpu")
     bos_text = hf.tokenizer.bos_token
     pairs = [("", "The quick brown fox"), ("Paris is the ", "capital"), (bos_text + "Question:", " What is two"),
              ("A B C", " D"), (" ".join(CORPUS), " Once upon a time"), ("12", "345 and 6,789.")]
@@ -135,6 +136,9 @@ def test_loglikelihood_requests_directly(tiny: dict[str, Path], tmp_path: Path, 
         assert close(ll, want_ll) and greedy == want_greedy
     for want, got in zip(hf.loglikelihood_rolling(rolling), lt.loglikelihood_rolling(rolling)):
         assert close(got, want)
+    from lm_eval.api.registry import get_model
+
+    assert get_model("litft") is LitftLM  # `simple_evaluate(model="litft", model_args="pretrained=...")` works
     for text in ("Paris", bos_text + "Paris", " leading space"):
         assert lt.tok_encode(text) == hf.tok_encode(text)  # BOS added once, never twice
     assert len(lt.tok_encode(texts[1])) > 2 * 64  # several rolling windows
@@ -144,6 +148,9 @@ def test_list_and_unknown_tasks(tiny: dict[str, Path], capsys: pytest.CaptureFix
     from litft.cli import main
     from litft.evaluate.harness import evaluate
 
+    main(["evaluate", "--help"])  # the sub-table: its default leaf and the subcommands
+    usage = capsys.readouterr().out
+    assert "(default)" in usage and "perplexity" in usage and "accuracy" in usage
     include = ["--include_path", str(tiny["tasks"]), "--include_defaults", "false"]
     main(["evaluate", "--tasks", *include])  # a bare --tasks lists the tasks, no checkpoint needed
     listed = capsys.readouterr().out.splitlines()
@@ -166,7 +173,7 @@ def test_evaluate_command_writes_results(tiny: dict[str, Path], tmp_path: Path) 
     out = tmp_path / "results.json"
     run = subprocess.run([sys.executable, "-m", "litft", "evaluate", str(tiny["native"]), "--tasks", "tiny_mc,tiny_gen",
                           "--include_path", str(tiny["tasks"]), "--include_defaults", "false", "--limit", "3",
-                          "--batch_size", "4", "--bootstrap_iters", "0", "--out", str(out)],
+                          "--batch_size", "4", "--bootstrap_iters", "0", "--device", "cpu", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -46,6 +46,15 @@ def _prompts(lengths: tuple[int, ...], vocab: int = 128, seed: int = 5) -> list[
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode faster on one thread, and much faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("llama")
@@ -159,8 +168,9 @@ def test_lazy_host_sync_gives_the_same_tokens_and_stops(llama) -> None:
     assert r1.finish_reason == r2.finish_reason == "stop" and r1.num_generated == first + 1
 
 
-def test_compiled_decode_equals_eager(llama) -> None:
-    _, model = llama
+def test_compiled_decode_equals_eager(tmp_path: Path) -> None:
+    make_hf_model("llama", tmp_path / "hf", overrides={"num_hidden_layers": 1})  # 1 layer: compiles faster
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
     prompts = _prompts((5, 9))
     params = SamplingParams(max_new_tokens=8, stop_token_ids=[])
     eager = [r.tokens for r in Engine(model).generate(prompts, params)]
@@ -278,3 +288,124 @@ def test_bad_prompts_are_clear_errors(llama) -> None:
     assert r.tokens == engine.generate([list(range(16, 60))], GREEDY)[0].tokens
     with pytest.raises(ValueError, match="max_seq_length"):
         Engine(model, max_seq_length=1)
+
+
+# ---------------------------------------------------------------------- text: stop strings, streaming, stop tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    from litft.api import LLM
+
+    return LLM.load(tiny["native"], device="cpu")
+
+
+PROMPTS = ["The cat likes", "Question: what is the capital of France? Answer:", "1 + 1 = 2, 2 * 3 ="]
+
+
+def test_streaming_pieces_concatenate_to_the_text(llm) -> None:
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=[])
+    for prompt in PROMPTS:
+        request = llm.engine.new_request(llm.encode(prompt), params)
+        pieces = list(llm.engine.stream(request))
+        assert len(pieces) > 1 and "".join(pieces) == request.text == llm.tokenizer.decode(request.tokens)
+        assert llm.engine.generate([llm.encode(prompt)], params)[0].text == request.text
+
+
+def test_stop_strings_cut_exactly_across_token_boundaries(llm) -> None:
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=[])
+    for prompt in PROMPTS:
+        ids = llm.encode(prompt)
+        full = llm.engine.generate([ids], params)[0]
+        # a stop string that starts inside one token and ends inside a later one
+        ends = [len(llm.tokenizer.decode(full.tokens[:i])) for i in range(1, len(full.tokens) + 1)]
+        begin = next(e for e in ends if e >= 3) - 1
+        stop = full.text[begin:begin + 5]
+        assert len(stop) == 5 and any(begin < e < begin + 5 for e in ends)  # it spans a token boundary
+        expected = full.text[:full.text.find(stop)]
+        sp = SamplingParams(max_new_tokens=30, stop_token_ids=[], stop=["never appears", stop])
+        batched = llm.engine.generate([ids, llm.encode("Hello")], sp)[0]
+        assert batched.text == expected and batched.finish_reason == "stop"
+        request = llm.engine.new_request(ids, sp)
+        assert "".join(llm.engine.stream(request)) == expected  # nothing of the stop string was streamed
+
+
+def test_stop_tokens_end_generation(llm) -> None:
+    ids = llm.encode(PROMPTS[0])
+    full = llm.engine.generate([ids], SamplingParams(max_new_tokens=30, stop_token_ids=[]))[0]
+    stop = full.tokens[6]
+    r = llm.engine.generate([ids], SamplingParams(max_new_tokens=30, stop_token_ids=[stop]))[0]
+    first = full.tokens.index(stop)
+    assert r.tokens == full.tokens[:first] and r.finish_reason == "stop"
+    assert r.text == llm.tokenizer.decode(full.tokens[:first])
+    # by default the tokenizer's stop tokens (<|end_of_text|>, <|eot_id|>) stop generation
+    assert llm.engine.default_stop_ids == frozenset(llm.tokenizer.stop_ids) == {1, 2}
+
+
+# ---------------------------------------------------------------------- litft generate
+
+
+def _run_cli(*args: str) -> None:
+    from litft.cli import main
+
+    main(["generate", *map(str, args)])
+
+
+def test_cli_generate_prompt_streams_to_stdout(tiny, llm, capsys) -> None:
+    _run_cli(tiny["native"], "--prompt", PROMPTS[0], "--max_new_tokens", "12", "--device", "cpu",
+             "--chat_template", "false")
+    expected = llm.generate(PROMPTS[0], max_new_tokens=12)
+    assert capsys.readouterr().out == expected + "\n"
+    _run_cli(tiny["native"], "--prompt", PROMPTS[0], "--max_new_tokens", "12", "--device", "cpu")
+    chat = llm.chat([{"role": "user", "content": PROMPTS[0]}], max_new_tokens=12)  # default: the chat template
+    assert capsys.readouterr().out == chat + "\n"
+
+
+def test_cli_generate_file_is_batched_and_resumable(tiny, llm, tmp_path: Path) -> None:
+    rows = [{"question": f"Line {n}: {n} plus {n + 1} is"} for n in range(7)]
+    rows[3]["question"] = [{"role": "user", "content": "Hello, world!"}]  # chat messages get the template
+    src = tmp_path / "test.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out" / "generations.jsonl"
+    args = [tiny["native"], "--input", src, "--output", out, "--prompt_field", "question", "--batch_size", "3",
+            "--max_new_tokens", "10", "--device", "cpu", "--chat_template", "false", "--stop", '["\\n"]']
+    _run_cli(*args)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == list(range(7))  # line numbers, in input order
+    for x, row in zip(lines, rows):
+        q = row["question"]
+        expected = llm.chat(q, max_new_tokens=10, stop="\n") if isinstance(q, list) else \
+            llm.generate(q, max_new_tokens=10, stop="\n")
+        assert x["generation"] == expected
+    # interrupted run: the last two rows missing and a half-written line → only those two are generated
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(text[:5]) + text[5][:10])
+    _run_cli(*args)
+    assert out.read_text() == "".join(text)
+    _run_cli(*args)  # all done: nothing changes
+    assert out.read_text() == "".join(text)
+
+
+def test_cli_generate_bad_input_is_a_clear_error(tiny, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    with pytest.raises(SystemExit):
+        _run_cli(tiny["native"], "--input", src, "--output", tmp_path / "o.jsonl", "--device", "cpu")
+    assert "in.jsonl:2: no 'prompt' field" in capsys.readouterr().err
+    src.write_text('{"prompt": ""}\n')
+    with pytest.raises(SystemExit):
+        _run_cli(tiny["native"], "--input", src, "--output", tmp_path / "o.jsonl", "--device", "cpu")
+    assert "in.jsonl:1: the prompt is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run_cli(tiny["native"], "--prompt", "x " * 70, "--device", "cpu", "--max_new_tokens", "10",
+                 "--chat_template", "false")
+    assert "exceeds the context of 64 tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run_cli(tiny["native"], "--prompt", "hi", "--top_p", "0", "--device", "cpu")
+    assert "top_p=0.0 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()

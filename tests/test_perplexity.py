@@ -86,7 +86,7 @@ def test_perplexity_matches_transformers(tiny: dict[str, Path], tmp_path: Path, 
     data.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     out = tmp_path / "ppl.json"
     results = perplexity(tiny["native"], data=data, text_field="body", max_seq_length=window, stride=stride,
-                         batch_size=3, out=out)
+                         batch_size=3, device="cpu", out=out)
     window = window or 64
     stride = stride or window // 2
     total, count = hf_nll(tiny["hf"], texts, window, stride)
@@ -105,7 +105,7 @@ def test_perplexity_txt_and_cli(tiny: dict[str, Path], tmp_path: Path) -> None:
     data.write_text(text)
     out = tmp_path / "ppl.json"
     run = subprocess.run([sys.executable, "-m", "litft", "evaluate", "perplexity", str(tiny["native"]),
-                          "--data", str(data), "--max_seq_length", "32", "--out", str(out)],
+                          "--data", str(data), "--max_seq_length", "32", "--device", "cpu", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     total, count = hf_nll(tiny["hf"], [text], 32, 16)

@@ -225,7 +225,7 @@ def test_special_tokens_as_dicts_and_id_fallbacks(tmp_path: Path, dirs: dict) ->
     d = edited_copy(dirs["bpe"], tmp_path / "dicts", config={
         "bos_token": {"content": "<|begin_of_text|>", "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True, "__type": "AddedToken"},
-        "pad_token": {"content": "<|eot_id|>", "special": True},
+        "pad_token": {"__type": "AddedToken", "content": "<|eot_id|>", "special": True},
     })
     tok, ref = Tokenizer(d), AutoTokenizer.from_pretrained(str(d))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id) == (0, 1, 2)

@@ -16,6 +16,7 @@ from litft.config import MODEL_CONFIG_FILE, Config
 from litft.weights import (
     SafetensorsReader,
     atomic_directory,
+    check_tensor_names,
     copy_tokenizer_files,
     expected_shapes,
     parse_dtype,
@@ -158,6 +159,7 @@ def native_tensors_to_hf(
         reader = SafetensorsReader(weight_files(checkpoint_dir))
         if not reader.keys():
             raise FileNotFoundError(f"{checkpoint_dir}: no weights found")
+        check_tensor_names(reader, expected_shapes(config), str(checkpoint_dir))  # never export a broken folder
         names, get = reader.keys(), reader.get
     else:
         names, get = list(state), state.__getitem__
@@ -205,20 +207,35 @@ def convert_to_hf(
     vLLM load directly: ``config.json``, ``generation_config.json``, tokenizer files and safetensors shards
     (with ``model.safetensors.index.json`` when there is more than one).
 
+    A LoRA/DoRA run is merged into its base first (a QLoRA base is dequantized: see ``litft.convert.merge``);
+    a LLaMA-Adapter run cannot be merged and is refused.
+
     Args:
-        checkpoint_dir: a native litft checkpoint (``model_config.yaml`` + safetensors).
+        checkpoint_dir: a native litft checkpoint (``model_config.yaml`` + safetensors), a LoRA/DoRA/QLoRA run's
+            ``final/`` (``lora.safetensors`` + ``base.yaml``), or a run's out_dir (its ``final/`` is used).
         out_dir: the folder to create.
         dtype: cast floating-point weights to this dtype; default keeps the checkpoint's.
         max_shard_size: largest shard, e.g. ``5GB`` (transformers' default).
         overwrite: replace ``out_dir`` if it exists and is not empty.
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    from litft.convert.merge import load_merged, resolve_checkpoint
+
+    checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
     config = Config.from_checkpoint(checkpoint_dir)
-    family = family_for(config.hf_model_type)
     torch_dtype = parse_dtype(dtype)
     with atomic_directory(Path(out_dir), overwrite) as tmp:
-        write_shards(native_tensors_to_hf(checkpoint_dir, config, torch_dtype), tmp, parse_size(max_shard_size))
-        hf = family.config_to_hf(config, torch_dtype or weights_dtype(checkpoint_dir))
+        model = load_merged(checkpoint_dir, torch_dtype, purpose="convert to_hf")
+        if model is None:  # full weights: streamed from disk shard by shard
+            tensors = native_tensors_to_hf(checkpoint_dir, config, torch_dtype)
+            weights_in = weights_dtype(checkpoint_dir)
+        else:  # LoRA merged in memory
+            config = model.config
+            state = {k: v.detach() for k, v in model.state_dict().items()}
+            tensors = native_tensors_to_hf(checkpoint_dir, config, torch_dtype, state=state)
+            weights_in = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+        write_shards(tensors, tmp, parse_size(max_shard_size))
+        family = family_for(config.hf_model_type)
+        hf = family.config_to_hf(config, torch_dtype or weights_in)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         copy_tokenizer_files(checkpoint_dir, tmp)
         if not (tmp / "generation_config.json").is_file():

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from litft.data.collate import IGNORE_INDEX, BatchIterator, first_fit, pack_batch, pad_batch
 from litft.data.formats import (
-    FORMATS, PROMPT_STYLES, chat_messages, chat_segments, detect_format, encode_segments, format_prompt,
+    FORMATS, PROMPT_STYLES, chat_messages, chat_segments, detect_format, encode_segments_batch, format_prompt,
     render_segments,
 )
 from litft.data.loader import Record, read_records, resolve_paths
@@ -196,19 +196,26 @@ def _check_chat_template(tokenizer: Any) -> None:
 
 def encode_record(record: Record, fmt: str, data: DataArgs, tokenizer: Any) -> tuple[list[int], list[bool]]:
     """Token ids of one row (EOS included) and, per token, whether it is trained."""
+    return _encode_records([record], fmt, data, tokenizer)[0]
+
+
+def _encode_records(records: list[Record], fmt: str, data: DataArgs, tokenizer: Any
+                    ) -> list[tuple[list[int], list[bool]]]:
     if fmt == "chat":
-        segments = chat_segments(tokenizer, chat_messages(data, record), record)
+        rows = [chat_segments(tokenizer, chat_messages(data, record), record) for record in records]
         # like transformers' apply_chat_template(tokenize=True): the template writes BOS itself when the model wants one
-        ids, trained = encode_segments(tokenizer, segments, bos=False)
-        ids, trained = _end_turns_with_stop(ids, trained, tokenizer)
+        encoded = [_end_turns_with_stop(ids, trained, tokenizer)
+                   for ids, trained in encode_segments_batch(tokenizer, rows, bos=False)]
     else:
-        ids, trained = encode_segments(tokenizer, render_segments(fmt, data, record))
-        if not ids or ids[-1] != tokenizer.eos_id:
-            ids.append(tokenizer.eos_id)
-            trained.append(True)
+        rows = [render_segments(fmt, data, record) for record in records]
+        encoded = encode_segments_batch(tokenizer, rows)
+        for ids, trained in encoded:
+            if not ids or ids[-1] != tokenizer.eos_id:
+                ids.append(tokenizer.eos_id)
+                trained.append(True)
     if not data.mask_prompt:
-        trained = [True] * len(ids)
-    return ids, trained
+        encoded = [(ids, [True] * len(ids)) for ids, _ in encoded]
+    return encoded
 
 
 def _end_turns_with_stop(ids: list[int], trained: list[bool], tokenizer: Any) -> tuple[list[int], list[bool]]:
@@ -234,15 +241,15 @@ def _end_turns_with_stop(ids: list[int], trained: list[bool], tokenizer: Any) ->
 def _encode_all(records: list[Record], fmt: str, data: DataArgs, tokenizer: Any, max_seq_length: int,
                 stats: DataStats) -> list[Sample]:
     samples = []
-    for record in records:
-        ids, trained = encode_record(record, fmt, data, tokenizer)
-        if len(ids) > max_seq_length + 1:  # the model sees ids[:-1]: at most max_seq_length positions
-            ids, trained = ids[: max_seq_length + 1], trained[: max_seq_length + 1]
-            stats.truncated += 1
-        labels = [token if keep else IGNORE_INDEX for token, keep in zip(ids[1:], trained[1:])]
-        if all(label == IGNORE_INDEX for label in labels):
-            stats.dropped += 1
-            continue
-        stats.longest = max(stats.longest, len(ids) - 1)
-        samples.append(Sample(ids[:-1], labels))
+    for start in range(0, len(records), 1024):  # in chunks: bounded memory, one parallel encode call per chunk
+        for ids, trained in _encode_records(records[start:start + 1024], fmt, data, tokenizer):
+            if len(ids) > max_seq_length + 1:  # the model sees ids[:-1]: at most max_seq_length positions
+                ids, trained = ids[: max_seq_length + 1], trained[: max_seq_length + 1]
+                stats.truncated += 1
+            labels = [token if keep else IGNORE_INDEX for token, keep in zip(ids[1:], trained[1:])]
+            if all(label == IGNORE_INDEX for label in labels):
+                stats.dropped += 1
+                continue
+            stats.longest = max(stats.longest, len(ids) - 1)
+            samples.append(Sample(ids[:-1], labels))
     return samples

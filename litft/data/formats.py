@@ -125,14 +125,11 @@ def _split_at_response_template(text: str, response_template: Optional[str], rec
         return [("", False), (text, True)]
     index = text.find(response_template)
     if index < 0:
-        raise ValueError(f"{record.source}: the response template {response_template!r} does not occur in the row's text")
+        raise ValueError(
+            f"{record.source}: the response template {response_template!r} does not occur in the row's text"
+        )
     end = index + len(response_template)
     return [(text[:end], False), (text[end:], True)]
-
-
-def template_fields(template: str) -> list[str]:
-    """The field names used by a ``{{field}}`` template, in order."""
-    return [m.group(1) for m in PLACEHOLDER.finditer(template)]
 
 
 def _render_template(data: "DataArgs", record: Record) -> Segments:
@@ -163,7 +160,9 @@ def chat_messages(data: "DataArgs", record: Record) -> list[dict[str, Any]]:
     if messages is None:
         raise ValueError(f"{record.source}: row has no field {data.messages_field!r} (chat format)")
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{record.source}: {data.messages_field!r} must be a non-empty list of {{role, content}} objects")
+        raise ValueError(
+            f"{record.source}: {data.messages_field!r} must be a non-empty list of {{role, content}} objects"
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{record.source}: message {i} must be an object with 'role' and 'content'")
@@ -224,21 +223,39 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def encode_segments(tokenizer: Any, segments: Segments, bos: Optional[bool] = None) -> tuple[list[int], list[bool]]:
     """Token ids of the joined segments and, per token, whether it belongs to a trained segment."""
-    full_text = "".join(text for text, _ in segments)
-    ids = list(tokenizer.encode(full_text, bos=bos))
-    trained = [False] * len(ids)
-    offset = 0
-    start = 0
-    for index, (text, is_trained) in enumerate(segments):
-        offset += len(text)
-        if index == len(segments) - 1:
-            end = len(ids)
-        elif not text:
-            end = start
-        else:
-            end = max(start, _common_prefix(ids, list(tokenizer.encode(full_text[:offset], bos=bos))))
-        if is_trained:
-            for t in range(start, end):
-                trained[t] = True
-        start = end
-    return ids, trained
+    return encode_segments_batch(tokenizer, [segments], bos)[0]
+
+
+def encode_segments_batch(tokenizer: Any, rows: list[Segments], bos: Optional[bool] = None
+                          ) -> list[tuple[list[int], list[bool]]]:
+    """:func:`encode_segments` for many rows, with one (parallel) ``encode_batch`` call when the tokenizer has it."""
+    fulls = ["".join(text for text, _ in segments) for segments in rows]
+    prefixes: list[str] = []  # the text up to every inner segment boundary
+    for segments, full in zip(rows, fulls):
+        offset = 0
+        for text, _ in segments[:-1]:
+            offset += len(text)
+            if text:
+                prefixes.append(full[:offset])
+    texts = fulls + prefixes
+    if hasattr(tokenizer, "encode_batch"):
+        encoded = [list(ids) for ids in tokenizer.encode_batch(texts, bos=bos, eos=False)]
+    else:
+        encoded = [list(tokenizer.encode(text, bos=bos, eos=False)) for text in texts]
+    prefix_ids = iter(encoded[len(fulls):])
+    out = []
+    for segments, ids in zip(rows, encoded[: len(fulls)]):
+        trained = [False] * len(ids)
+        start = 0
+        for index, (text, is_trained) in enumerate(segments):
+            if index == len(segments) - 1:
+                end = len(ids)
+            elif not text:
+                end = start
+            else:
+                end = max(start, _common_prefix(ids, next(prefix_ids)))
+            if is_trained:
+                trained[start:end] = [True] * (end - start)
+            start = end
+        out.append((ids, trained))
+    return out

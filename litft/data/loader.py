@@ -68,6 +68,12 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
     records: list[Record] = []
     i = text.index("[") + 1
     n = len(text)
+    counted = [0, 1]  # (offset, line at offset): lines are counted incrementally, not from the start every time
+
+    def line_at(j: int) -> int:
+        counted[1] += text.count("\n", counted[0], j)
+        counted[0] = j
+        return counted[1]
 
     def skip_ws(j: int) -> int:
         while j < n and text[j] in " \t\r\n":
@@ -87,7 +93,7 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
             value, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise fail(e.pos, e.msg) from None
-        records.append(_as_record(path, _line_of(text, i), value))
+        records.append(_as_record(path, line_at(i), value))
         i = skip_ws(end)
         if i >= n:
             raise fail(i, "unterminated list: expected ',' or ']'")
@@ -102,7 +108,7 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
 
 
 def resolve_paths(train_path: Optional[Path], val_path: Optional[Path]) -> tuple[Path, Optional[Path]]:
-    """Resolve ``train_path``/``val_path``: a directory means ``train.jsonl``/``train.json`` (+ ``val``/``validation``) in it."""
+    """Resolve the data paths: a directory means the ``train.jsonl``/``train.json`` (+ ``val``/``validation``) in it."""
     if train_path is None:
         raise ValueError("data.train_path is not set: give a .json/.jsonl file or a directory holding train.jsonl")
     train_path = Path(train_path)

@@ -1,8 +1,8 @@
 """``litft evaluate accuracy``: score a generations file against a references file (no lm-eval needed).
 
-Each generation is matched to its reference by id (``--id_field``; a file without ids is matched by line
-order), an answer is extracted from both, and the fraction of equal answers is reported (torchmetrics
-``MeanMetric``), with a results JSON and a short table.
+Each generation is matched to its reference by id (``--generation_id_field`` / ``--id_field``; a file without
+ids is numbered by line, as ``litft generate`` numbers its rows), an answer is extracted from both, and the
+fraction of equal answers is reported (torchmetrics ``MeanMetric``), with a results JSON and a short table.
 
 Extraction (``--extract``):
 
@@ -138,6 +138,7 @@ def accuracy(
     extract: Literal["gsm8k", "exact", "regex"] = "gsm8k",
     regex: Optional[str] = None,
     id_field: str = "id",
+    generation_id_field: str = "id",
     generation_field: str = "generation",
     answer_field: str = "answer",
     out: Optional[Path] = None,
@@ -150,7 +151,10 @@ def accuracy(
         extract: How answers are compared: ``gsm8k`` (number after ``####``, else the last number; by value),
             ``exact`` (whole text, whitespace normalised) or ``regex`` (first match of ``--regex``).
         regex: Pattern for ``--extract regex``; its first matching group (else the whole match) is the answer.
-        id_field: Field that pairs a generation with its reference; files without it are paired by line order.
+        id_field: The references' id field (as given to ``litft generate --id_field``); references without ids
+            are numbered 0, 1, ... by line, as ``litft generate`` numbers them.
+        generation_id_field: The generations' id field (``litft generate`` writes ``id``); generations without
+            ids are numbered by line.
         generation_field: Field of the generations file holding the generated text.
         answer_field: Field of the references file holding the expected answer.
         out: Write the results (summary and per-example predictions) to this JSON file.
@@ -161,7 +165,7 @@ def accuracy(
     from litft.evaluate import format_table, write_json
 
     _extractor(extract, regex)  # validate the mode before reading files
-    gens = _load(Path(generations), generation_field, id_field, "generation")
+    gens = _load(Path(generations), generation_field, generation_id_field, "generation")
     refs = _load(Path(references), answer_field, id_field, "answer")
     if len(gens) != len(refs):
         raise ValueError(f"{generations} has {len(gens)} rows but {references} has {len(refs)}: "
@@ -170,7 +174,7 @@ def accuracy(
     unknown = [(key, source) for key, _, source in gens if key not in ref_ids]
     if unknown:
         missing = sorted(ref_ids - {key for key, _, _ in gens})
-        raise ValueError(f"{unknown[0][1]}: {id_field} {unknown[0][0]!r} is not in {references}; "
+        raise ValueError(f"{unknown[0][1]}: {generation_id_field} {unknown[0][0]!r} is not in {references}; "
                          f"{len(unknown)} generation id(s) have no reference and references "
                          f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''} have no generation")
     results = score(gens, refs, extract, regex)

@@ -92,9 +92,11 @@ def read_message(stdin: TextIO, stdout: TextIO, prompt: str = ">> ", more: str =
         return "\n".join(lines)
 
 
-def chat_loop(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-              stderr: TextIO = sys.stderr) -> None:
-    """The interactive loop: read a message, stream the reply, until /exit or end of input."""
+def chat_loop(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
+              stderr: Optional[TextIO] = None) -> None:
+    """The interactive loop: read a message, stream the reply, until /exit or end of input (default streams:
+    the process's stdin, stdout and stderr)."""
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     stderr.write(HELP + "\n")
     while True:
         text = read_message(stdin, stdout)

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from litft.generate.sampling import SamplingParams
 
@@ -25,7 +25,7 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
-    stop: Optional[list[str]] = None,
+    stop: Union[list[str], str, None] = None,
     seed: Optional[int] = None,
     chat_template: Optional[bool] = None,
     truncate: bool = False,
@@ -52,7 +52,8 @@ def generate(
         top_p: sample only from the most likely tokens that together have probability top_p.
         min_p: drop tokens less likely than min_p times the most likely one.
         repetition_penalty: > 1 discourages repeating tokens of the prompt and the output.
-        stop: strings that end the generation (cut right before), e.g. --stop '["\\n\\n", "Question:"]'.
+        stop: a string or a JSON list of strings that end the generation (the text is cut right before), e.g.
+            --stop Question: or --stop '["\\n\\n", "Question:"]'.
         seed: random seed for reproducible sampling.
         chat_template: format string prompts with the checkpoint's chat template; default: when it has one.
         truncate: drop the oldest prompt tokens when prompt + max_new_tokens exceeds the context (default: error).
@@ -73,7 +74,7 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or ())
     rows = _read_input(Path(input), prompt_field, id_field) if input is not None else None
     llm = LLM.load(checkpoint, device=device, precision=precision, quantize=quantize, compile=compile,
                    max_seq_length=max_seq_length)
@@ -96,7 +97,7 @@ def generate(
 
 
 def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+    return bool(tokenizer.has_chat_template)
 
 
 def _encode(llm: Any, prompt: Any, use_template: bool, source: str) -> list[int]:

@@ -75,15 +75,18 @@ class Request:
             self._finish("stop")
             return
         self.tokens.append(token)
-        if self._decoder is not None:
-            piece = self._decoder.add(token)
-            if piece:
-                old = len(self.text)
-                self.text += piece
-                if self.params.stop and self._cut_at_stop(old):
-                    return
+        if self._decoder is not None and self._add_text(self._decoder.add(token)):
+            return
         if self.num_generated >= self.params.max_new_tokens:
             self._finish("length")
+
+    def _add_text(self, piece: str) -> bool:
+        """Append decoded text; True when it completes a stop string (the text is then cut and finished)."""
+        if not piece:
+            return False
+        old = len(self.text)
+        self.text += piece
+        return bool(self.params.stop) and self._cut_at_stop(old)
 
     def _cut_at_stop(self, old: int) -> bool:
         longest = max(len(s) for s in self.params.stop)
@@ -96,6 +99,10 @@ class Request:
         return True
 
     def _finish(self, reason: str) -> None:
+        if self._decoder is not None and reason != "aborted":
+            decoder, self._decoder = self._decoder, None
+            if self._add_text(decoder.flush()):  # text held back for an incomplete character
+                return
         self.finish_reason = reason
 
 
@@ -170,7 +177,8 @@ class Engine:
         self.t = 0  # the slot the next decode step writes (host copy of self.input_pos)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.start = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.active = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.active = torch.zeros(batch_size, dtype=torch.long, device=dev)  # rows that decode (device copy)
+        self._active_host = [False] * batch_size
         self.segment_ids = torch.zeros(batch_size, cache_length, dtype=torch.long, device=dev)
         self.next_token = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.row_params = RowParams.empty(batch_size, dev)
@@ -269,6 +277,8 @@ class Engine:
             0, idx, ((slots >= starts[:, None]) & (slots < self.t)).long())
         self.start.index_copy_(0, idx, starts)
         self.active.index_fill_(0, idx, 1)
+        for row in rows:
+            self._active_host[row] = True
         self.row_params.set(rows, params, dev)
         for row, request in zip(rows, requests):
             request.row = row
@@ -313,10 +323,10 @@ class Engine:
             live = self._refresh_long_rope(live, switch)
             if not live:
                 return
-        live_mask = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
-        live_mask[[row for row, _ in live]] = 1
-        if len(live) != len(self.active_requests()):
-            self.active.copy_(live_mask)
+        live_rows = {row for row, _ in live}
+        for row, on in enumerate(self._active_host):
+            if on and row not in live_rows:  # out of tokens: its last token awaits the next sync
+                self._set_active(row, False)
         self.segment_ids.index_copy_(1, self.input_pos, self.active[:, None])
         positions = ((self.input_pos - self.start).clamp_min(0) * self.active)[:, None]
         if self.compiled and self.device.type == "cuda":
@@ -380,7 +390,12 @@ class Engine:
 
     def _deactivate(self, request: Request) -> None:
         if 0 <= request.row < len(self.rows) and self.rows[request.row] is request:
-            self.active[request.row] = 0
+            self._set_active(request.row, False)
+
+    def _set_active(self, row: int, on: bool) -> None:
+        if self._active_host[row] != on:
+            self._active_host[row] = on
+            self.active[row] = int(on)
 
     # ------------------------------------------------------------------ internals
 

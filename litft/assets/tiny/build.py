@@ -2,7 +2,8 @@
 
 - ``base/``: a ~0.9M-parameter Llama-architecture model with a character-level tokenizer (HF
   ``tokenizer.json``), pre-trained for a few minutes on CPU on the docstrings of Python's standard
-  library, so that it is a "base model": it writes English-looking text but knows no task.
+  library (a fifth of them in capitals, so that it knows capital letters), so that it is a "base
+  model": it writes English-looking text but knows no task.
 - ``data/train.jsonl``, ``data/val.jsonl``: the demo task, "shout": a few lowercase words in,
   the same words in capitals out ({"input": "tiny model", "output": "TINY MODEL"}).
 
@@ -78,6 +79,13 @@ def stdlib_docstrings() -> str:
     return "".join(c for c in text if c == "\n" or 32 <= ord(c) < 127)
 
 
+def pretraining_text(seed: int = 0) -> str:
+    """The docstrings, a fifth of them (chosen at random) in capitals."""
+    rng = random.Random(seed)
+    docs = stdlib_docstrings().split("\n\n")
+    return "\n\n".join(d.upper() if rng.random() < 0.2 else d for d in docs)
+
+
 def pretrain(directory: Path, steps: int, seed: int = 0) -> None:
     import torch
     import torch.nn.functional as F
@@ -86,7 +94,7 @@ def pretrain(directory: Path, steps: int, seed: int = 0) -> None:
     from litft.weights import save_model
 
     torch.manual_seed(seed)
-    text = stdlib_docstrings()
+    text = pretraining_text(seed)
     stoi = {c: i + len(SPECIALS) for i, c in enumerate(CHARS)}
     data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
     config = model_config()

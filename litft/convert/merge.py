@@ -1,0 +1,167 @@
+"""LoRA/DoRA runs → one plain model: ``litft convert merge_lora`` and the merge step of ``convert to_hf``.
+
+A run's ``final/`` (or ``checkpoints/step-N/``) holding ``lora.safetensors`` + ``lora.yaml`` + ``base.yaml`` is
+loaded with :func:`litft.train.checkpoint.load_checkpoint`; a QLoRA run's base is quantized the way it was
+during training and dequantized again, so the merged weights are ``dequant(quant(W)) + s·B A`` (DoRA: rescaled
+per output row): the model that was trained and evaluated, not the unquantized base plus an update learned
+against another one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from litft.config import MODEL_CONFIG_FILE
+
+ADAPTER_REFUSAL = (
+    "it is a LLaMA-Adapter run (adapter.safetensors): its learned prompts are extra attention inside every adapted "
+    "layer, not an update of existing weights, so they cannot be merged into the model, and PEFT has no exact "
+    "equivalent (its adaption-prompt method learns one gate per layer where litft learns one per head). Use the "
+    "run with litft itself (litft generate / chat / serve / evaluate, LLM.load), or fine-tune with "
+    "`litft finetune lora` to get weights you can merge (convert to_hf, merge_lora) or share as a PEFT adapter "
+    "(convert to_peft)"
+)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The checkpoint a user means: ``path`` itself, or ``path/final`` when ``path`` is a run's out_dir."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if (path / MODEL_CONFIG_FILE).is_file():
+        return path
+    if (path / "final" / MODEL_CONFIG_FILE).is_file():
+        return path / "final"
+    if (path / "run.yaml").is_file():
+        raise FileNotFoundError(f"{path} is a run directory without a final/ checkpoint (the run did not finish?); "
+                                f"pass one of its checkpoints/step-N directories instead")
+    hint = ""
+    if (path / "config.json").is_file():
+        hint = f" It holds a Hugging Face config.json: run `litft convert from_hf {path}` first."
+    raise FileNotFoundError(f"{path} is not a litft checkpoint: no {MODEL_CONFIG_FILE}.{hint}")
+
+
+def checkpoint_method(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
+    """``base.yaml`` of a checkpoint that holds a method's weights (None: it holds full weights), with its files
+    checked so that a missing one is named before anything is loaded."""
+    from litft.peft.adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+    from litft.peft.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE
+    from litft.train.checkpoint import BASE_FILE, read_base
+    from litft.weights import weight_files
+
+    checkpoint_dir = Path(checkpoint_dir)
+    base = read_base(checkpoint_dir)
+    if base is None:
+        if not any(f.name.startswith("model") for f in weight_files(checkpoint_dir)):
+            found = [n for n in (LORA_WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE) if (checkpoint_dir / n).is_file()]
+            extra = f" ({', '.join(found)} is there but {BASE_FILE}, naming the base checkpoint, is missing)" \
+                if found else ""
+            raise FileNotFoundError(f"{checkpoint_dir}: no weights: expected model.safetensors (full weights) or "
+                                    f"{LORA_WEIGHTS_FILE} + {LORA_CONFIG_FILE} + {BASE_FILE}{extra}")
+        return None
+    files = {"lora": (LORA_WEIGHTS_FILE, LORA_CONFIG_FILE), "adapter": (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)}
+    for name in files.get(base["method"], ()):
+        if not (checkpoint_dir / name).is_file():
+            raise FileNotFoundError(f"{checkpoint_dir / name}: not found ({checkpoint_dir / BASE_FILE} says this is a "
+                                    f"{base['method']} checkpoint)")
+    base_dir = Path(base["base_checkpoint"])
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir / BASE_FILE}: base checkpoint {str(base_dir)!r} does not exist "
+                                "(the weights here apply to it); restore it or edit base_checkpoint")
+    return base
+
+
+def run_quantize(checkpoint_dir: Path, base: dict[str, Any]) -> Optional[str]:
+    """The ``--quantize`` mode the LoRA weights were trained with (QLoRA), or None.
+
+    Read from ``base.yaml`` (``quantize:``) when it says, else from the ``run.yaml`` of the run the checkpoint
+    belongs to (``<out_dir>/final`` or ``<out_dir>/checkpoints/step-N``).
+    """
+    import yaml
+
+    if "quantize" in base:
+        return base["quantize"] or None
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    for run_file in (checkpoint_dir.parent / "run.yaml", checkpoint_dir.parent.parent / "run.yaml"):
+        if run_file.is_file():
+            try:
+                run = yaml.safe_load(run_file.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{run_file}: not valid YAML: {e}") from e
+            return (run.get("quantize") or None) if isinstance(run, dict) else None
+    return None
+
+
+def load_merged(
+    checkpoint_dir: Path, dtype: Optional[torch.dtype] = None, purpose: str = "merge",
+) -> Optional[torch.nn.Module]:
+    """A LoRA/DoRA/QLoRA checkpoint loaded and merged into a plain GPT on the CPU; None when the checkpoint
+    already holds full weights. An adapter checkpoint is refused with what to do instead."""
+    from litft.peft.lora import merge_lora as merge_lora_layers
+    from litft.train.checkpoint import load_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    base = checkpoint_method(checkpoint_dir)
+    if base is None:
+        return None
+    if base["method"] == "adapter":
+        raise ValueError(f"{purpose}: {checkpoint_dir} cannot be merged: {ADAPTER_REFUSAL}")
+    if base["method"] != "lora":
+        raise ValueError(f"{checkpoint_dir}: unknown method {base['method']!r} in base.yaml (expected lora or adapter)")
+    quantize = run_quantize(checkpoint_dir, base)
+    model = load_checkpoint(checkpoint_dir, device="cpu", dtype=dtype, merge=quantize is None)
+    if quantize is not None:
+        from litft.peft.quantize import is_quantized, quantize_model
+
+        if not any(is_quantized(m) for m in model.modules()):  # (unless load_checkpoint quantized it already)
+            # as `finetune lora --quantize` did: every linear layer but the head, the LoRA layers' bases included
+            quantize_model(model, quantize)
+        model = merge_lora_layers(model) or model
+    return model.eval()
+
+
+def merge_lora(
+    checkpoint_dir: Path,
+    out_dir: Optional[Path] = None,
+    dtype: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Merge the LoRA/DoRA weights of a run into its base and write the result as plain native weights.
+
+    Without ``out_dir``, ``model.safetensors`` is added to the checkpoint itself (it then loads as a full model
+    everywhere; lora.safetensors stays for reference). With ``out_dir``, a standalone checkpoint is written there.
+    A QLoRA run is merged into its dequantized base (the weights it was trained against).
+
+    Args:
+        checkpoint_dir: a LoRA run's ``final/`` (or ``checkpoints/step-N``), or the run's out_dir.
+        out_dir: write a new standalone checkpoint here instead of into ``checkpoint_dir``.
+        dtype: cast the merged weights to this dtype (float32, bfloat16, float16); default the base's.
+        overwrite: replace ``out_dir`` if it exists and is not empty.
+    """
+    from litft.weights import atomic_directory, copy_tokenizer_files, parse_dtype, save_model
+
+    checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
+    torch_dtype = parse_dtype(dtype)
+    base = checkpoint_method(checkpoint_dir)
+    if base is None:
+        raise ValueError(f"merge_lora: {checkpoint_dir} already holds full weights (model.safetensors); there is "
+                         "nothing to merge")
+    in_place = out_dir is None
+    target = checkpoint_dir if in_place else Path(out_dir)
+    if not in_place and target.resolve() == checkpoint_dir.resolve():
+        in_place = True
+    with atomic_directory(target, overwrite=overwrite or in_place) as tmp:
+        model = load_merged(checkpoint_dir, torch_dtype, purpose="merge_lora")
+        if in_place:  # the checkpoint's own files stay; the merged weights and (maybe untied) config are added
+            for f in checkpoint_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        save_model(model, tmp)
+        model.config.save(tmp)
+        copy_tokenizer_files(checkpoint_dir, tmp)
+    print(f"merged weights written to {target}", flush=True)
+    return target

@@ -1,0 +1,217 @@
+"""LoRA runs ↔ PEFT adapters: ``litft convert to_peft`` and ``litft convert from_peft``.
+
+A PEFT adapter folder is ``adapter_config.json`` + ``adapter_model.safetensors`` with transformers' module names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). The names come from the family's one
+weight table (:func:`litft.peft.lora.lora_name_to_peft`) and the config from :func:`litft.peft.lora.peft_config_dict`,
+so that ``PeftModel.from_pretrained(base, folder)`` computes what litft computes (LoRA, DoRA, rsLoRA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from litft.convert.merge import ADAPTER_REFUSAL, checkpoint_method, resolve_checkpoint, run_quantize
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"
+
+
+def to_peft(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    base_model_name_or_path: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the LoRA/DoRA weights of a run as a PEFT adapter folder (adapter_config.json + safetensors).
+
+    ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads it onto the Hugging Face version of the base
+    model (``litft convert to_hf <base checkpoint>``, or the original Hub model).
+
+    Args:
+        checkpoint_dir: a LoRA run's ``final/`` (or ``checkpoints/step-N``), or the run's out_dir.
+        out_dir: the adapter folder to create.
+        base_model_name_or_path: recorded in adapter_config.json for ``AutoPeftModelForCausalLM``; default the
+            base model's Hub id when litft knows it (``hf_id`` in model_config.yaml), else empty.
+        overwrite: replace ``out_dir`` if it exists and is not empty.
+    """
+    from litft.config import Config
+    from litft.peft.lora import (
+        LORA_WEIGHTS_FILE,
+        peft_config_dict,
+        peft_target_modules,
+        read_lora_args,
+        to_peft_state_dict,
+    )
+    from litft.weights import SafetensorsReader, atomic_directory
+
+    checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
+    base = checkpoint_method(checkpoint_dir)
+    if base is None:
+        raise ValueError(f"to_peft: {checkpoint_dir} holds full weights (model.safetensors), not LoRA weights; a PEFT "
+                         "adapter can only be made from a `litft finetune lora` run. To export the full model, use "
+                         f"`litft convert to_hf {checkpoint_dir} <out_dir>`")
+    if base["method"] == "adapter":
+        raise ValueError(f"to_peft: {checkpoint_dir} cannot be written as a PEFT adapter: {ADAPTER_REFUSAL}")
+    if base["method"] != "lora":
+        raise ValueError(f"to_peft: {checkpoint_dir}: unknown method {base['method']!r} in base.yaml")
+    config = Config.from_checkpoint(checkpoint_dir)
+    args = read_lora_args(checkpoint_dir)
+    reader = SafetensorsReader([checkpoint_dir / LORA_WEIGHTS_FILE])
+    state = {k: reader.get(k) for k in reader.keys()}
+    if not state:
+        raise ValueError(f"{checkpoint_dir / LORA_WEIGHTS_FILE}: holds no tensors")
+    try:
+        peft_state = to_peft_state_dict(state, config.hf_model_type)
+        targets = peft_target_modules(state, config.hf_model_type)
+    except ValueError as e:
+        raise ValueError(f"to_peft: {checkpoint_dir / LORA_WEIGHTS_FILE}: {e}") from e
+    if base_model_name_or_path is None:
+        base_model_name_or_path = config.hf_id or ""
+    peft_config = peft_config_dict(args, targets, base_model_name_or_path)
+    with atomic_directory(Path(out_dir), overwrite) as tmp:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in peft_state.items()}, str(tmp / PEFT_WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(base_model_name_or_path, args, targets))
+    quantize = run_quantize(checkpoint_dir, base)
+    print(f"PEFT adapter written to {out_dir} (r={args.r}, lora_alpha={args.alpha}, target_modules={targets}"
+          f"{', use_dora' if args.use_dora else ''}{', use_rslora' if args.use_rslora else ''})", flush=True)
+    if not base_model_name_or_path:
+        print("note: base_model_name_or_path is empty: pass --base_model_name_or_path <hub id or HF folder> for "
+              "AutoPeftModelForCausalLM, or load the base yourself and call PeftModel.from_pretrained(base, dir)",
+              flush=True)
+    if quantize:
+        print(f"note: these weights were trained on a {quantize}-quantized base; load the base in 4-bit "
+              "(transformers BitsAndBytesConfig) for the closest match", flush=True)
+    return Path(out_dir)
+
+
+def _model_card(base_model: str, args: Any, targets: list[str]) -> str:
+    header = "---\nlibrary_name: peft\n" + (f"base_model: {base_model}\n" if base_model else "") + "---\n\n"
+    method = "DoRA" if args.use_dora else "LoRA"
+    return (header + f"# {method} adapter\n\nTrained with litft (r={args.r}, lora_alpha={args.alpha}, "
+            f"target_modules={', '.join(targets)}).\n\n```python\nfrom peft import PeftModel\n"
+            "model = PeftModel.from_pretrained(base_model, \"path/to/this/folder\")\n```\n")
+
+
+def read_peft_adapter(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(adapter_config.json as a dict, the adapter's tensors by PEFT name, the weights file) of a PEFT folder."""
+    peft_dir = Path(peft_dir)
+    if not peft_dir.is_dir():
+        raise FileNotFoundError(f"{peft_dir}: no such PEFT adapter directory")
+    config_path = peft_dir / PEFT_CONFIG_FILE
+    if not config_path.is_file():
+        hint = (" It holds a model's config.json: a full Hugging Face model is imported with "
+                f"`litft convert from_hf {peft_dir}`." if (peft_dir / "config.json").is_file() else "")
+        raise FileNotFoundError(f"{peft_dir} is not a PEFT adapter: no {PEFT_CONFIG_FILE}.{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON: {e}") from e
+    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
+        raise ValueError(f"{config_path}: expected a PEFT LoRA config (a JSON object with peft_type, r, lora_alpha)")
+    if config.get("layers_to_transform") is not None:
+        raise ValueError(f"{config_path}: layers_to_transform={config['layers_to_transform']} (LoRA on some layers "
+                         "only) is not supported: litft applies LoRA to every layer of the targeted projections")
+    weights = peft_dir / PEFT_WEIGHTS_FILE
+    if weights.is_file():
+        from litft.weights import SafetensorsReader
+
+        reader = SafetensorsReader([weights])
+        state = {k: reader.get(k) for k in reader.keys()}
+    elif (peft_dir / PEFT_WEIGHTS_BIN).is_file():
+        weights = peft_dir / PEFT_WEIGHTS_BIN
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{weights}: cannot read it as a tensor dict: {e}") from e
+    else:
+        raise FileNotFoundError(f"{peft_dir}: no adapter weights ({PEFT_WEIGHTS_FILE} or {PEFT_WEIGHTS_BIN})")
+    if not state:
+        raise ValueError(f"{weights}: holds no tensors")
+    return config, state, weights
+
+
+def from_peft(
+    peft_dir: Path,
+    base: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Import a PEFT LoRA/DoRA adapter as a litft LoRA checkpoint on top of the --base checkpoint.
+
+    The result loads, generates, evaluates and fine-tunes further like the ``final/`` of a ``litft finetune lora``
+    run (``lora.safetensors`` + ``lora.yaml`` + ``base.yaml``).
+
+    Args:
+        peft_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``adapter_model.bin``).
+        base: the litft checkpoint of the model the adapter was trained on (``litft download`` / ``convert from_hf``
+            output). Required: names and shapes are checked against it.
+        out_dir: where to write the litft checkpoint; default ``<peft_dir>-litft``.
+        overwrite: replace ``out_dir`` if it exists and is not empty.
+    """
+    import yaml
+
+    from litft.config import Config
+    from litft.model import GPT
+    from litft.peft.lora import (
+        LORA_CONFIG_FILE,
+        LORA_WEIGHTS_FILE,
+        apply_lora,
+        from_peft_state_dict,
+        lora_args_from_peft_config,
+        load_state_strict,
+        lora_state_dict,
+        write_args_yaml,
+    )
+    from litft.train.checkpoint import BASE_FILE
+    from litft.weights import atomic_directory, copy_tokenizer_files
+
+    if base is None:
+        raise ValueError("from_peft: --base is required: the litft checkpoint of the model the adapter was trained "
+                         "on (`litft download <hub id>` or `litft convert from_hf <HF folder>` makes one)")
+    peft_dir = Path(peft_dir)
+    peft_config, peft_state, weights = read_peft_adapter(peft_dir)
+    base = resolve_checkpoint(Path(base))
+    config = Config.from_checkpoint(base)
+    source = str(weights)
+    try:
+        state = from_peft_state_dict(peft_state, config.hf_model_type)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e} (is --base {base} the model the adapter was trained on?)") from e
+    args = lora_args_from_peft_config(peft_config, state, source=str(peft_dir / PEFT_CONFIG_FILE))
+    # names and shapes against the base, on the meta device (no weights are loaded)
+    with torch.device("meta"):
+        model = GPT(config)
+    apply_lora(model, args)
+    expected = {k: torch.empty(p.shape, dtype=p.dtype) for k, p in lora_state_dict(model).items()}
+    try:
+        load_state_strict(expected, state, "LoRA", source)
+    except ValueError as e:
+        raise ValueError(f"{e} (--base {base}: {config.name or config.hf_model_type}, n_layer={config.n_layer}, "
+                         f"n_embd={config.n_embd})") from e
+    declared = peft_config.get("base_model_name_or_path") or ""
+    if declared and config.hf_id and declared != config.hf_id:
+        print(f"note: the adapter says it was trained on {declared!r}, --base is {config.hf_id!r} (names and shapes "
+              "match, so it loads; check that this is the model you mean)", flush=True)
+    out_dir = Path(out_dir) if out_dir is not None else peft_dir.parent / f"{peft_dir.name}-litft"
+    with atomic_directory(out_dir, overwrite) as tmp:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / LORA_WEIGHTS_FILE),
+                  metadata={"format": "pt", "litft": "lora"})
+        write_args_yaml(tmp / LORA_CONFIG_FILE, args)
+        (tmp / BASE_FILE).write_text(yaml.safe_dump(
+            {"method": "lora", "base_checkpoint": str(base.resolve())}, sort_keys=False))
+        config.save(tmp)
+        copy_tokenizer_files(base, tmp)
+    print(f"LoRA checkpoint written to {out_dir} (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
+          f"{', DoRA' if args.use_dora else ''}) on base {base}", flush=True)
+    return out_dir

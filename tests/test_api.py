@@ -1,0 +1,149 @@
+"""``from litft import LLM``: loading native and Hugging Face folders, generate / stream / chat / benchmark / save,
+and clear errors for what users get wrong."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from litft import LLM
+from litft.generate import SamplingParams
+from tests.test_generate import make_tiny_checkpoint
+
+PROMPT = "The cat likes"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("api"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny) -> LLM:
+    return LLM.load(tiny["native"], device="cpu")
+
+
+def test_generate_equals_transformers_on_text(tiny, llm) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["hf"])
+    hf = AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    assert ids[0].tolist() == llm.encode(PROMPT)
+    with torch.no_grad():  # stops at the checkpoint's stop tokens, like litft
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+    for stop in ("<|end_of_text|>", "<|eot_id|>"):
+        text = text.split(stop)[0]
+    assert llm.generate(PROMPT, max_new_tokens=15) == text
+
+
+def test_generate_str_list_and_stream(llm) -> None:
+    one = llm.generate(PROMPT, max_new_tokens=12)
+    assert isinstance(one, str) and one
+    batch = llm.generate([PROMPT, "Hello, world! How are you today?", "1"], max_new_tokens=12)
+    assert batch[0] == one and batch == [llm.generate(p, max_new_tokens=12) for p in
+                                         [PROMPT, "Hello, world! How are you today?", "1"]]
+    stream = llm.generate(PROMPT, max_new_tokens=12, stream=True)
+    assert not isinstance(stream, str) and "".join(stream) == one
+    # closing a stream early frees the engine for the next call
+    stream = llm.generate(PROMPT, max_new_tokens=12, stream=True)
+    next(stream)
+    stream.close()
+    assert llm.generate(PROMPT, max_new_tokens=12) == one
+    # sampling: reproducible with a seed
+    a = llm.generate(PROMPT, max_new_tokens=12, temperature=1.0, top_k=50, seed=3)
+    assert a == llm.generate(PROMPT, max_new_tokens=12, temperature=1.0, top_k=50, seed=3)
+
+
+def test_chat_uses_the_template(llm) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    assert llm.tokenizer.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    expected = llm.engine.generate([ids], SamplingParams(max_new_tokens=10))[0].text
+    assert llm.chat(messages, max_new_tokens=10) == expected
+    assert "".join(llm.chat(messages, max_new_tokens=10, stream=True)) == llm.chat(messages, max_new_tokens=10)
+    with pytest.raises(ValueError, match="role"):
+        llm.chat([{"role": "robot", "content": "hi"}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        llm.chat([])
+
+
+def test_hf_folder_is_converted_in_memory(tiny, llm) -> None:
+    before = sorted(p.name for p in tiny["hf"].iterdir())
+    hf_llm = LLM.load(tiny["hf"], device="cpu")
+    assert hf_llm.generate(PROMPT, max_new_tokens=12) == llm.generate(PROMPT, max_new_tokens=12)
+    assert sorted(p.name for p in tiny["hf"].iterdir()) == before  # nothing written into the user's folder
+
+
+def test_save_and_reload(llm, tmp_path: Path) -> None:
+    out = llm.save(tmp_path / "saved")
+    assert (out / "model_config.yaml").is_file() and (out / "tokenizer.json").is_file()
+    again = LLM.load(out, device="cpu")
+    assert again.generate(PROMPT, max_new_tokens=12) == llm.generate(PROMPT, max_new_tokens=12)
+    with pytest.raises(FileExistsError):
+        llm.save(out)
+
+
+def test_benchmark_reports_speed_and_memory(llm) -> None:
+    stats = llm.benchmark(num_iterations=1, prompt_length=8, max_new_tokens=8, batch_size=2, warmup=0)
+    assert stats["tokens_per_sec"] > 0 and stats["decode_tokens_per_sec"] > 0
+    assert 0 < stats["time_to_first_token"] < stats["total_time"]
+    assert stats["peak_memory_bytes"] > 0 and stats["batch_size"] == 2
+
+
+def test_quantized_inference_nf4(tiny) -> None:
+    pytest.importorskip("bitsandbytes")
+    q = LLM.load(tiny["native"], device="cpu", quantize="bnb.nf4")
+    assert type(q.model.blocks[0].attn.q_proj).__name__ == "Linear4bit"
+    assert isinstance(q.generate(PROMPT, max_new_tokens=5), str)
+    with pytest.raises(ValueError, match="quantized weights cannot be saved"):
+        q.save(tiny["native"].parent / "q")
+
+
+def test_load_errors_are_clear(tiny, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="litft download meta-llama/Llama-3.2-1B"):
+        LLM.load("meta-llama/Llama-3.2-1B")  # a hub name is never fetched
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        LLM.load(tmp_path / "missing")
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for f in ("model.safetensors", "model_config.yaml"):
+        shutil.copy(tiny["native"] / f, no_tok / f)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        LLM.load(no_tok, device="cpu")
+    (no_tok / "model_config.yaml").unlink()
+    shutil.copy(tiny["native"] / "tokenizer.json", no_tok)
+    with pytest.raises(FileNotFoundError, match="neither model_config.yaml"):
+        LLM.load(no_tok, device="cpu")
+    with pytest.raises(ValueError, match="precision='bf16-mixed'.*bf16-true"):
+        LLM.load(tiny["native"], device="cpu", precision="bf16-mixed")
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        LLM.load(tiny["native"], device="cpu", precision="fp8")
+    with pytest.raises(ValueError, match="quantize='gptq'"):
+        LLM.load(tiny["native"], device="cpu", quantize="gptq")
+
+
+def test_generate_errors_are_clear(llm) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("")
+    with pytest.raises(ValueError, match="top_p"):
+        llm.generate(PROMPT, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate(PROMPT, temperature=-1)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        llm.generate("word " * 80, max_new_tokens=4)
+    assert isinstance(llm.generate("word " * 80, max_new_tokens=4, truncate=True), str)
+    with pytest.raises(ValueError, match="one prompt"):
+        llm.generate([PROMPT, PROMPT], stream=True)

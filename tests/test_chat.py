@@ -1,0 +1,99 @@
+"""``litft chat`` driven through its stdin: multi-line input, history, /reset, Ctrl-D (end of input), /exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_generate import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("chat"))
+
+
+def _chat(checkpoint: Path, stdin: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "litft", "chat", str(checkpoint), "--temperature", "0", "--max_new_tokens", "6",
+         "--device", "cpu", *args],
+        input=stdin, capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=120,
+    )
+
+
+def test_chat_session_over_stdin(tiny) -> None:
+    from litft import LLM
+
+    llm = LLM.load(tiny["native"], device="cpu")
+
+    def reply(messages: list[dict[str, str]]) -> str:
+        return llm.chat(messages, max_new_tokens=6)
+
+    first = [{"role": "user", "content": "Hello,\nworld"}]
+    a1 = reply(first)
+    second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "Bye"}]
+    a2 = reply(second)
+    a3 = reply([{"role": "user", "content": "Hi"}])
+    assert a2 != reply([{"role": "user", "content": "Bye"}])  # so the history really matters
+
+    done = _chat(tiny["native"], "Hello,\\\nworld\nBye\n/reset\nHi\n")  # then end of input (Ctrl-D)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f">> .. {a1}\n>> {a2}\n>> >> {a3}\n>> \n"
+    assert "(history cleared)" in done.stderr and "dropped" not in done.stderr
+
+
+def _chat_in_process(checkpoint: Path, stdin: str, monkeypatch, capsys) -> tuple[int, str, str]:
+    import io
+
+    from litft.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main(["chat", str(checkpoint), "--temperature", "0", "--max_new_tokens", "6", "--device", "cpu"])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_exit_command_and_errors(tiny, tmp_path: Path, monkeypatch, capsys) -> None:
+    import shutil
+
+    from litft import LLM
+
+    a = LLM.load(tiny["native"], device="cpu").chat([{"role": "user", "content": "Hi"}], max_new_tokens=6)
+    code, out, _ = _chat_in_process(tiny["native"], "\nHi\n/exit\nnever read\n", monkeypatch, capsys)
+    assert code == 0 and out == f">> >> {a}\n>> "  # an empty line is skipped; /exit leaves
+
+    plain = tmp_path / "no_template"
+    shutil.copytree(tiny["native"], plain)
+    config = plain / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    code, _, err = _chat_in_process(plain, "Hi\n", monkeypatch, capsys)
+    assert code == 1 and "has no chat template" in err and "Traceback" not in err
+
+
+def test_a_long_conversation_drops_its_oldest_turns(tiny) -> None:
+    from litft import LLM
+    from litft.generate.chat import ChatSession
+    from litft.generate.sampling import SamplingParams
+
+    llm = LLM.load(tiny["native"], device="cpu")
+    session = ChatSession(llm, SamplingParams(max_new_tokens=6), system="S")
+    text = "Hi"
+    for _ in range(3):
+        reply = "".join(session.send(text))
+    assert session.dropped >= 2 and session.messages[0] == {"role": "system", "content": "S"}
+    assert reply == llm.chat(session.messages[:-1], max_new_tokens=6)  # the reply saw the trimmed history
+    assert len(llm.encode_chat(session.messages[:-1])) <= 64 - 6
+    with pytest.raises(ValueError, match="more than the 58"):
+        "".join(session.send("word " * 60))

@@ -1,0 +1,121 @@
+"""The `litft` command line as users run it: a subprocess per call (`python -m litft`, or the installed console
+script), real files in, real files out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+HEAVY = ("torch", "transformers", "lightning", "jsonargparse", "safetensors", "numpy", "yaml")
+
+
+def litft(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "litft", *map(str, args)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def test_console_script_help_lists_commands_and_imports_nothing_heavy():
+    script = Path(sys.executable).parent / "litft"  # the installed console script is a Python file
+    target = [str(script)] if script.is_file() else ["-m", "litft"]
+    r = subprocess.run([sys.executable, "-X", "importtime", *target, "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    for command in ("download", "convert", "subcommands: from_hf, to_hf"):
+        assert command in r.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in r.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert imported, "no -X importtime output"
+    assert not imported & set(HEAVY), f"`litft --help` imported {sorted(imported & set(HEAVY))}"
+
+
+def test_help_at_each_level():
+    r = litft("convert", "--help")
+    assert r.returncode == 0
+    assert "usage: litft convert <command>" in r.stdout
+    assert "from_hf" in r.stdout and "to_hf" in r.stdout and "Hugging Face" in r.stdout
+    r = litft("convert", "from_hf", "--help")
+    assert r.returncode == 0
+    assert "usage: litft convert from_hf" in r.stdout and "hf_dir" in r.stdout
+    assert "--out_dir" in r.stdout and "where to write the native checkpoint" in r.stdout  # from the docstring
+    assert "--print_config" in r.stdout and "--config" in r.stdout
+    r = litft("convert", "to_hf", "-h")
+    assert r.returncode == 0 and "--max_shard_size" in r.stdout and "AutoModelForCausalLM" in r.stdout
+
+
+def test_unknown_command_suggests_close_ones():
+    r = litft("convrt", "from_hf")
+    assert r.returncode == 2 and "litft: unknown command 'convrt'. Did you mean: convert?" in r.stderr
+    r = litft("convert", "from_fh", "x")
+    assert r.returncode == 2 and "unknown command 'convert from_fh'. Did you mean: from_hf" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_convert_both_ways(tiny_llama_hf, tmp_path):
+    r = litft("convert", "from_hf", tiny_llama_hf, "--out_dir", tmp_path / "native")
+    assert r.returncode == 0, r.stderr
+    assert {"model.safetensors", "model_config.yaml", "tokenizer.json"} <= {p.name for p in (tmp_path / "native").iterdir()}
+    r = litft("convert", "to_hf", tmp_path / "native", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(tiny_llama_hf / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_print_config_prints_yaml_and_runs_nothing(tiny_llama_hf, tmp_path):
+    r = litft("convert", "from_hf", tiny_llama_hf, "--out_dir", tmp_path / "native", "--dtype", "bfloat16",
+              "--print_config")
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed == {"hf_dir": str(tiny_llama_hf), "out_dir": str(tmp_path / "native"), "dtype": "bfloat16",
+                       "max_shard_size": "5GB", "overwrite": False, "hf_id": ""}
+    assert not (tmp_path / "native").exists()
+
+
+def test_config_file_is_honoured_and_flags_override_it(tiny_llama_hf, tmp_path):
+    config = tmp_path / "convert.yaml"
+    config.write_text(yaml.safe_dump({"hf_dir": str(tiny_llama_hf), "out_dir": str(tmp_path / "native"),
+                                      "dtype": "bfloat16", "hf_id": "me/tiny"}))
+    r = litft("convert", "from_hf", "--config", config, "--dtype", "float16")  # later flags win
+    assert r.returncode == 0, r.stderr
+    assert load_file(tmp_path / "native" / "model.safetensors")["embed.weight"].dtype == torch.float16
+    assert yaml.safe_load((tmp_path / "native" / "model_config.yaml").read_text())["hf_id"] == "me/tiny"
+    # --print_config output is itself a valid --config
+    r = litft("convert", "from_hf", "--config", config, "--out_dir", tmp_path / "again", "--print_config")
+    (tmp_path / "printed.yaml").write_text(r.stdout)
+    r = litft("convert", "from_hf", "--config", tmp_path / "printed.yaml")
+    assert r.returncode == 0, r.stderr
+    assert load_file(tmp_path / "again" / "model.safetensors")["embed.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", "from_hf", "{empty}"], "is not a Hugging Face checkpoint: no config.json"),
+    (["convert", "from_hf", "{missing}"], "no such directory"),
+    (["convert", "from_hf", "{hf}", "--out_dir", "{out}", "--dtype", "fp12"], "unknown dtype 'fp12'"),
+    (["convert", "to_hf", "{hf}", "{out}"], "run `litft convert from_hf"),
+])
+def test_bad_input_is_one_clear_line_without_traceback(tiny_llama_hf, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    paths = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "hf": tiny_llama_hf, "out": tmp_path / "out"}
+    argv = [a.format(**paths) for a in args]
+    r = litft(*argv)
+    command = " ".join(args[:2])
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"litft {command}: error: ") and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+    if args[2] == "{empty}":
+        r = litft(*argv, env={"LITFT_DEBUG": "1"})  # the traceback, for bug reports
+        assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_unknown_option_is_a_usage_error(tiny_llama_hf, tmp_path):
+    r = litft("convert", "from_hf", tiny_llama_hf, "--out_dri", tmp_path / "x")
+    assert r.returncode == 2 and "usage: litft convert from_hf" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()

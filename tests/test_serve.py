@@ -1,0 +1,466 @@
+"""``litft serve``: the OpenAI-compatible server driven by the official ``openai`` client on a tiny model.
+
+Greedy completions/chat (plain and streamed) equal :meth:`LLM.generate`/:meth:`LLM.chat`; 32 concurrent streaming
+clients are batched together and each gets its sequential greedy output; a client that disconnects frees its row
+at once; every error has OpenAI's shape and status and the server keeps serving; ``--api_key``/``LITFT_API_KEY``;
+SIGTERM drains in-flight requests and exits 0 (real subprocess). Only 127.0.0.1, every wait bounded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+
+from litft.api import LLM  # noqa: E402
+from litft.serve.app import create_app  # noqa: E402
+from tests.fixtures_tokenizers import corpus  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+CONTEXT = 2048  # long enough for generations that are still running when a test acts on them
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode faster on one thread, and much faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the fixture BPE tokenizer (vocab 400, Llama 3 chat template), context 2048."""
+    from litft.convert.hf import convert_from_hf
+    from tests.fixtures_tokenizers import make_bpe_tokenizer
+    from tests.hf_models import make_hf_model
+
+    root = tmp_path_factory.mktemp("serve")
+    make_hf_model("llama", root / "hf", overrides={"vocab_size": 400, "max_position_embeddings": CONTEXT,
+                                                   "bos_token_id": 0, "eos_token_id": [1, 2]})
+    make_bpe_tokenizer(root / "hf")
+    return convert_from_hf(root / "hf", root / "native")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> LLM:
+    """The same model outside the server: the oracle for greedy outputs."""
+    return LLM.load(checkpoint, device="cpu")
+
+
+class ThreadServer:
+    """uvicorn serving ``app`` in a thread of this process on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the server did not stop"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def client(self, **kw: Any) -> "openai.OpenAI":
+        return openai.OpenAI(**{"base_url": f"{self.url}/v1", "api_key": "none", "max_retries": 0, "timeout": 60,
+                                **kw})
+
+    def metrics(self) -> dict[str, Any]:
+        return http_json(self.port, "GET", "/metrics")[1]
+
+
+def http_json(port: int, method: str, path: str, body: Optional[bytes] = None,
+              headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path):
+    """The server under test: up to 8 requests decode together, 64 may wait."""
+    llm = LLM.load(checkpoint, device="cpu")
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=8, max_queue=64)) as s:
+        yield s
+
+
+def assert_error(status: int, body: Any, expected_status: int, param: Optional[str] = None) -> dict[str, Any]:
+    assert status == expected_status, body
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+PROMPTS = [line for line in corpus()[::7]][:32]
+
+
+# ---------------------------------------------------------------------- completions and chat
+
+
+def test_models_and_health(server: ThreadServer) -> None:
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    status, body = http_json(server.port, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_completions_equal_llm_generate(server: ThreadServer, reference: LLM) -> None:
+    client = server.client()
+    prompt = PROMPTS[0]
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    expected = reference.engine.generate([reference.encode(prompt)], _greedy(24))[0]
+    assert out.choices[0].text == expected.text == reference.generate(prompt, max_new_tokens=24)
+    assert out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == len(reference.encode(prompt))
+    assert out.usage.completion_tokens == expected.num_generated
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+    # a list of prompts: one choice each, in order
+    many = client.completions.create(model=MODEL, prompt=PROMPTS[1:4], max_tokens=12, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.text for c in many.choices] == reference.generate(PROMPTS[1:4], max_new_tokens=12)
+
+    # token ids as the prompt
+    ids = reference.encode(PROMPTS[4])
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == reference.generate(PROMPTS[4], max_new_tokens=10)
+
+
+def test_stop_strings_and_streaming(server: ThreadServer, reference: LLM) -> None:
+    client = server.client()
+    prompt = PROMPTS[5]
+    full = reference.generate(prompt, max_new_tokens=30)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), f"pick a prompt whose greedy output is longer: {full!r}"
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == reference.generate(prompt, max_new_tokens=30, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert len(pieces) > 3, "the text must arrive in several chunks"
+    assert "".join(pieces) == full
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == len(reference.encode(prompt))
+
+
+def test_chat_equals_llm_chat(server: ThreadServer, reference: LLM) -> None:
+    client = server.client()
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, world!"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    expected = reference.chat(messages, max_new_tokens=20)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected
+    assert out.usage.prompt_tokens == len(reference.encode_chat(messages))
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    # content as a list of text parts; max_completion_tokens
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world!"}]}]
+    by_parts = client.chat.completions.create(model=MODEL, messages=parts, max_completion_tokens=8, temperature=0)
+    assert by_parts.choices[0].message.content == reference.chat([{"role": "user", "content": "Hello, world!"}],
+                                                                 max_new_tokens=8)
+
+
+def test_seeded_sampling_is_reproducible(server: ThreadServer, reference: LLM) -> None:
+    client = server.client()
+    kw = dict(model=MODEL, prompt=PROMPTS[6], max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    a = client.completions.create(**kw).choices[0].text
+    b = client.completions.create(**kw).choices[0].text
+    assert a == b == reference.generate(PROMPTS[6], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+
+
+# ---------------------------------------------------------------------- continuous batching
+
+
+def test_32_concurrent_streams_are_batched_and_each_equals_its_greedy_output(server: ThreadServer,
+                                                                             reference: LLM) -> None:
+    lengths = [4 + (7 * i) % 37 for i in range(32)]
+    expected = [reference.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths)]  # one at a time
+    before = server.metrics()
+    results: list[Optional[str]] = [None] * 32
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(32, timeout=60)
+
+    def client_thread(i: int) -> None:
+        try:
+            client = server.client()
+            barrier.wait()
+            stream = client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=lengths[i],
+                                               temperature=0, stream=True)
+            results[i] = "".join(c.choices[0].text for c in stream if c.choices)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client did not finish"
+    assert not errors, errors
+    assert results == expected
+    after = server.metrics()
+    assert after["requests_completed"] - before["requests_completed"] == 32
+    assert after["max_active_batch"] >= 4, after  # several requests really decoded in the same steps
+    assert after["batched_steps"] > before["batched_steps"]
+    assert after["active_rows"] == 0 and after["queued"] == 0
+
+
+def test_a_client_that_disconnects_frees_its_row(server: ThreadServer) -> None:
+    client = server.client()
+    before = server.metrics()
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[7], max_tokens=1500, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    assert server.metrics()["active_rows"] == 1
+    stream.close()  # the client goes away mid-stream
+    wait_for(lambda: server.metrics()["active_rows"] == 0, 10, "the row to be freed")
+    after = server.metrics()
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after["requests_completed"] == before["requests_completed"]
+
+    # a non-streaming request whose client gives up is cancelled too
+    short = server.client(timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        short.completions.create(model=MODEL, prompt=PROMPTS[7], max_tokens=1500, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    wait_for(lambda: server.metrics()["requests_cancelled"] == before["requests_cancelled"] + 2, 10,
+             "the abandoned request to be cancelled")
+    assert server.metrics()["active_rows"] == 0
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[8], max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+
+
+def test_full_queue_answers_503_and_the_server_recovers(checkpoint: Path) -> None:
+    llm = LLM.load(checkpoint, device="cpu")
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=1, max_queue=1)) as s:
+        client = s.client()
+        long = dict(model=MODEL, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        first = client.completions.create(prompt=PROMPTS[0], max_tokens=1500, **long)
+        next(iter(first))  # running: holds the only row
+        second = client.completions.create(prompt=PROMPTS[1], max_tokens=6, **long)  # waits in the queue
+        wait_for(lambda: s.metrics()["queued"] == 1, 10, "the second request to be queued")
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=4)
+        assert_error(e.value.status_code, e.value.response.json(), 503)
+        assert s.metrics()["requests_rejected"] == 1
+        first.close()
+        assert len([c for c in second if c.choices and c.choices[0].finish_reason == "length"]) == 1
+        out = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=4, temperature=0)
+        assert out.choices[0].text
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _body(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": "Hello", **fields}).encode()
+
+
+def _chat(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **fields}).encode()
+
+
+BAD_REQUESTS = [  # (path, body, status, param)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b"", 400, None),
+    ("/v1/completions", json.dumps({"prompt": "Hi"}).encode(), 400, "model"),
+    ("/v1/completions", json.dumps({"model": MODEL}).encode(), 400, "prompt"),
+    ("/v1/completions", _body(top_p=2), 400, "top_p"),
+    ("/v1/completions", _body(top_p=0), 400, "top_p"),
+    ("/v1/completions", _body(max_tokens=-1), 400, "max_tokens"),
+    ("/v1/completions", _body(max_tokens="5"), 400, "max_tokens"),
+    ("/v1/completions", _body(max_tokens=2.5), 400, "max_tokens"),
+    ("/v1/completions", _body(temperature="hot"), 400, "temperature"),
+    ("/v1/completions", _body(temperature=-0.5), 400, "temperature"),
+    ("/v1/completions", _body(n=0), 400, "n"),
+    ("/v1/completions", _body(stream="yes"), 400, "stream"),
+    ("/v1/completions", _body(stop=[""]), 400, "stop"),
+    ("/v1/completions", _body(stop=5), 400, "stop"),
+    ("/v1/completions", _body(seed="x"), 400, "seed"),
+    ("/v1/completions", _body(prompt=[]), 400, "prompt"),
+    ("/v1/completions", _body(prompt=""), 400, "prompt"),
+    ("/v1/completions", _body(prompt=[5, 99999]), 400, "prompt"),
+    ("/v1/completions", _body(prompt={"a": 1}), 400, "prompt"),
+    ("/v1/completions", _body(logprobs=3), 400, "logprobs"),
+    ("/v1/completions", _body(prompt="word " * 3000), 400, "prompt"),  # longer than the context
+    ("/v1/completions", _body(max_tokens=CONTEXT), 400, "prompt"),  # prompt + max_tokens > context
+    ("/v1/completions", _body(model="gpt-4"), 404, "model"),
+    ("/v1/chat/completions", _chat(messages=[]), 400, "messages"),
+    ("/v1/chat/completions", _chat(messages="Hi"), 400, "messages"),
+    ("/v1/chat/completions", _chat(messages=[{"role": "wizard", "content": "Hi"}]), 400, "messages"),
+    ("/v1/chat/completions", _chat(messages=[{"content": "Hi"}]), 400, "messages"),
+    ("/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
+    ("/v1/chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools"),
+    ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": "word " * 3000}]), 400, "messages"),
+    ("/v1/chat/completions", _chat(model="gpt-4"), 404, "model"),
+]
+
+
+def test_every_error_has_openai_shape_and_status_and_the_server_keeps_serving(server: ThreadServer) -> None:
+    before = server.metrics()
+    for path, body, status, param in BAD_REQUESTS:
+        got, payload = http_json(server.port, "POST", path, body)
+        error = assert_error(got, payload, status, param)
+        if b"word word" in body:
+            assert error["code"] == "context_length_exceeded", error
+    assert_error(*http_json(server.port, "GET", "/v1/nothing"), 404)
+    assert_error(*http_json(server.port, "GET", "/v1/completions"), 405)
+    assert_error(*http_json(server.port, "GET", "/v1/models/gpt-4"), 404, "model")
+
+    # the official client raises its typed errors with the body intact
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="Hi")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], top_p=2)
+    assert e.value.body["param"] == "top_p"
+
+    after = server.metrics()
+    assert after["requests_submitted"] == before["requests_submitted"]  # nothing bad reached the engine
+    assert after["requests_failed"] == 0 and after["active_rows"] == 0
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------------- the command: API key and SIGTERM
+
+
+def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", "0", "--model_name", MODEL,
+         "--log_level", "warning", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "LITFT_API_KEY": "", **(env or {})}, start_new_session=True,
+    )
+    lines: list[str] = []
+    port: list[int] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if not port and f"http://{HOST}:" in line:
+                port.append(int(line.split(f"http://{HOST}:")[1].split("/")[0]))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        wait_for(lambda: bool(port) or proc.poll() is not None, 120, "the server to listen")
+        assert port, "".join(lines)
+        wait_for(lambda: _health(port[0]), 120, "the server to be ready")
+    except BaseException:
+        proc.kill()
+        raise
+    proc.output = lines  # type: ignore[attr-defined]
+    return proc, port[0]
+
+
+def _health(port: int) -> bool:
+    try:
+        return http_json(port, "GET", "/health")[0] == 200
+    except OSError:
+        return False
+
+
+def test_cli_api_key_and_graceful_sigterm(checkpoint: Path, reference: LLM) -> None:
+    proc, port = _start_cli(checkpoint, "--max_batch_size", "4", env={"LITFT_API_KEY": "s3cret"})
+    try:
+        url = f"http://{HOST}:{port}/v1"
+        assert_error(*http_json(port, "POST", "/v1/completions", _body()), 401)
+        assert_error(*http_json(port, "POST", "/v1/completions", b"{bad", {"Authorization": "Bearer nope"}), 401)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        out = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=0)
+        assert out.choices[0].text == reference.generate(PROMPTS[3], max_new_tokens=12)
+
+        # SIGTERM while a request streams: it finishes, then the process exits 0 and frees the port
+        stream = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=300, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        it = iter(stream)
+        text = next(it).choices[0].text
+        proc.send_signal(signal.SIGTERM)
+        finish = None
+        for chunk in it:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "length"
+        assert proc.wait(60) == 0, "".join(proc.output)
+        with pytest.raises(OSError):
+            socket.create_connection((HOST, port), timeout=2).close()
+        with socket.socket() as s:  # nothing is left listening on the port
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((HOST, port))
+            s.listen()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _greedy(n: int):
+    from litft.generate.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=n)
