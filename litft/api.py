@@ -65,7 +65,8 @@ def load_checkpoint_model(
 ) -> torch.nn.Module:
     """A :class:`~litft.model.GPT` from a checkpoint folder, ready for inference.
 
-    Accepts a native checkpoint (``model_config.yaml`` + safetensors) and a Hugging Face folder
+    Accepts a native checkpoint (``model_config.yaml`` + safetensors, or a fine-tune run's ``final/`` whose
+    LoRA weights are merged into its base and whose adapter weights are applied), and a Hugging Face folder
     (``config.json`` + safetensors/.bin, converted in memory: nothing is written to it). Never touches the
     network. ``quantize`` (e.g. ``"bnb.nf4"``) replaces linear layers by quantized ones.
     """
@@ -83,9 +84,10 @@ def load_checkpoint_model(
         if quantize not in QUANTIZE_MODES:  # before loading any weights
             raise ValueError(f"quantize={quantize!r} is invalid: expected one of {', '.join(QUANTIZE_MODES)}")
     if (path / MODEL_CONFIG_FILE).is_file():
-        from litft.weights import load_model
+        # full weights, or LoRA/adapter weights over the base named in base.yaml (a fine-tune run's final/)
+        from litft.train.checkpoint import load_checkpoint
 
-        model = load_model(path, device, dtype)
+        model = load_checkpoint(path, device, dtype)
     elif (path / "config.json").is_file():
         model = _load_hf(path, device, dtype)
     else:
@@ -155,14 +157,16 @@ class LLM:
         ``final/``. Never downloads: for a hub name, run ``litft download <name>`` first.
 
         Args:
-            name_or_dir: the checkpoint folder.
+            name_or_dir: the checkpoint folder, or the name of an asset card (``litft assets ls``).
             device: ``"auto"`` (GPU if there is one), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             precision: ``"bf16-true"``, ``"16-true"`` or ``"32-true"``; default bf16 on GPU, fp32 on CPU.
             quantize: e.g. ``"bnb.nf4"`` or ``"bnb.int8"`` (bitsandbytes) for quantized inference.
             compile: compile the decode step (CUDA graphs on GPU).
             max_seq_length: longest prompt + generation; default the model's context.
         """
-        path = Path(name_or_dir).expanduser()
+        from litft.asset_cards import resolve_checkpoint
+
+        path = resolve_checkpoint(name_or_dir)  # a folder, or the name of an asset card
         if not path.exists():
             looks_like_path = str(name_or_dir).startswith((".", "/", "~")) or str(name_or_dir).count("/") > 1
             hint = "" if looks_like_path else (f"; to use a model from the Hugging Face Hub, run "

@@ -79,9 +79,7 @@ def download(
     keep_hf: bool = False,
     overwrite: bool = False,
 ) -> Optional[Path]:
-    """Download a model from the Hugging Face Hub and convert it into a litft checkpoint:
-    ``litft download <repo_id>`` writes ``<checkpoint_dir>/<repo_id>``; ``litft download`` alone lists the
-    zoo's models.
+    """Download and convert: ``litft download <repo_id>`` writes ``<checkpoint_dir>/<repo_id>``; alone, lists models.
 
     Any repo of a supported architecture works, named in the zoo or not: sizes are read from the repo's own
     config.json. An interrupted download resumes from ``<checkpoint_dir>/<org>/.<name>.download`` when run again.

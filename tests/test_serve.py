@@ -28,6 +28,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 from litft.api import LLM  # noqa: E402
+from litft.generate.sampling import SamplingParams  # noqa: E402
 from litft.serve.app import create_app  # noqa: E402
 from tests.fixtures_tokenizers import corpus  # noqa: E402
 
@@ -140,7 +141,7 @@ def assert_error(status: int, body: Any, expected_status: int, param: Optional[s
     return error
 
 
-PROMPTS = [line for line in corpus()[::7]][:32]
+PROMPTS = corpus()[::7][:32]  # 32 different prompts
 
 
 # ---------------------------------------------------------------------- completions and chat
@@ -157,7 +158,7 @@ def test_completions_equal_llm_generate(server: ThreadServer, reference: LLM) ->
     client = server.client()
     prompt = PROMPTS[0]
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
-    expected = reference.engine.generate([reference.encode(prompt)], _greedy(24))[0]
+    expected = reference.engine.generate([reference.encode(prompt)], SamplingParams(max_new_tokens=24))[0]
     assert out.choices[0].text == expected.text == reference.generate(prompt, max_new_tokens=24)
     assert out.choices[0].finish_reason == expected.finish_reason
     assert out.usage.prompt_tokens == len(reference.encode(prompt))
@@ -286,6 +287,7 @@ def test_a_client_that_disconnects_frees_its_row(server: ThreadServer) -> None:
     wait_for(lambda: server.metrics()["requests_cancelled"] == before["requests_cancelled"] + 2, 10,
              "the abandoned request to be cancelled")
     assert server.metrics()["active_rows"] == 0
+    assert server.metrics()["requests_completed"] == before["requests_completed"]
     out = client.completions.create(model=MODEL, prompt=PROMPTS[8], max_tokens=5, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
@@ -308,6 +310,33 @@ def test_full_queue_answers_503_and_the_server_recovers(checkpoint: Path) -> Non
         assert len([c for c in second if c.choices and c.choices[0].finish_reason == "length"]) == 1
         out = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=4, temperature=0)
         assert out.choices[0].text
+
+
+@pytest.mark.parametrize("sync_every", [1, 4], ids=["sync-every-step", "sync-every-4-steps-as-on-gpu"])
+def test_requests_of_every_length_join_at_the_edge_of_the_cache(checkpoint: Path, reference: LLM,
+                                                                 sync_every: int) -> None:
+    """A small context makes the KV cache shift often while rows join and leave (max_tokens=1 included)."""
+    llm = LLM.load(checkpoint, device="cpu", max_seq_length=48)
+    llm.engine.sync_every = sync_every  # accelerators sync every 8 steps: same results, stops noticed later
+    prompts = [reference.encode(p)[:40] for p in PROMPTS[:24]]
+    lengths = [max(1, 48 - len(ids) - (5 * i) % 11) if i % 4 else 1 for i, ids in enumerate(prompts)]
+    expected = [reference.engine.generate([ids], SamplingParams(max_new_tokens=n))[0].text for ids, n in zip(prompts, lengths)]
+    results: list[Optional[str]] = [None] * len(prompts)
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=4, max_queue=64)) as s:
+        def run(i: int) -> None:
+            out = s.client().completions.create(model=MODEL, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+            results[i] = out.choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = s.metrics()
+    assert results == expected
+    assert stats["requests_completed"] == len(prompts) and stats["requests_failed"] == 0
+    assert stats["max_active_batch"] >= 2
+    assert llm.engine.num_shifts > 0  # the cache really shifted under running rows
 
 
 # ---------------------------------------------------------------------- errors
@@ -339,6 +368,8 @@ BAD_REQUESTS = [  # (path, body, status, param)
     ("/v1/completions", _body(stop=[""]), 400, "stop"),
     ("/v1/completions", _body(stop=5), 400, "stop"),
     ("/v1/completions", _body(seed="x"), 400, "seed"),
+    ("/v1/completions", _body(seed=2**70), 400, "seed"),
+    ("/v1/completions", _body(prompt=["Hi"] * 40, n=2), 400, "prompt"),  # more than max_batch_size + max_queue
     ("/v1/completions", _body(prompt=[]), 400, "prompt"),
     ("/v1/completions", _body(prompt=""), 400, "prompt"),
     ("/v1/completions", _body(prompt=[5, 99999]), 400, "prompt"),
@@ -424,11 +455,13 @@ def _health(port: int) -> bool:
 
 
 def test_cli_api_key_and_graceful_sigterm(checkpoint: Path, reference: LLM) -> None:
-    proc, port = _start_cli(checkpoint, "--max_batch_size", "4", env={"LITFT_API_KEY": "s3cret"})
+    proc, port = _start_cli(checkpoint, "--max_batch_size", "4", "--shutdown_timeout", "5",
+                            env={"LITFT_API_KEY": "s3cret"})
     try:
         url = f"http://{HOST}:{port}/v1"
         assert_error(*http_json(port, "POST", "/v1/completions", _body()), 401)
         assert_error(*http_json(port, "POST", "/v1/completions", b"{bad", {"Authorization": "Bearer nope"}), 401)
+        assert http_json(port, "GET", "/health")[0] == 200  # health checks need no key
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=60)
@@ -436,18 +469,22 @@ def test_cli_api_key_and_graceful_sigterm(checkpoint: Path, reference: LLM) -> N
         out = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=0)
         assert out.choices[0].text == reference.generate(PROMPTS[3], max_new_tokens=12)
 
-        # SIGTERM while a request streams: it finishes, then the process exits 0 and frees the port
-        stream = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=300, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
-        it = iter(stream)
-        text = next(it).choices[0].text
+        # SIGTERM while two requests stream: the short one finishes, the one that outlives --shutdown_timeout ends
+        # cleanly with finish_reason "abort"; then the process exits 0 and leaves nothing on the port
+        extra = {"ignore_eos": True}
+        short = iter(client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=40, temperature=0,
+                                               stream=True, extra_body=extra))
+        long = iter(client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=CONTEXT - 50,
+                                              temperature=0, stream=True, extra_body=extra))
+        next(short), next(long)
+        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        finish = None
-        for chunk in it:
-            text += chunk.choices[0].text
-            finish = chunk.choices[0].finish_reason or finish
-        assert finish == "length"
+        assert [c.choices[0].finish_reason for c in short][-1] == "length"
+        reasons = [c.choices[0].finish_reason for c in long]
+        assert reasons[-1] == "abort" and reasons.count("abort") == 1
+        assert 4 < time.monotonic() - started < 40
         assert proc.wait(60) == 0, "".join(proc.output)
+        assert "Traceback" not in "".join(proc.output), "".join(proc.output)
         with pytest.raises(OSError):
             socket.create_connection((HOST, port), timeout=2).close()
         with socket.socket() as s:  # nothing is left listening on the port
@@ -460,7 +497,11 @@ def test_cli_api_key_and_graceful_sigterm(checkpoint: Path, reference: LLM) -> N
             proc.wait(10)
 
 
-def _greedy(n: int):
-    from litft.generate.sampling import SamplingParams
-
-    return SamplingParams(max_new_tokens=n)
+def test_cli_busy_port_is_a_clear_error(checkpoint: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 1 and f"cannot listen on {HOST}:{port}" in r.stderr and "Traceback" not in r.stderr

@@ -36,6 +36,7 @@ log = logging.getLogger("litft.serve")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_N = 16
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 # ---------------------------------------------------------------------- errors
 
@@ -119,7 +120,7 @@ class _SamplingFields(_Body):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
@@ -147,8 +148,7 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ChatMessage(_Body):
     role: str
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
@@ -216,7 +216,8 @@ class _Server:
         if not ids:
             raise APIError(400, f"{param} is empty", param=param, code="invalid_value")
         tokens = max_tokens if max_tokens is not None else (default if default is not None else limit - len(ids))
-        if len(ids) + max(tokens, 1) > limit:
+        tokens = max(tokens, 1)
+        if len(ids) + tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{len(ids) + tokens} tokens ({len(ids)} in the prompt, {tokens} for the completion). "
                                 f"Please reduce the length of the prompt or of max_tokens.",
@@ -228,6 +229,11 @@ class _Server:
         return tokens
 
     def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> tuple[list[Job], asyncio.Queue]:
+        capacity = self.scheduler.max_batch_size + self.scheduler.max_queue
+        if len(prompts) > capacity:
+            raise APIError(400, f"this request asks for {len(prompts)} completions (prompts × n) but the server holds at "
+                                f"most {capacity} (max_batch_size + max_queue): split it", param="prompt",
+                           code="too_many_completions")
         try:
             return self.scheduler.submit(prompts, params)
         except QueueFull as e:
@@ -253,13 +259,16 @@ async def _collect(server: _Server, request: Request, jobs: list[Job], queue: as
     merged = [Event(job.index) for job in jobs]
     ended = 0
     getter: Optional[asyncio.Task] = None
+    checked = time.monotonic()
     try:
         while ended < len(jobs):
-            getter = getter or asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter}, timeout=0.5)
-            if not done:
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # events may arrive every step: check by the clock
                 if await request.is_disconnected():
                     return None
+                checked = time.monotonic()
+            getter = getter or asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if not done:
                 continue
             event, getter = getter.result(), None
             m = merged[event.index]

@@ -36,7 +36,8 @@ def serve(
         api_key: require "Authorization: Bearer <key>" on /v1/* and /metrics; default: the LITFT_API_KEY
             environment variable (prefer it: command lines are visible to other users), else no key.
         model_name: the model name clients must send; default the checkpoint path as given.
-        max_batch_size: the most requests that decode together (rows of the KV cache).
+        max_batch_size: the most requests that decode together (rows of the KV cache). Every decode step computes
+            all rows, so on a CPU a larger value costs a lone request speed (see bench/RESULTS.md).
         max_queue: the most requests waiting for a free row; more get HTTP 503.
         max_seq_length: longest prompt + completion per request (KV cache slots per row); default the model's
             context.
@@ -44,7 +45,8 @@ def serve(
         precision: bf16-true, 16-true or 32-true; default bf16 on GPU, 32-true on CPU.
         device: auto, cpu, cuda or cuda:N.
         compile: compile the decode step with torch.compile (CUDA graphs on GPU).
-        shutdown_timeout: on SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling them.
+        shutdown_timeout: on SIGTERM/Ctrl-C, seconds to let running requests finish; then they end with
+            finish_reason "abort" and the process exits (status 0).
         log_level: uvicorn's log level (info logs every request).
     """
     import signal
@@ -70,9 +72,19 @@ def serve(
                        max_seq_length=max_seq_length)
         name = model_name or str(checkpoint)
         app = create_app(llm, name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue)
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                                lifespan="on", workers=1)
-        server = uvicorn.Server(config)
+        scheduler = app.state.scheduler
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: object) -> None:
+                # SIGTERM/SIGINT: uvicorn stops listening and waits for open requests; the scheduler ends what is
+                # still generating after shutdown_timeout with finish_reason "abort" (a clean, truncated answer)
+                scheduler.drain(shutdown_timeout)
+                super().handle_exit(sig, frame)
+
+        # uvicorn's own timeout (cancel the request tasks outright) is only a backstop
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout + 10,
+                                lifespan="on")
+        server = Server(config)
         actual_host, actual_port = sock.getsockname()[:2]
         shown = f"[{actual_host}]" if ":" in actual_host else actual_host
         exposed = "" if _is_loopback(actual_host) else " (reachable from other machines)"

@@ -123,11 +123,20 @@ def save_training_checkpoint(
     with atomic_directory(target, overwrite=True) as tmp:
         write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
         torch.save(state, tmp / STATE_FILE)
-        delay = float(os.environ.get("LITFT_TEST_SAVE_DELAY", "0") or 0)  # tests kill the process mid-save
-        if delay:
-            time.sleep(delay)
+        _test_delay(step)
     prune_checkpoints(out_dir, keep_last)
     return target
+
+
+def _test_delay(step: int) -> None:
+    """Tests kill the process in the middle of a save: ``LITFT_TEST_SAVE_DELAY=seconds`` (every save) or
+    ``step:seconds`` (the save of that step) sleeps inside the temp dir, before it is renamed into place."""
+    spec = os.environ.get("LITFT_TEST_SAVE_DELAY", "")
+    if not spec:
+        return
+    at, _, seconds = spec.rpartition(":")
+    if not at or int(at) == step:
+        time.sleep(float(seconds))
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def get_config(name: str, **overrides: Any) -> Config:
     if config is None:
         names = sorted({c.name for c in all_configs()})
         close = difflib.get_close_matches(name, names + [c.hf_id for c in all_configs() if c.hf_id], n=5, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else " Run `litft download --list` to see all names."
+        hint = f" Did you mean: {', '.join(close)}?" if close else " Run `litft download` to see all names."
         raise ValueError(f"unknown model name {name!r}.{hint}")
     return replace(config, **overrides) if overrides else replace(config)
 
