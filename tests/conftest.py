@@ -17,6 +17,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models run fastest on one thread, and the 2-core CI machine also runs subprocesses beside pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY_VOCAB = 400  # the fixture tokenizers' vocabulary (tests/fixtures_tokenizers.py)
 

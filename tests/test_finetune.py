@@ -307,7 +307,8 @@ def test_prompt_and_reference_split():
 def test_schedule_and_durations():
     assert lr_at(0, 100, 1.0, 0.1, warmup_steps=4) == pytest.approx(0.2)
     assert lr_at(4, 100, 1.0, 0.1, warmup_steps=4) == pytest.approx(1.0)
-    assert lr_at(99, 100, 1.0, 0.1, warmup_steps=4) == pytest.approx(0.1)
+    assert lr_at(100, 100, 1.0, 0.1, warmup_steps=4) == pytest.approx(0.1)
+    assert 0.1 < lr_at(99, 100, 1.0, 0.1, warmup_steps=4) < 0.101
     assert lr_at(50, 100, 1.0, 0.1, schedule="constant") == 1.0
     assert [parse_duration(v) for v in (90, "90s", "30m", "2h", "01:00:00", "1:00:00:00")] == [
         90, 90, 1800, 7200, 3600, 86400]

@@ -95,7 +95,9 @@ def test_sigkill_mid_run_then_resume_auto_gives_the_same_losses(setup, reference
     assert done in (4, 8)
     main(args("lora", ckpt, root, out, "--resume", "auto"))
     assert step_losses(out) == reference
-    assert (out / "final" / "lora.safetensors").is_file()
+    weights = (out / "final" / "lora.safetensors").read_bytes()
+    main(args("lora", ckpt, root, out, "--resume", "auto"))  # finished: nothing to do, nothing rewritten
+    assert (out / "final" / "lora.safetensors").read_bytes() == weights and step_losses(out) == reference
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(setup, reference):

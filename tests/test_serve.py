@@ -320,7 +320,8 @@ def test_requests_of_every_length_join_at_the_edge_of_the_cache(checkpoint: Path
     llm.engine.sync_every = sync_every  # accelerators sync every 8 steps: same results, stops noticed later
     prompts = [reference.encode(p)[:40] for p in PROMPTS[:24]]
     lengths = [max(1, 48 - len(ids) - (5 * i) % 11) if i % 4 else 1 for i, ids in enumerate(prompts)]
-    expected = [reference.engine.generate([ids], SamplingParams(max_new_tokens=n))[0].text for ids, n in zip(prompts, lengths)]
+    expected = [reference.engine.generate([ids], SamplingParams(max_new_tokens=n))[0].text
+                for ids, n in zip(prompts, lengths)]
     results: list[Optional[str]] = [None] * len(prompts)
     with ThreadServer(create_app(llm, MODEL, max_batch_size=4, max_queue=64)) as s:
         def run(i: int) -> None:

@@ -83,7 +83,9 @@ def finetune_lora(
             if quantize is not None:
                 raise ValueError("merge with a quantized base is not supported: merge the LoRA weights into the "
                                  "unquantized checkpoint instead (litft finetune lora ... without --quantize)")
-            save_model(merge_lora(model) or model, directory)
+            merged = merge_lora(model) or model
+            save_model(merged, directory)
+            merged.config.save(directory)  # merging a LoRA on a tied lm_head unties it
 
     method = Method(name="lora", full=False, prepare=prepare, save=lambda model, d: save_lora(model, lora, d),
                     load=load_lora, finalize=finalize)

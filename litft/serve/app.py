@@ -62,8 +62,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
-                        code="invalid_json")
+        reason = first.get("ctx", {}).get("error", first.get("msg"))
+        return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json")
     if not loc:
         return APIError(400, f"the request body must be a JSON object: {first.get('msg', 'invalid')}",
                         code="invalid_body")
@@ -231,8 +231,8 @@ class _Server:
     def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> tuple[list[Job], asyncio.Queue]:
         capacity = self.scheduler.max_batch_size + self.scheduler.max_queue
         if len(prompts) > capacity:
-            raise APIError(400, f"this request asks for {len(prompts)} completions (prompts × n) but the server holds at "
-                                f"most {capacity} (max_batch_size + max_queue): split it", param="prompt",
+            raise APIError(400, f"this request asks for {len(prompts)} completions (prompts × n) but the server holds "
+                                f"at most {capacity} (max_batch_size + max_queue): split it", param="prompt",
                            code="too_many_completions")
         try:
             return self.scheduler.submit(prompts, params)
@@ -429,7 +429,8 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
         return {**base, "choices": choices, "usage": _usage(prompt_tokens, sum(r.completion_tokens for r in results))}
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Union[dict[str, Any], StreamingResponse]:
+    async def chat_completions(body: ChatCompletionRequest,
+                               request: Request) -> Union[dict[str, Any], StreamingResponse]:
         server.check_model(body.model)
         _unsupported(body, {"logprobs": bool(body.logprobs), "top_logprobs": body.top_logprobs is not None,
                             "tools": bool(body.tools), "tool_choice": body.tool_choice not in (None, "none"),

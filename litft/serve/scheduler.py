@@ -97,9 +97,13 @@ class Scheduler:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._deadline: Optional[float] = None  # set by drain(): abort what still runs at this time.monotonic()
+        # steps: decode steps; batched_steps: steps that decoded more than one request; max_active_batch: the most
+        # requests decoded in one step; requests_*: cancelled = client went away, aborted = cut by shutdown,
+        # rejected = queue full or shutting down, failed = generation error
         self.counters: dict[str, int] = dict(
             steps=0, batched_steps=0, max_active_batch=0, requests_submitted=0, requests_completed=0,
-            requests_cancelled=0, requests_aborted=0, requests_rejected=0, requests_failed=0, prompt_tokens=0, completion_tokens=0,
+            requests_cancelled=0, requests_aborted=0, requests_rejected=0, requests_failed=0, prompt_tokens=0,
+            completion_tokens=0,
         )
 
     # ------------------------------------------------------------------ handler side (any thread)
@@ -140,7 +144,8 @@ class Scheduler:
         return (self._thread is not None and self._thread.is_alive() and not self._stopping
                 and self._deadline is None)
 
-    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> "tuple[list[Job], asyncio.Queue[Event]]":
+    def submit(self, prompts: Sequence[list[int]],
+               params: Sequence[SamplingParams]) -> "tuple[list[Job], asyncio.Queue[Event]]":
         """Queue one job per prompt (all or none); call from the handler's event loop. Returns the jobs and the
         queue their events arrive on (tagged with the job's index in ``prompts``)."""
         loop = asyncio.get_running_loop()

@@ -23,8 +23,8 @@ class TrainArgs:
         lr: Peak learning rate.
         min_lr: Learning rate at the end of the cosine decay.
         warmup_steps: Steps of linear warmup from 0 to ``lr``.
-        lr_schedule: "cosine" (warmup, then cosine decay to ``min_lr`` at the last step) or "constant" (warmup,
-            then ``lr``).
+        lr_schedule: "cosine" (warmup, then cosine decay to ``min_lr`` at the end) or "constant" (warmup, then
+            ``lr``).
         weight_decay: Decoupled weight decay (AdamW) applied to matrices; biases, norms and embeddings get none.
         max_norm: Clip the gradient norm to this value (None = no clipping).
         seed: Seed for initialisation of new weights, dropout and the data order.
@@ -34,6 +34,11 @@ class TrainArgs:
         save_interval: Save a resumable checkpoint to ``out_dir/checkpoints/step-N`` every N steps (None = only
             ``final/``).
         keep_last: How many of the newest ``checkpoints/step-N`` to keep (None = all).
+        sharding: With ``--strategy fsdp``: "full_shard" (parameters, gradients, optimizer state), "shard_grad_op"
+            (gradients and optimizer state; parameters stay gathered from forward to backward), "hybrid_shard"
+            (shard within a node, replicate across nodes) or "no_shard" (replicate, like DDP).
+        timeout: How long a collective (all-reduce, barrier) waits for the other processes before the run stops
+            with an error, e.g. when a rank died: seconds, "90s", "30m", "HH:MM:SS".
     """
 
     global_batch_size: int = 16
@@ -53,6 +58,8 @@ class TrainArgs:
     log_interval: int = 1
     save_interval: Optional[int] = None
     keep_last: Optional[int] = 2
+    sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = "full_shard"
+    timeout: Union[float, str] = "30m"
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
@@ -80,6 +87,14 @@ class TrainArgs:
             raise ValueError(f"train.max_norm={self.max_norm} is invalid: expected a number > 0 (or null = no "
                              "clipping)")
         parse_duration(self.max_time)
+        if self.sharding not in ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard"):
+            raise ValueError(f"train.sharding={self.sharding!r} is invalid: expected full_shard, shard_grad_op, "
+                             "hybrid_shard or no_shard")
+        try:
+            parse_duration(self.timeout)
+        except ValueError:
+            raise ValueError(f"train.timeout={self.timeout!r} is invalid: expected seconds, '90s', '30m' or "
+                             "'HH:MM:SS'") from None
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each device."""

@@ -31,6 +31,7 @@ from litft.config import Config
 from litft.weights import atomic_directory, copy_tokenizer_files, load_model, weight_files
 
 STATE_FILE = "state.pt"
+SHARDED = "sharded"  # FSDP checkpoints: model + optimizer shards (torch.distributed.checkpoint), any world size
 BASE_FILE = "base.yaml"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -117,11 +118,15 @@ def write_model_files(
 def save_training_checkpoint(
     out_dir: Path, step: int, model: torch.nn.Module, save_weights: Callable[[torch.nn.Module, Path], None],
     source_dir: Path, base_dir: Optional[Path], method: str, state: dict[str, Any], keep_last: Optional[int],
+    sharded: Optional[Path] = None,
 ) -> Path:
-    """Atomically write ``checkpoints/step-N`` (model files + ``state.pt``), then prune old ones."""
+    """Atomically write ``checkpoints/step-N`` (model files + ``state.pt``), then prune old ones. ``sharded``: a
+    directory of FSDP shards written by every rank, moved in as ``sharded/`` (then the weights are only there)."""
     target = step_dir(out_dir, step)
     with atomic_directory(target, overwrite=True) as tmp:
         write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
+        if sharded is not None:
+            os.replace(sharded, tmp / SHARDED)
         torch.save(state, tmp / STATE_FILE)
         _test_delay(step)
     prune_checkpoints(out_dir, keep_last)

@@ -192,12 +192,21 @@ def _is_rank_zero(fabric: Any) -> bool:
     return fabric.global_rank == 0
 
 
-def _fabric(accelerator: str, devices: Union[int, str], num_nodes: int, strategy: str, precision: str) -> Any:
+def _fabric(accelerator: str, devices: Union[int, str], num_nodes: int, strategy: str, precision: str,
+            sharding: str = "full_shard", timeout: Union[float, str, None] = None) -> Any:
+    import warnings
+
+    from litft.train.strategy import build_strategy, cluster_environment
+
     import lightning as L
 
+    # Lightning warns on every machine with Slurm installed that srun is "not used": not actionable here
+    warnings.filterwarnings("ignore", message="The `srun` command is available")
+
     try:
-        return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                        precision=precision)
+        return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        strategy=build_strategy(strategy, devices, num_nodes, sharding, timeout),
+                        precision=precision, plugins=[cluster_environment()])
     except (ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"cannot set up accelerator={accelerator!r} devices={devices!r} num_nodes={num_nodes} "
                          f"strategy={strategy!r} precision={precision!r}: {e}") from e
@@ -207,13 +216,21 @@ def _fabric(accelerator: str, devices: Union[int, str], num_nodes: int, strategy
 
 
 class _MicroBatches:
-    """An endless stream of micro-batches over epochs, whose position is the data iterator's state."""
+    """An endless stream of micro-batches over epochs, whose position is the data iterator's state.
 
-    def __init__(self, batches: Any) -> None:
+    Every rank walks the same global stream; ``take(n)`` consumes ``n * world_size`` micro-batches and keeps this
+    rank's every ``world_size``-th one, so a step trains on the same samples on 1 or N devices.
+    """
+
+    def __init__(self, batches: Any, rank: int = 0, world_size: int = 1) -> None:
         self.batches = batches
+        self.rank, self.world_size = rank, world_size
         self._it: Optional[Iterator] = None
 
     def take(self, n: int) -> list[dict[str, torch.Tensor]]:
+        return self._take(n * self.world_size)[self.rank::self.world_size]
+
+    def _take(self, n: int) -> list[dict[str, torch.Tensor]]:
         out = []
         while len(out) < n:
             if self._it is None:
@@ -264,18 +281,25 @@ def fit(
         raise ValueError(f"train.max_seq_length={max_seq_length} is larger than the model's context: "
                          f"block_size={config.block_size} in {checkpoint_dir / 'model_config.yaml'}")
     resume_from = resolve_resume(resume, out_dir, overwrite)
-    if (isinstance(resume, str) and resume == "auto" or resume is True) and resume_from is None \
-            and (out_dir / ckpt.FINAL).is_dir():
-        print(f"{out_dir} holds a finished run (final/) and no checkpoint to resume: nothing to do. Pass --overwrite "
-              "true to train again.", file=sys.stderr)
+    if (resume is True or resume == "auto") and (out_dir / ckpt.FINAL).is_dir():
+        print(f"{out_dir} holds a finished run (final/): nothing to resume. Pass --resume <a checkpoints/step-N "
+              "directory> to continue from a checkpoint, or --overwrite true to train again.", file=sys.stderr)
         return out_dir / ckpt.FINAL
 
-    fabric = _fabric(accelerator, devices, num_nodes, strategy, precision)
+    from litft.train import strategy as dist
+
+    devices = dist.resolve_devices(devices, num_nodes, accelerator)
+    dist.check_strategy(strategy, train.sharding, num_nodes, method.name)
+    if strategy == "fsdp" and eval.generate_samples:
+        raise ValueError("eval.generate_samples is not supported with strategy='fsdp' (generation needs the whole "
+                         "model on one device): set it to 0, or generate from final/ after training")
+    fabric = _fabric(accelerator, devices, num_nodes, strategy, precision, train.sharding, train.timeout)
     fabric.launch()
+    fsdp = dist.is_fsdp(fabric)
     rank_zero = _is_rank_zero(fabric)
     world_size = fabric.world_size
     accumulation = train.accumulation_steps(world_size)
-    _seed(train.seed + fabric.global_rank)
+    _seed(train.seed)  # every rank initialises new weights (LoRA, adapter) identically
 
     # ---- data (bad rows, empty files, missing chat templates fail here, before any write)
     from litft.data import BatchIterator, load_datasets
@@ -285,18 +309,14 @@ def fit(
     train_samples, val_samples, stats = load_datasets(data, tokenizer, max_seq_length)
     if rank_zero:
         print(stats.summary(), file=sys.stderr)
-    if world_size > 1:  # each rank its own equal share
-        n = len(train_samples) // world_size * world_size
-        if n == 0:
-            raise ValueError(f"{len(train_samples)} training samples cannot be split over {world_size} devices")
-        train_samples = train_samples[fabric.global_rank:n:world_size]
+    if world_size > 1:  # training: every rank batches all samples and takes its share of each step (_MicroBatches)
         val_samples = val_samples[fabric.global_rank::world_size]
     pad_id = 0
     batches = BatchIterator(train_samples, train.micro_batch_size, max_seq_length, pad_id,
                             packing=data.packing, shuffle=True, seed=data.seed)
     val_batches = (BatchIterator(val_samples, train.micro_batch_size, max_seq_length, pad_id,
                                  packing=data.packing, shuffle=False, seed=data.seed) if val_samples else None)
-    total_steps = train.max_steps or math.ceil(train.epochs * len(batches) / accumulation)
+    total_steps = train.max_steps or math.ceil(train.epochs * len(batches) / (accumulation * world_size))
 
     # ---- model and method
     dtype = _dtype_of(precision)
@@ -305,10 +325,15 @@ def fit(
         state = ckpt.load_training_state(resume_from)
         if state.get("method") != method.name:
             raise ValueError(f"{resume_from} was written by a {state.get('method')!r} run, not {method.name!r}")
-    weights_dir = resume_from if (resume_from is not None and method.full) else checkpoint_dir
+    sharded = resume_from is not None and (resume_from / ckpt.SHARDED).is_dir()
+    if sharded and not fsdp:
+        raise ValueError(f"{resume_from} is a sharded (FSDP) checkpoint: resume it with --strategy fsdp (any number "
+                         "of devices)")
+    weights_dir = resume_from if (resume_from is not None and method.full and not sharded) else checkpoint_dir
     model = ckpt.load_checkpoint(weights_dir, device=fabric.device, dtype=dtype)
     method.prepare(model)
-    if resume_from is not None and not method.full:
+    dist.check_strategy(strategy, train.sharding, num_nodes, method.name, quantized=dist.is_quantized(model))
+    if resume_from is not None and not method.full and not sharded:
         method.load(model, resume_from)
     n_trainable = check_trainable(model, method.name)
     n_params = count_parameters(model)
@@ -324,7 +349,10 @@ def fit(
     step, micro_done, tokens_total, elapsed_before = 0, 0, 0, 0.0
     best_val, bad_evals = math.inf, 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if sharded:
+            fabric.load(resume_from / ckpt.SHARDED, {"model": loss_model, "optimizer": opt})
+        else:
+            opt.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["data"])
         step, micro_done = int(state["step"]), int(state["micro_batches"])
         tokens_total, elapsed_before = int(state["tokens"]), float(state["elapsed"])
@@ -386,21 +414,32 @@ def fit(
         return accuracy
 
     def save(at_step: int) -> None:
+        staging = None
+        if fsdp:
+            staging = out_dir / ckpt.CHECKPOINTS / f".step-{at_step}.tmp-sharded"
+            if rank_zero and staging.exists():
+                shutil.rmtree(staging)
+            fabric.barrier()
+            fabric.save(staging, {"model": loss_model, "optimizer": opt})
+            fabric.barrier()
         if rank_zero:
             train_state = {
                 "format": 1, "method": method.name, "step": at_step, "micro_batches": micro_done,
                 "tokens": tokens_total, "elapsed": elapsed_before + (time.perf_counter() - t0),
-                "optimizer": opt.state_dict(), "scheduler": {"step": at_step, "total_steps": total_steps},
+                "optimizer": {} if fsdp else opt.state_dict(),
+                "scheduler": {"step": at_step, "total_steps": total_steps},
                 "rng": ckpt.rng_state(), "data": batches.state_dict(), "best_val": best_val, "bad_evals": bad_evals,
                 "world_size": world_size,
             }
-            ckpt.save_training_checkpoint(out_dir, at_step, model, save_weights, checkpoint_dir, base_dir,
-                                          method.name, train_state, train.keep_last)
+            ckpt.save_training_checkpoint(out_dir, at_step, model, (lambda m, d: None) if fsdp else save_weights,
+                                          checkpoint_dir, base_dir, method.name, train_state, train.keep_last,
+                                          sharded=staging)
         fabric.barrier()
 
     model.train()
     loss_model.train()
     if state is None:
+        _seed(train.seed + fabric.global_rank)
         generations("before")
         if eval.initial_validation:
             val = validate()
@@ -410,8 +449,8 @@ def fit(
     else:
         ckpt.set_rng_state(state["rng"])  # last: nothing may draw random numbers between here and the first step
 
-    stream = _MicroBatches(batches)
-    budget = None if train.max_steps else train.epochs * len(batches)  # micro-batches the epochs allow
+    stream = _MicroBatches(batches, fabric.global_rank, world_size)
+    budget = None if train.max_steps else train.epochs * len(batches)  # global micro-batches the epochs allow
     progress = _progress(total_steps, step, rank_zero)
     stop_reason = "max_steps" if train.max_steps else "epochs"
     t0 = time.perf_counter()
@@ -419,7 +458,8 @@ def fit(
     last_val = None
     try:
         while step < total_steps:
-            n_micro = accumulation if budget is None else min(accumulation, budget - micro_done)
+            n_micro = accumulation if budget is None else min(accumulation, (budget - micro_done) // world_size)
+            dist.test_hook(fabric.global_rank, step + 1)
             if n_micro <= 0:
                 break
             lr = lr_at(step, total_steps, train.lr, train.min_lr, train.warmup_steps, train.lr_schedule)
@@ -450,7 +490,7 @@ def fit(
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            micro_done += n_micro
+            micro_done += n_micro * world_size
             tokens_total += n_tokens
             window_tokens += n_tokens
 
@@ -505,11 +545,15 @@ def fit(
         logger.log({"val_loss": final_val, "val_ppl": math.exp(min(final_val, 50))}, step)
     generations("after")
     final_dir = out_dir / ckpt.FINAL
+    final_model = model
+    if fsdp:
+        full = dist.full_state_dict(model)
+        final_model = dist.plain_model(model.config, method.prepare, full) if rank_zero else None
     if rank_zero:
         with _atomic_overwrite(final_dir) as tmp:
-            ckpt.write_model_files(model, tmp, save_weights, checkpoint_dir, base_dir, method.name)
+            ckpt.write_model_files(final_model, tmp, save_weights, checkpoint_dir, base_dir, method.name)
             if method.finalize is not None:
-                method.finalize(model, tmp)
+                method.finalize(final_model, tmp)
         mem_kind, mem = peak_memory(fabric.device)
         elapsed = elapsed_before + time.perf_counter() - t0
         summary = {"final_step": step, "stop_reason": stop_reason, "train_time_s": elapsed, "tokens": tokens_total,
@@ -553,8 +597,9 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
         return None
     from tqdm import tqdm
 
+    tty = sys.stderr.isatty()  # in a log file, a line every 30 s rather than a stream of carriage returns
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-                mininterval=0.5)
+                mininterval=0.5 if tty else 30.0)
 
 
 def _write(progress: Any, text: str) -> None:

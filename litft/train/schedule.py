@@ -13,14 +13,14 @@ import torch
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
           schedule: str = "cosine") -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps`` steps to ``lr``,
-    then cosine decay reaching ``min_lr`` at the last step (``total_steps - 1``), or constant ``lr``."""
+    then cosine decay reaching ``min_lr`` when the last step is done (at ``step == total_steps``), or constant ``lr``."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / (warmup_steps + 1)
     if schedule == "constant":
         return lr
     if schedule != "cosine":
         raise ValueError(f"unknown lr_schedule {schedule!r}; expected 'cosine' or 'constant'")
-    decay_steps = max(total_steps - 1 - warmup_steps, 1)
+    decay_steps = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 

@@ -2,8 +2,9 @@
 
 - ``base/``: a ~0.9M-parameter Llama-architecture model with a character-level tokenizer (HF
   ``tokenizer.json``), pre-trained for a few minutes on CPU on the docstrings of Python's standard
-  library (a fifth of them in capitals, so that it knows capital letters), so that it is a "base
-  model": it writes English-looking text but knows no task.
+  library (a fifth of them in capitals, and some lines written twice, so that it knows capital
+  letters and how to copy), so that it is a "base model": it writes English-looking text but knows
+  no task.
 - ``data/train.jsonl``, ``data/val.jsonl``: the demo task, "shout": a few lowercase words in,
   the same words in capitals out ({"input": "tiny model", "output": "TINY MODEL"}).
 
@@ -80,10 +81,18 @@ def stdlib_docstrings() -> str:
 
 
 def pretraining_text(seed: int = 0) -> str:
-    """The docstrings, a fifth of them (chosen at random) in capitals."""
+    """The docstrings, a fifth of them (chosen at random) in capitals, and 15% of the lines written twice."""
     rng = random.Random(seed)
-    docs = stdlib_docstrings().split("\n\n")
-    return "\n\n".join(d.upper() if rng.random() < 0.2 else d for d in docs)
+    docs = []
+    for doc in stdlib_docstrings().split("\n\n"):
+        lines = []
+        for line in doc.split("\n"):
+            lines.append(line)
+            if line.strip() and rng.random() < 0.15:
+                lines.append(line)
+        doc = "\n".join(lines)
+        docs.append(doc.upper() if rng.random() < 0.2 else doc)
+    return "\n\n".join(docs)
 
 
 def pretrain(directory: Path, steps: int, seed: int = 0) -> None:
