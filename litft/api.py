@@ -65,10 +65,12 @@ def load_checkpoint_model(
 ) -> torch.nn.Module:
     """A :class:`~litft.model.GPT` from a checkpoint folder, ready for inference.
 
-    Accepts a native checkpoint (``model_config.yaml`` + safetensors, or a fine-tune run's ``final/`` whose
-    LoRA weights are merged into its base and whose adapter weights are applied), and a Hugging Face folder
+    Accepts a native checkpoint (``model_config.yaml`` + safetensors, or a fine-tune run's ``final/``, loaded by
+    :func:`litft.train.checkpoint.load_checkpoint` as the model that was trained: LoRA merged into its base, a
+    QLoRA run's into its quantized-then-dequantized base, adapter weights applied), and a Hugging Face folder
     (``config.json`` + safetensors/.bin, converted in memory: nothing is written to it). Never touches the
-    network. ``quantize`` (e.g. ``"bnb.nf4"``) replaces linear layers by quantized ones.
+    network. ``quantize`` (e.g. ``"bnb.nf4"``) replaces the linear layers but the head by quantized ones; a
+    run's LoRA layers then stay unmerged over the quantized base.
     """
     from litft.config import MODEL_CONFIG_FILE
 
@@ -87,14 +89,14 @@ def load_checkpoint_model(
         # full weights, or LoRA/adapter weights over the base named in base.yaml (a fine-tune run's final/)
         from litft.train.checkpoint import load_checkpoint
 
-        model = load_checkpoint(path, device, dtype)
+        model = load_checkpoint(path, device, dtype, quantize=quantize)
     elif (path / "config.json").is_file():
         model = _load_hf(path, device, dtype)
+        if quantize:
+            _quantize(model, quantize)
     else:
         raise FileNotFoundError(f"{path} is not a checkpoint: it has neither {MODEL_CONFIG_FILE} (litft) nor "
                                 f"config.json (Hugging Face)")
-    if quantize:
-        model = _quantize(model, quantize)
     return model.eval()
 
 
@@ -160,7 +162,9 @@ class LLM:
             name_or_dir: the checkpoint folder, or the name of an asset card (``litft assets ls``).
             device: ``"auto"`` (GPU if there is one), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             precision: ``"bf16-true"``, ``"16-true"`` or ``"32-true"``; default bf16 on GPU, fp32 on CPU.
-            quantize: e.g. ``"bnb.nf4"`` or ``"bnb.int8"`` (bitsandbytes) for quantized inference.
+            quantize: e.g. ``"bnb.nf4"`` or ``"bnb.int8"`` (bitsandbytes) for quantized inference; a LoRA run's
+                layers then stay unmerged over the quantized base. Without it, a QLoRA run's ``final/`` loads as
+                the model it trained: its LoRA merged into the base quantized as in training, then dequantized.
             compile: compile the decode step (CUDA graphs on GPU).
             max_seq_length: longest prompt + generation; default the model's context.
         """

@@ -21,6 +21,7 @@ DEFAULT_LABEL = "(default)"
 COMMANDS: Table = {
     "download": ("litft.download:download", "Download a model from the Hugging Face Hub and convert it."),
     "upload": ("litft.upload:upload", "Upload a folder (convert to_hf / to_peft output) to the Hugging Face Hub."),
+    "plot": ("litft.plot:plot", "Plot a run's loss (train and val), learning rate and tokens/s to a PNG."),
     "assets": {
         "ls": ("litft.asset_cards:ls", "List the asset cards (local checkpoints and tokenizers by name)."),
     },
@@ -75,6 +76,8 @@ def _usage(path: list[str], table: Table) -> str:
         lines.append(f"  {name or DEFAULT_LABEL:<{width}}{summary}")
     lines += ["", f"Run `{prog} <command> --help` for a command's options"
               + (f", `{prog} <arguments> --help` for {DEFAULT_LABEL}'s." if DEFAULT in table else ".")]
+    if not path:
+        lines.append("Wherever a command takes a checkpoint folder, an asset card's name works too (litft assets ls).")
     return "\n".join(lines)
 
 

@@ -20,8 +20,8 @@ def hub_dir() -> Path:
     for candidate in (package.parent / "config_hub" / "finetune", package / "config_hub" / "finetune"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"config_hub/finetune not found next to {package} (the recipes ship with the source "
-                            "repository)")
+    raise FileNotFoundError(f"config_hub/finetune not found next to {package} (a source checkout) nor inside it "
+                            "(an install): reinstall litft")
 
 
 def recipes() -> dict[str, Path]:

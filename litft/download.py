@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from litft.weights import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES
 
@@ -114,10 +114,11 @@ def download(
 
         parse_dtype(dtype)  # a bad --dtype fails before anything is downloaded
     staging = out_dir.parent / f".{out_dir.name}.download"
+    new_dirs = [d for d in (staging.parent, *staging.parent.parents) if not d.exists()]  # deepest first
     try:
         _fetch(repo_id, staging, access_token, tokenizer_only, check_architecture=convert)
     except BaseException:
-        _remove_if_nothing_fetched(staging)
+        _remove_if_nothing_fetched(staging, new_dirs)
         raise
     finish_download(staging, out_dir, repo_id=repo_id, tokenizer_only=tokenizer_only, convert=convert,
                     dtype=dtype, keep_hf=keep_hf, overwrite=overwrite)
@@ -264,18 +265,19 @@ def _url(repo_id: str) -> str:
     return f"{constants.ENDPOINT}/{repo_id}"
 
 
-def _remove_if_nothing_fetched(staging: Path) -> None:
-    """After a failure keep a partial download (it resumes) but not an empty staging folder."""
-    if not staging.is_dir():
-        return
-    fetched = [p for p in staging.rglob("*") if p.is_file() and ".cache" not in p.relative_to(staging).parts]
-    if not fetched:
+def _remove_if_nothing_fetched(staging: Path, new_dirs: Sequence[Path] = ()) -> None:
+    """After a failure keep a partial download (it resumes) but not an empty staging folder, nor the (empty)
+    folders above it that this download created (``new_dirs``, deepest first)."""
+    if staging.is_dir():
+        fetched = [p for p in staging.rglob("*") if p.is_file() and ".cache" not in p.relative_to(staging).parts]
+        if fetched:
+            return
         shutil.rmtree(staging, ignore_errors=True)
-        for parent in (staging.parent,):  # the org folder, when this download created it
-            try:
-                parent.rmdir()
-            except OSError:
-                pass
+    for directory in new_dirs:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or already gone): the folders above it stay too
+            break
 
 
 def _cli_argv(argv: list[str]) -> list[str]:

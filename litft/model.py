@@ -34,6 +34,9 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.max_cache_length = 0
+        # "sdpa" (dense boolean masks) or "flex" (FlexAttention block masks for the uncached forward: packing and
+        # sliding windows without a (T, T) mask; see litft/attention.py). Set by the training loop.
+        self.attention_backend = "sdpa"
 
     # ------------------------------------------------------------------ weights
 
@@ -108,9 +111,17 @@ class GPT(nn.Module):
         kv_len = self.max_cache_length if cached else T
 
         masks = {}
+        flex = self.attention_backend == "flex" and not cached
         for kind in set(self.config.layer_types):
             window = self.config.sliding_window if kind == "sliding" else None
-            masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached)
+            if window is not None and not cached and T <= window:
+                window = None  # the window cannot bind: plain causal (SDPA's fused causal kernel, no mask)
+            if flex and (window is not None or segment_ids is not None or self.config.attn_logit_softcapping):
+                from litft.attention import block_mask
+
+                masks[kind] = block_mask(T, window, segment_ids, idx.device)
+            else:
+                masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached)
 
         x = self.embed(idx)
         if self.config.scale_embeddings:
@@ -195,6 +206,10 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         cap = self.config.attn_logit_softcapping
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            from litft.attention import flex_attend
+
+            return flex_attend(q, k, v, mask, self.scale, cap)
         if cap is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
@@ -244,11 +259,15 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if k.shape[0] != self.k.shape[0]:
-            raise ValueError(f"batch of {k.shape[0]} rows but the KV cache holds {self.k.shape[0]}")
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        """Write a batch of B rows into the cache's first B rows at slots ``input_pos`` (a decode step may run on
+        the rows in use only); returns those rows' keys and values."""
+        rows = k.shape[0]
+        if rows > self.k.shape[0]:
+            raise ValueError(f"batch of {rows} rows but the KV cache holds {self.k.shape[0]}")
+        keys, values = self.k[:rows], self.v[:rows]
+        keys.index_copy_(2, input_pos, k.to(keys.dtype))
+        values.index_copy_(2, input_pos, v.to(values.dtype))
+        return keys, values
 
 
 class GatedMLP(nn.Module):

@@ -486,7 +486,8 @@ class _SentencePieceBackend:
 
 
 class Tokenizer:
-    """The tokenizer of a checkpoint directory (see the module docstring for what it reads and matches).
+    """The tokenizer of a checkpoint directory (see the module docstring for what it reads and matches), or of an
+    asset card's name (:mod:`litft.asset_cards`).
 
     Attributes:
         checkpoint_dir: the directory.
@@ -500,6 +501,10 @@ class Tokenizer:
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
+        if not self.checkpoint_dir.is_dir():  # the name of an asset card (litft assets ls)?
+            from litft.asset_cards import resolve_tokenizer
+
+            self.checkpoint_dir = resolve_tokenizer(checkpoint_dir)
         d = self.checkpoint_dir
         json_path, model_path = d / TOKENIZER_JSON, d / TOKENIZER_MODEL
         if not d.is_dir():

@@ -13,18 +13,22 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_atten
 _LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
              "long_factor": [2.0 + 0.3 * i for i in range(8)], "original_max_position_embeddings": 16}
 
-# (id, HF model_type, config overrides): one or more variants per family in the zoo
+# (id, HF model_type, config overrides): one or more variants per family in the zoo. Numeric constants differ from
+# the HF class defaults where a family's real checkpoints vary (RoPE base, norm epsilon), so a constant copied by
+# hand into litft instead of read from config.json shows in the logits (rope_theta 5e5 as Llama 3; Gemma's eps 1e-4:
+# a wrong 1e-6 moves the logits by ~4e-4, beyond the 1e-4 tolerance).
 FAMILY_VARIANTS = {
-    "llama": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "llama": ("llama", dict(rope_theta=500000.0,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "llama-tied": ("llama", dict(tie_word_embeddings=True, head_dim=32)),
     "llama-yarn": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 16})),
     "llama-linear-bias": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True,
                                         mlp_bias=True)),
-    "mistral": ("mistral", dict(sliding_window=4)),
+    "mistral": ("mistral", dict(sliding_window=4, rope_theta=1000000.0, rms_norm_eps=1e-5)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "gemma": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
+    "gemma": ("gemma", dict(head_dim=16, num_key_value_heads=1, rms_norm_eps=1e-4)),
     "gemma2": ("gemma2", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                               final_logit_softcapping=3.0)),
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,

@@ -1,4 +1,5 @@
-"""``litft chat`` driven through its stdin: multi-line input, history, /reset, Ctrl-D (end of input), /exit."""
+"""``litft chat`` driven through its stdin: multi-line input, history, /reset, Ctrl-D (end of input), /exit, and
+Ctrl-C (SIGINT) during a reply and at the prompt."""
 
 from __future__ import annotations
 
@@ -97,3 +98,75 @@ def test_a_long_conversation_drops_its_oldest_turns(tiny) -> None:
     assert len(llm.encode_chat(session.messages[:-1])) <= 64 - 6
     with pytest.raises(ValueError, match="more than the 58"):
         "".join(session.send("word " * 60))
+
+
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with a 4096-token context whose stop tokens are never the greedy choice (their head rows are
+    zero, so their logit is 0 while the largest of the 398 others is positive): a reply runs for seconds."""
+    import torch
+
+    from litft.convert.hf import convert_from_hf
+    from tests.fixtures_tokenizers import make_bpe_tokenizer
+    from tests.hf_models import make_hf_model
+
+    root = tmp_path_factory.mktemp("endless")
+    model = make_hf_model("llama", root / "hf", overrides={"vocab_size": 400, "bos_token_id": 0,
+                                                           "eos_token_id": [1, 2], "max_position_embeddings": 4096})
+    with torch.no_grad():
+        model.lm_head.weight[[1, 2]] = 0.0
+    model.save_pretrained(root / "hf")
+    make_bpe_tokenizer(root / "hf")
+    return convert_from_hf(root / "hf", root / "native")
+
+
+def test_ctrl_c_stops_the_reply_then_leaves_at_the_prompt(endless: Path) -> None:
+    """SIGINT during a reply stops it and shows the prompt again (the session goes on); SIGINT at the prompt
+    leaves with status 0 and no traceback."""
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "litft", "chat", str(endless), "--temperature", "0", "--max_new_tokens", "3000",
+         "--device", "cpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    out, err = bytearray(), bytearray()
+
+    def pump(stream, buffer: bytearray) -> None:
+        while chunk := stream.read1(4096):
+            buffer.extend(chunk)
+
+    for stream, buffer in ((proc.stdout, out), (proc.stderr, err)):
+        threading.Thread(target=pump, args=(stream, buffer), daemon=True).start()
+
+    def wait_for(condition, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert proc.poll() is None or condition(), f"chat exited ({proc.returncode}) before {what}: {err.decode()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {out.decode()!r} {err.decode()}"
+            time.sleep(0.02)
+
+    try:
+        wait_for(lambda: out.endswith(b">> "), "the prompt")
+        proc.stdin.write(b"Tell me everything\n")
+        proc.stdin.flush()
+        wait_for(lambda: len(out) > 40, "the reply to stream")
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        wait_for(lambda: b"(interrupted)" in err and out.count(b">> ") == 2 and out.endswith(b">> "),
+                 "the reply to stop and the prompt to return")
+        assert time.monotonic() - sent < 10
+        reply = out.decode("utf-8", "replace").split(">> ")[1]
+        assert 10 < len(reply.strip()) and reply.endswith("\n")  # part of the reply, then a clean line
+        proc.stdin.write(b"/reset\n")  # the session goes on reading messages
+        proc.stdin.flush()
+        wait_for(lambda: b"(history cleared)" in err and out.count(b">> ") == 3, "the next prompt")
+        proc.send_signal(signal.SIGINT)  # at the prompt: leave
+        assert proc.wait(30) == 0, err.decode()
+        assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -75,3 +75,76 @@ def test_configs_ls_and_cp(tmp_path, capsys):
         main(["configs", "cp", "llama-3.2-1b/lorra", str(tmp_path / "x.yaml")])
     assert "llama-3.2-1b/lora" in capsys.readouterr().err  # did you mean
     assert not (tmp_path / "x.yaml").exists()
+
+
+# ------------------------------------------------------------------ recipes fit the model they name
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_fits_the_model_it_is_for(name):
+    """checkpoint_dir is the model the recipe's folder names (by the zoo), and max_seq_length fits its context."""
+    from pathlib import Path
+
+    from litft.config import Config
+    from litft.zoo import get_config
+
+    source = yaml.safe_load(RECIPES[name].read_text())
+    folder = name.split("/")[0]
+    checkpoint = source["checkpoint_dir"]
+    if checkpoint.startswith("checkpoints/"):  # where `litft download <repo_id>` puts it
+        repo_id = checkpoint.removeprefix("checkpoints/")
+        config = get_config(repo_id)
+        assert config.hf_id == repo_id, name
+        model = config.name.lower()
+        assert model == folder or model.startswith(f"{folder}-"), f"{name}: checkpoint_dir names {config.name}"
+    else:  # a checkpoint that ships with litft, relative to the repository root
+        config = Config.from_checkpoint(Path(__file__).parent.parent / checkpoint)
+    max_seq_length = (source.get("train") or {}).get("max_seq_length")
+    assert max_seq_length is None or max_seq_length <= config.block_size, (name, max_seq_length, config.block_size)
+
+
+# ------------------------------------------------------------------ the recipes ship in the wheel
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_recipes_and_configs_ls_works_from_it(tmp_path):
+    """A wheel built from the source tree holds every recipe (and every litft package), and `litft configs ls|cp`
+    work from a plain (non-editable) install of it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    src = tmp_path / "src"  # a copy, so that the build writes nothing into the working tree
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, src / name)
+    for name in ("litft", "config_hub"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    r = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", str(src), "-w",
+                        str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    [wheel] = list((tmp_path / "dist").glob("litft-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"litft/config_hub/finetune/{n}.yaml" for n in RECIPES}
+    assert want <= names, sorted(want - names)
+    packages = {p.parent.relative_to(root).as_posix() for p in (root / "litft").rglob("__init__.py")}
+    assert {f"{p}/__init__.py" for p in packages} <= names, "a litft package is missing from pyproject's packages"
+    assert "litft/assets/tiny/base/model.safetensors" in names
+
+    r = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    r = subprocess.run([sys.executable, "-m", "litft", "configs", "ls"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"recipes in {tmp_path / 'site' / 'litft' / 'config_hub' / 'finetune'}" in r.stdout
+    assert all(n in r.stdout for n in RECIPES)
+    r = subprocess.run([sys.executable, "-m", "litft", "configs", "cp", "tiny/lora", "mine.yaml"], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "mine.yaml").read_text() == RECIPES["tiny/lora"].read_text()

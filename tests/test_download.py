@@ -189,3 +189,123 @@ def test_finish_without_convert_and_tokenizer_only(tiny_llama_hf, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "ck" / "org").iterdir()) == ["raw", "tok"]
+
+
+# ------------------------------------------------------------------ a local stand-in for the Hub's error answers
+
+
+class _FakeHub:
+    """A local HTTP server answering like huggingface.co for three repos: ``org/gated`` (metadata public, files need
+    an accepted licence: 401 without a token, 403 with one), any other repo (401 "RepoNotFound" without a token, 404
+    with one, as the Hub answers for missing repos), and any request with the token ``hf_invalid`` (401 "Invalid
+    credentials"). The real huggingface_hub client in a real ``litft download`` process talks to it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str, bool]] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                             **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
+
+            def do_GET(self) -> None:
+                import json as _json
+
+                auth = self.headers.get("Authorization", "")
+                hub.requests.append((self.command, self.path, bool(auth)))
+                if auth == "Bearer hf_invalid":
+                    return self._answer(401, b'{"error": "Invalid credentials in Authorization header"}', {
+                        "X-Error-Message": "Invalid credentials in Authorization header"})
+                path = self.path.split("?")[0]
+                files = ("config.json", "model.safetensors", "tokenizer.json")
+                if path.startswith("/api/models/org/gated/tree/"):  # the file list of a gated repo is public
+                    tree = [{"type": "file", "path": f, "size": 10, "oid": "1" * 40} for f in files]
+                    return self._answer(200, _json.dumps(tree).encode())
+                if path.startswith("/api/models/org/gated"):
+                    info = {"id": "org/gated", "modelId": "org/gated", "sha": "0" * 40, "private": False,
+                            "gated": "manual", "siblings": [{"rfilename": f} for f in files]}
+                    return self._answer(200, _json.dumps(info).encode())
+                if path.startswith("/org/gated/resolve/"):
+                    message = ("Access to model org/gated is restricted and you are not in the authorized list."
+                               if auth else "Access to model org/gated is restricted. You must have access to it "
+                               "and be authenticated to access it. Please log in.")
+                    return self._answer(403 if auth else 401, _json.dumps({"error": message}).encode(), {
+                        "X-Error-Code": "GatedRepo", "X-Error-Message": message})
+                return self._answer(404 if auth else 401, b'{"error": "Repository not found"}', {
+                    "X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    hub = _FakeHub()
+    yield hub
+    hub.close()
+
+
+def _download_online(hub: _FakeHub, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"))  # no saved token either
+    return subprocess.run([sys.executable, "-m", "litft", "download", *args, "--checkpoint_dir", str(tmp_path / "ck")],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_gated_repo_without_token_says_how_to_get_access(fake_hub, tmp_path):
+    r = _download_online(fake_hub, tmp_path, "org/gated")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("litft download: error: org/gated is a gated repo: accept its licence at "
+                               f"{fake_hub.url}/org/gated, then pass --access_token <token> or set HF_TOKEN"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert fake_hub.requests and not any("/resolve/" in p for _, p, _ in fake_hub.requests)  # nothing fetched
+    assert not (tmp_path / "ck").exists()
+
+
+def test_gated_repo_with_a_token_without_access(fake_hub, tmp_path):
+    r = _download_online(fake_hub, tmp_path, "org/gated", "--access_token", "hf_no_access")
+    assert r.returncode == 1, r.stderr
+    assert ("org/gated is a gated repo and your token has no access to it: accept its licence at "
+            f"{fake_hub.url}/org/gated with the account the token belongs to") in r.stderr, r.stderr
+    assert any("/resolve/" in p and auth for _, p, auth in fake_hub.requests)  # the file request was refused (403)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_unknown_repo_is_named_with_close_names(fake_hub, tmp_path):
+    r = _download_online(fake_hub, tmp_path, "meta-llama/Llama-3.2-1B-Instrct")
+    assert r.returncode == 1, r.stderr
+    assert (f"repository 'meta-llama/Llama-3.2-1B-Instrct' not found on the Hugging Face Hub "
+            f"({fake_hub.url}/meta-llama/Llama-3.2-1B-Instrct) or it is private: pass --access_token") in r.stderr
+    assert "Did you mean: meta-llama/Llama-3.2-1B-Instruct" in r.stderr and "Traceback" not in r.stderr
+    r = _download_online(fake_hub, tmp_path, "org/missing", "--access_token", "hf_valid")  # 404 with a token
+    assert r.returncode == 1 and "not found on the Hugging Face Hub" in r.stderr
+    assert "your token cannot see it" in r.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_invalid_token_is_named(fake_hub, tmp_path):
+    r = _download_online(fake_hub, tmp_path, "org/gated", "--access_token", "hf_invalid")
+    assert r.returncode == 1, r.stderr
+    assert "refused access to org/gated (HTTP 401): the token is invalid, expired or lacks read access" in r.stderr
+    assert not (tmp_path / "ck").exists()

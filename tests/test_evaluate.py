@@ -74,21 +74,11 @@ def close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-4 + 1e-5 * abs(b)
 
 
-def test_litft_model_matches_hf_backend(tiny: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from litft.evaluate.harness import LitftLM
-
-    manager = TaskManager(include_path=str(tiny["tasks"]), include_defaults=False)
-    common = dict(tasks=TASKS, task_manager=manager, bootstrap_iters=0, log_samples=True)
-    expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny['hf']},dtype=float32",
-                                       device="cpu", batch_size=2, **common)
-    # a different batch size: results must not depend on batching/padding
-    model = LitftLM(pretrained=str(tiny["native"]), batch_size=3, device="cpu")
-    got = lm_eval.simple_evaluate(model=model, **common)
-
-    for task in TASKS:
+def assert_same_results(expected: dict, got: dict, tasks: list[str]) -> list[str]:
+    """lm-eval results (``log_samples=True``) of the hf backend and of litft agree: metrics, every prompt and
+    every response. Returns the texts generated for tiny_gen (some must be non-empty: no vacuous comparison)."""
+    texts: list[str] = []
+    for task in tasks:
         for key, value in expected["results"][task].items():
             if isinstance(value, float):
                 assert got["results"][task][key] == pytest.approx(value, abs=1e-4, rel=1e-5), (task, key)
@@ -104,10 +94,94 @@ def test_litft_model_matches_hf_backend(tiny: dict[str, Path], caplog: pytest.Lo
                     assert close(rb, ra), (ra, rb)
                 else:  # generated text
                     assert rb == ra
-    assert expected["results"]["tiny_mc"]["acc,none"] == got["results"]["tiny_mc"]["acc,none"]
+        if task == "tiny_gen":
+            texts = [r[0] for sample in have for r in sample["resps"]]
+            assert any(t.strip() for t in texts), texts  # not only a comparison of empty strings
+    if "tiny_mc" in tasks:
+        assert expected["results"]["tiny_mc"]["acc,none"] == got["results"]["tiny_mc"]["acc,none"]
+    return texts
+
+
+def test_litft_model_matches_hf_backend(tiny: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from litft.evaluate.harness import LitftLM
+
+    manager = TaskManager(include_path=str(tiny["tasks"]), include_defaults=False)
+    common = dict(tasks=TASKS, task_manager=manager, bootstrap_iters=0, log_samples=True)
+    expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny['hf']},dtype=float32",
+                                       device="cpu", batch_size=2, **common)
+    # a different batch size: results must not depend on batching/padding
+    model = LitftLM(pretrained=str(tiny["native"]), batch_size=3, device="cpu")
+    got = lm_eval.simple_evaluate(model=model, **common)
+
+    texts = assert_same_results(expected, got, TASKS)
+    assert len(texts) == 5 and all(t.strip() for t in texts), texts  # every generation compared is real text
     # the tasks really exercised what they should: a left-truncated context, more than one rolling window
     assert any("truncating" in r.message for r in caplog.records if r.name == "litft.evaluate")
     assert len(model.tok_encode(" ".join(CORPUS))) > 64
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-step ``litft finetune lora`` run on the tiny Llama (its final/: LoRA weights + base.yaml) and the run
+    merged and exported by ``litft convert to_hf``."""
+    import torch
+
+    from litft.cli import main
+    from litft.train.checkpoint import load_checkpoint
+
+    root = tmp_path_factory.mktemp("lora_run")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in
+                            [("What is two plus two?", "four"), ("The capital of France?", "Paris"),
+                             ("Count: 1 2 3", "4"), ("Once upon a", "time")]))
+    main(["finetune", "lora", str(tiny["native"]), "--out_dir", str(root / "run"), "--data.train_path", str(data),
+          "--data.prompt_style", "plain", "--train.max_steps", "3", "--train.global_batch_size", "4",
+          "--train.micro_batch_size", "4", "--train.lr", "0.02", "--train.lr_schedule", "constant",
+          "--eval.final_validation", "false", "--lora.r", "4", "--lora.targets", "[q,k,v,o,gate,up,down]"])
+    final = root / "run" / "final"
+    assert (final / "lora.safetensors").is_file() and not (final / "model.safetensors").exists()
+    main(["convert", "to_hf", str(final), str(root / "hf")])
+    x = torch.tensor([[0, 5, 9, 30]])
+    with torch.no_grad():
+        assert (load_checkpoint(final)(x) - load_checkpoint(tiny["native"])(x)).abs().max() > 1e-2  # it trained
+    return {"final": final, "hf": root / "hf"}
+
+
+def test_lora_run_from_the_cli_matches_hf_backend_on_its_export(tiny: dict[str, Path], lora_run: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """``litft evaluate <run>/final --num_fewshot 2 --seed 7`` (the LoRA run as it is, no merge step) gives lm-eval's
+    ``hf`` backend results on the run's to_hf export with the same few-shot count and seed; another seed draws
+    other few-shot examples."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    from litft.cli import main
+
+    tasks = ["tiny_mc", "tiny_gen"]  # tiny_gen samples its few-shot examples at random (tiny_mc takes the first n)
+
+    def cli(seed: int) -> dict:
+        out = tmp_path / f"seed{seed}.json"
+        main(["evaluate", str(lora_run["final"]), "--tasks", ",".join(tasks), "--include_path", str(tiny["tasks"]),
+              "--include_defaults", "false", "--num_fewshot", "2", "--seed", str(seed), "--batch_size", "3",
+              "--bootstrap_iters", "0", "--log_samples", "true", "--device", "cpu", "--out", str(out)])
+        return json.loads(out.read_text())
+
+    got = cli(7)
+    expected = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={lora_run['hf']},dtype=float32", device="cpu", batch_size=2,
+        tasks=tasks, task_manager=TaskManager(include_path=str(tiny["tasks"]), include_defaults=False),
+        num_fewshot=2, bootstrap_iters=0, log_samples=True, random_seed=7, numpy_random_seed=7, torch_random_seed=7,
+        fewshot_random_seed=7)
+    expected = json.loads(json.dumps(expected, default=handle_non_serializable))  # as the results file holds it
+    assert got["n-shot"] == expected["n-shot"] == {"tiny_mc": 2, "tiny_gen": 2}
+    assert_same_results(expected, got, tasks)
+    prompts = [sample["arguments"] for sample in got["samples"]["tiny_gen"]]
+    assert all(p[0][0].count("Q:") == 3 for p in prompts)  # two few-shot examples before each question
+    assert [sample["arguments"] for sample in cli(8)["samples"]["tiny_gen"]] != prompts
 
 
 @pytest.mark.parametrize("tokenizer", ["bpe", "sentencepiece"])

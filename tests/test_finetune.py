@@ -399,3 +399,367 @@ def test_nan_loss_stops_with_a_clear_message_and_no_final(ckpt, data_dir, tmp_pa
     out = tmp_path / "out"
     _fails(_cli(broken, data_dir, out), capsys, "training loss is nan at step 1")
     assert not (out / "final").exists()
+
+
+# ------------------------------------------------------------------------------------------ audit: correctness
+
+
+def val_loss_of(model: torch.nn.Module, data: DataArgs, checkpoint: Path, max_seq_length: int = 64) -> float:
+    """Mean target-token loss of ``model`` on the validation rows of ``data``, as the loop computes it."""
+    from litft.data import load_datasets
+    from litft.tokenizer import Tokenizer
+
+    _, val, _ = load_datasets(data, Tokenizer(checkpoint), max_seq_length)
+    batch = pad_batch(val, 0)
+    model.eval()
+    with torch.no_grad():
+        return float(CausalLMLoss(model)(**batch)) / count_targets(batch)
+
+
+def test_full_finetune_of_a_tied_model_stays_tied_through_export(data_dir, tmp_path):
+    """The shipped demo base ties lm_head to the embedding: a full fine-tune trains the one shared matrix, final/
+    stores it once with tie_embeddings true, and transformers loads the export with the very same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from litft.convert.hf import convert_to_hf
+    from litft.finetune.full import finetune_full
+
+    base = TINY / "base"
+    assert Config.from_checkpoint(base).tie_embeddings
+    data = data_args(data_dir)
+    out = tmp_path / "out"
+    final = finetune_full(base, out, data=data, train=train_args(max_steps=4, lr=1e-2), **COMMON)
+    weights = load_file(final / "model.safetensors")
+    assert "lm_head.weight" not in weights and Config.from_checkpoint(final).tie_embeddings
+    assert not torch.equal(weights["embed.weight"], load_file(base / "model.safetensors")["embed.weight"])
+    # the model that trained (its final val loss, logged) is the tied model final/ loads: the head did not drift away
+    # from the embedding during training (an untied head would be lost on save and change this loss)
+    model = load_checkpoint(final)
+    assert model.lm_head.weight is model.embed.weight
+    logged = [r["final_val_loss"] for r in read_metrics(out) if "final_val_loss" in r][0]
+    assert val_loss_of(model, data, final) == pytest.approx(logged, abs=1e-5)
+
+    hf_dir = convert_to_hf(final, tmp_path / "hf")
+    assert json.loads((hf_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    idx = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("method, precision", [("full", "bf16-true"), ("lora", "bf16-true"), ("full", "bf16-mixed"),
+                                               ("lora", "bf16-mixed")])
+def test_bf16_precisions_train_on_cpu(ckpt, data_dir, tmp_path, method, precision):
+    """Every recipe trains in bf16: bf16-true (bf16 weights) and bf16-mixed (fp32 weights, bf16 autocast) run,
+    their loss is finite and falls, and final/ loads and generates."""
+    from safetensors.torch import load_file
+
+    from litft.finetune.full import finetune_full
+    from litft.finetune.lora import finetune_lora
+    from litft.peft import LoRAArgs
+
+    out = tmp_path / "out"
+    kw = dict(data=data_args(data_dir), train=train_args(max_steps=8, lr=2e-2), accelerator="cpu", precision=precision)
+    if method == "full":
+        final = finetune_full(ckpt, out, **kw)
+    else:
+        final = finetune_lora(ckpt, out, lora=LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"]), **kw)
+    curve = losses(out)
+    assert len(curve) == 8 and all(math.isfinite(x) for x in curve)
+    assert sum(curve[-3:]) < sum(curve[:3]) - 0.3, curve
+    assert yaml.safe_load((out / "run.yaml").read_text())["precision"] == precision
+    weights = load_file(final / ("model.safetensors" if method == "full" else "lora.safetensors"))
+    want = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert {t.dtype for t in weights.values()} == {want}
+    check_loads_and_generates(final)
+
+
+def test_optimizer_by_class_path_from_yaml_is_used_and_run_yaml_reproduces_it(ckpt, data_dir, tmp_path):
+    """`optimizer: {class_path: torch.optim.SGD, init_args: {momentum: 0.9}}` in a YAML config builds that optimizer
+    (its state is in the checkpoint: SGD momentum buffers, two weight-decay groups), and run.yaml replays the run."""
+    config = tmp_path / "sgd.yaml"
+    config.write_text(yaml.safe_dump({
+        "checkpoint_dir": str(ckpt), "out_dir": str(tmp_path / "a"), "accelerator": "cpu", "precision": "32-true",
+        "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9, "nesterov": True}},
+        "data": {"train_path": str(data_dir / "train.jsonl"), "val_path": str(data_dir / "val.jsonl"),
+                 "format": "template", "template": TEMPLATE},
+        "train": {"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 4, "lr": 0.05, "weight_decay": 0.01,
+                  "save_interval": 2},
+        "eval": {"final_validation": False},
+    }))
+    main(["finetune", "full", "--config", str(config)])
+    state = torch.load(tmp_path / "a" / "checkpoints" / "step-2" / "state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [(g["momentum"], g["nesterov"], g["weight_decay"]) for g in groups] == [(0.9, True, 0.01), (0.9, True, 0.0)]
+    assert all("betas" not in g for g in groups)  # not AdamW
+    buffers = state["optimizer"]["state"].values()
+    assert buffers and all(set(s) == {"momentum_buffer"} for s in buffers)
+    from litft.train.schedule import param_groups
+
+    expected = param_groups(load_checkpoint(ckpt).named_parameters(), 0.01)
+    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in expected]
+    run = yaml.safe_load((tmp_path / "a" / "run.yaml").read_text())
+    assert run["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9, "nesterov": True}}
+    main(["finetune", "full", "--config", str(tmp_path / "a" / "run.yaml"), "--out_dir", str(tmp_path / "b")])
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 4
+    # the same from the command line, as JSON
+    main(["finetune", "full", str(ckpt), "--out_dir", str(tmp_path / "c"), "--accelerator", "cpu",
+          "--data.train_path", str(data_dir / "train.jsonl"), "--data.template", TEMPLATE, "--train.max_steps", "1",
+          "--optimizer", '{"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.5}}'])
+    assert yaml.safe_load((tmp_path / "c" / "run.yaml").read_text())["optimizer"]["init_args"] == {"momentum": 0.5}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(ckpt, mode):
+    """Recomputing the blocks in the backward pass changes no gradient, LoRA dropout included (the recompute
+    replays the same random mask)."""
+    from litft.peft import LoRAArgs, apply_lora
+    from litft.train.loop import enable_activation_checkpointing
+
+    batch = pad_batch(_samples(), 0)
+    n = count_targets(batch)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_checkpoint(ckpt)
+        torch.manual_seed(1)
+        apply_lora(model, LoRAArgs(r=4, alpha=8, dropout=0.3, targets=["all-linear"]))
+        for name, p in model.named_parameters():  # non-zero B so that every LoRA weight gets a gradient
+            if name.endswith("lora_B"):
+                torch.nn.init.normal_(p, std=0.1)
+        if checkpointing:
+            enable_activation_checkpointing(model, mode)
+        model.train()
+        torch.manual_seed(2)
+        forward_backward(CausalLMLoss(model), [batch], lambda loss: loss.backward(), n)
+        grads.append(_grads(model))
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * 7 * 2  # A and B of 7 linears in 2 blocks
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5)
+
+
+def _update_norm(before: Path, after: Path) -> float:
+    from safetensors.torch import load_file
+
+    a, b = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+    return math.sqrt(sum(float(((b[k] - a[k]) ** 2).sum()) for k in a))
+
+
+def test_grad_norm_is_logged_and_clipping_caps_the_update(ckpt, data_dir, tmp_path):
+    """One plain-SGD step moves the weights by lr x the gradient: with max_norm above the logged grad_norm the step's
+    length is lr x grad_norm (so grad_norm is the true norm before clipping); with a small max_norm it is
+    lr x max_norm."""
+    from litft.finetune.full import finetune_full
+
+    kw = dict(data=data_args(data_dir), eval=EvalArgs(final_validation=False), optimizer="SGD", **COMMON)
+    lr = 0.5
+    finetune_full(ckpt, tmp_path / "free", train=train_args(max_steps=1, lr=lr, max_norm=1e6), **kw)
+    [record] = [r for r in read_metrics(tmp_path / "free") if "loss" in r]
+    grad_norm = record["grad_norm"]
+    assert grad_norm > 0.1
+    assert _update_norm(ckpt, tmp_path / "free" / "final") == pytest.approx(lr * grad_norm, rel=1e-4)
+    max_norm = grad_norm / 10
+    finetune_full(ckpt, tmp_path / "clipped", train=train_args(max_steps=1, lr=lr, max_norm=max_norm), **kw)
+    [record] = [r for r in read_metrics(tmp_path / "clipped") if "loss" in r]
+    assert record["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)  # logged before clipping
+    assert _update_norm(ckpt, tmp_path / "clipped" / "final") == pytest.approx(lr * max_norm, rel=1e-4)
+
+
+def test_weight_decay_applies_to_matrices_only(ckpt, tmp_path):
+    """Linear weights (and LoRA matrices) decay; norms, biases, gates and the embedding do not."""
+    from litft.peft import AdapterArgs, LoRAArgs, apply_adapter, apply_lora
+    from litft.train.schedule import build_optimizer, param_groups
+
+    def split(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+        groups = param_groups(model.named_parameters(), 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+        none = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+        return decay, none
+
+    model = load_checkpoint(make_checkpoint(tmp_path / "bias", attention_bias=True, attention_out_bias=True))
+    decay, none = split(model)
+    assert decay == {n for n, p in model.named_parameters() if p.ndim == 2 and n != "embed.weight"}
+    assert {"lm_head.weight", "blocks.0.attn.q_proj.weight", "blocks.1.mlp.down_proj.weight"} <= decay
+    assert none == {"embed.weight", "norm.weight"} | {n for n, _ in model.named_parameters()
+                                                      if n.endswith(("bias", "_norm.weight"))}
+    assert "blocks.0.attn.q_proj.bias" in none
+    opt = build_optimizer("AdamW", model, lr=1e-3, weight_decay=0.1)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]
+
+    lora = load_checkpoint(ckpt)
+    apply_lora(lora, LoRAArgs(r=2, targets=["q", "v"], use_dora=True))
+    decay, none = split(lora)
+    assert decay and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in decay)
+    assert none and all(n.endswith("lora_magnitude_vector") for n in none)  # DoRA's per-row magnitudes: vectors
+    adapter = load_checkpoint(ckpt)
+    apply_adapter(adapter, AdapterArgs(prompt_length=2, start_layer=1))
+    decay, none = split(adapter)
+    assert {n.rsplit(".", 1)[-1] for n in decay} == {"prompt"} and {n.rsplit(".", 1)[-1] for n in none} == {"gate"}
+
+
+@pytest.mark.parametrize("first", ["lora", "full"])
+def test_iterative_finetuning_starts_from_the_previous_run(ckpt, data_dir, tmp_path, first):
+    """Run 2 (from run 1's final/, new training data, new lr) starts from run 1's weights: its step-0 validation
+    loss equals run 1's final validation loss on the same validation file."""
+    from litft.finetune.full import finetune_full
+    from litft.finetune.lora import finetune_lora
+    from litft.peft import LoRAArgs
+
+    lora = LoRAArgs(r=4, alpha=8, dropout=0.1, targets=["all-linear"])
+    data = data_args(data_dir)
+    out1 = tmp_path / "run1"
+    if first == "lora":
+        final1 = finetune_lora(ckpt, out1, data=data, train=train_args(max_steps=6, lr=2e-2), lora=lora, **COMMON)
+    else:
+        final1 = finetune_full(ckpt, out1, data=data, train=train_args(max_steps=6), **COMMON)
+    val1 = [r["final_val_loss"] for r in read_metrics(out1) if "final_val_loss" in r][0]
+    base_val = val_loss_of(load_checkpoint(ckpt), data, ckpt)
+    assert val1 < base_val - 0.3  # run 1 learned something run 2 must keep
+
+    new_rows = (TINY / "data" / "train.jsonl").read_text().splitlines()[100:132]
+    (tmp_path / "new.jsonl").write_text("\n".join(new_rows) + "\n")
+    data2 = dataclasses.replace(data, train_path=tmp_path / "new.jsonl")
+    out2 = tmp_path / "run2"
+    finetune_lora(final1, out2, data=data2, train=train_args(max_steps=2, lr=5e-3), lora=lora,
+                  eval=EvalArgs(initial_validation=True), **COMMON)
+    step0 = [r["val_loss"] for r in read_metrics(out2) if r.get("step") == 0 and "val_loss" in r]
+    assert step0 and step0[0] == pytest.approx(val1, abs=1e-5)
+    run2 = yaml.safe_load((out2 / "run.yaml").read_text())
+    assert run2["train"]["lr"] == 5e-3 and run2["data"]["train_path"] == str(tmp_path / "new.jsonl")
+
+
+def test_chat_data_without_a_chat_template_is_refused_before_anything_is_written(ckpt, data_dir, tmp_path, capsys):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "HI"}]}) + "\n")
+    out = tmp_path / "out"
+    for fmt in ("chat", "auto"):
+        args = ["finetune", "lora", str(ckpt), "--out_dir", str(out), "--accelerator", "cpu",
+                "--data.train_path", str(chat), "--data.format", fmt, "--train.max_steps", "1"]
+        _fails(args, capsys, "chat template", "data.format")
+        assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ every advertised flag runs
+
+# A value for every option `litft finetune <method> --help` shows: one run per method passes them all at once, so no
+# advertised flag is refused at run time. A new option fails test_every_help_option_has_a_value until it gets one.
+# Non-default values where the machine allows (CUDA-only settings get their CPU value; compile=true would spend
+# a minute compiling on CPU: it has its own tests).
+GROUP_FILES = ("--data", "--train", "--eval", "--lora", "--adapter")  # `--data FILE`: a YAML for the whole group
+HELP_VALUES = {
+    "--config": "{config}", "--out_dir": "{out}",
+    "--data.train_path": "{data}/train.jsonl", "--data.val_path": "{data}/val.jsonl", "--data.format": "template",
+    "--data.template": TEMPLATE, "--data.response_template": "Answer:", "--data.text_field": "body",
+    "--data.instruction_field": "task", "--data.input_field": "input", "--data.output_field": "output",
+    "--data.messages_field": "conversation", "--data.prompt_style": "plain", "--data.mask_prompt": "true",
+    "--data.val_split_fraction": "0.1", "--data.packing": "true", "--data.seed": "7",
+    "--train.global_batch_size": "4", "--train.micro_batch_size": "2", "--train.max_seq_length": "48",
+    "--train.epochs": "2", "--train.max_steps": "2", "--train.max_time": "1h", "--train.lr": "0.01",
+    "--train.min_lr": "0.001", "--train.warmup_steps": "1", "--train.lr_schedule": "constant",
+    "--train.weight_decay": "0.01", "--train.max_norm": "0.5", "--train.seed": "3",
+    "--train.activation_checkpointing": "selective", "--train.activation_checkpointing_every": "2",
+    "--train.activation_offloading": "false", "--train.fused_loss": "true", "--train.loss_chunk_size": "8",
+    "--train.attention": "sdpa", "--train.compile": "false", "--train.fused_optimizer": "true",
+    "--train.peak_tflops": "1.5", "--train.log_interval": "1", "--train.save_interval": "1", "--train.keep_last": "1",
+    "--train.sharding": "shard_grad_op", "--train.timeout": "10m",
+    "--eval.interval": "1", "--eval.max_batches": "1", "--eval.initial_validation": "true",
+    "--eval.final_validation": "true", "--eval.early_stopping_patience": "5",
+    "--eval.early_stopping_min_delta": "0.001",
+    "--eval.generate_samples": "2", "--eval.max_new_tokens": "4",
+    "--lora.r": "2", "--lora.alpha": "4", "--lora.dropout": "0.1", "--lora.targets": "[all-linear,lm_head]",
+    "--lora.use_dora": "true", "--lora.use_rslora": "true", "--quantize": "bnb.nf4", "--merge": "true",
+    "--adapter.prompt_length": "3", "--adapter.start_layer": "1",
+    "--optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"betas": [0.9, 0.95], "eps": 1e-6}}',
+    "--precision": "bf16-mixed", "--devices": "1", "--num_nodes": "1", "--strategy": "auto", "--accelerator": "cpu",
+    "--resume": "auto", "--overwrite": "false",
+}
+NOT_RUN = {"-h", "--help", "--print_config"}  # --print_config: checked with all the other flags, then the real run
+
+
+def help_options(method: str, capsys) -> list[str]:
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", method, "--help"])
+    assert e.value.code in (0, None)
+    text = capsys.readouterr().out
+    usage = text.split("\n\n")[0] if "\n\n" in text else text
+    return sorted(set(re.findall(r"\[(--?[\w.]+)", usage)) | {m for m in re.findall(r"^\s+(--[\w.]+)", text, re.M)})
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+def test_every_help_option_has_a_value(method, capsys):
+    options = set(help_options(method, capsys)) - NOT_RUN - set(GROUP_FILES)
+    missing = sorted(options - set(HELP_VALUES))
+    assert not missing, f"add a value for {missing} to HELP_VALUES in tests/test_finetune.py"
+    assert "--print_config" in help_options(method, capsys)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+def test_every_advertised_flag_is_accepted_at_run_time(method, ckpt, data_dir, tmp_path, capsys):
+    if method == "lora":
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "overridden")}))
+    options = set(help_options(method, capsys))
+    paths = {"{config}": str(config), "{out}": str(out), "{data}": str(data_dir)}
+    values = {k: paths.get(v, v).replace("{data}", str(data_dir)) for k, v in HELP_VALUES.items()}
+    argv = ["finetune", method, str(ckpt), "--config", values["--config"]]
+    for group in GROUP_FILES:  # a group's own config file first, then its dotted options override it
+        if group in options:
+            path = tmp_path / f"{group[2:]}.yaml"
+            path.write_text(yaml.safe_dump({"seed": 5} if group in ("--data", "--train") else {}))
+            argv += [group, str(path)]
+    for option in sorted(options - NOT_RUN - set(GROUP_FILES) - {"--config"}):
+        argv += [option, values[option]]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--print_config"])
+    assert e.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["out_dir"] == str(out) and printed["train"]["max_steps"] == 2 and printed["data"]["seed"] == 7
+    main(argv)  # raises SystemExit(1) with the message if any value is refused
+    err = capsys.readouterr().err
+    records = read_metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2], err
+    assert (out / "final" / "model_config.yaml").is_file()
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["precision"] == "bf16-mixed" and run["train"]["activation_checkpointing"] == "selective"
+    if method == "lora":  # QLoRA + merge: merged into the dequantized base, as `litft convert merge_lora` does
+        assert run["quantize"] == "bnb.nf4" and (out / "final" / "model.safetensors").is_file()
+        from litft.weights import load_model
+
+        merged = load_model(out / "final").eval()  # the merged weights alone
+        trained = load_checkpoint(out / "final").eval()  # the 4-bit base + the LoRA weights, as trained
+        idx = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(merged(idx), trained(idx), atol=1e-4, rtol=1e-4)
+        check_loads_and_generates(out / "final")
+
+
+# ------------------------------------------------------------------------------------------ the README's main job
+
+
+@pytest.mark.slow
+def test_readme_main_job_learns(tmp_path, monkeypatch):
+    """`litft finetune lora --config config_hub/finetune/tiny/lora.yaml` from the repository root, as the README
+    says, with half the steps: the exact-match accuracy on the validation set rises and the validation loss falls."""
+    root = Path(litft.__file__).parent.parent
+    command = "litft finetune lora --config config_hub/finetune/tiny/lora.yaml"
+    assert command in (root / "README.md").read_text()
+    monkeypatch.chdir(root)  # the recipe's paths are relative to the repository root
+    out = tmp_path / "out"
+    main([*command.split()[1:], "--out_dir", str(out), "--train.max_steps", "150", "--train.save_interval", "null",
+          "--eval.interval", "null", "--eval.initial_validation", "true"])
+    records = read_metrics(out)
+    before = next(r["accuracy_before"] for r in records if "accuracy_before" in r)
+    after = next(r["accuracy_after"] for r in records if "accuracy_after" in r)
+    assert after > before, (before, after)
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[-1] < val[0] - 1.0, val
+    assert (out / "final" / "model.safetensors").is_file()  # merge: true in the recipe
+    check_loads_and_generates(out / "final")

@@ -29,13 +29,15 @@ NEW = 20
 GREEDY = SamplingParams(max_new_tokens=NEW, stop_token_ids=[])
 
 
-def make_tiny_checkpoint(root: Path, variant: str = "llama") -> dict[str, Path]:
+def make_tiny_checkpoint(root: Path, variant: str = "llama", overrides: dict | None = None) -> dict[str, Path]:
     """A tiny random HF model of ``variant`` with the byte-level BPE test tokenizer (vocab 400, Llama 3 chat
-    template, stop tokens <|end_of_text|> and <|eot_id|>), as an HF folder and as a native checkpoint."""
+    template, stop tokens <|end_of_text|> and <|eot_id|>), as an HF folder and as a native checkpoint.
+    ``overrides``: more HF config fields (e.g. ``{"num_hidden_layers": 1}``)."""
     from tests.fixtures_tokenizers import make_bpe_tokenizer
 
     hf_dir, native = root / "hf", root / "native"
-    make_hf_model(variant, hf_dir, overrides={"vocab_size": 400, "bos_token_id": 0, "eos_token_id": [1, 2]})
+    make_hf_model(variant, hf_dir, overrides={"vocab_size": 400, "bos_token_id": 0, "eos_token_id": [1, 2],
+                                              **(overrides or {})})
     make_bpe_tokenizer(hf_dir)  # after the model: its generation_config.json (eos = both stop tokens) wins
     convert_from_hf(hf_dir, native)
     return {"hf": hf_dir, "native": native}
@@ -144,9 +146,52 @@ def test_requests_join_a_running_batch_and_the_cache_shifts(variant: str, tmp_pa
     assert engine.num_shifts >= 2
 
 
-def test_chunked_prefill_equals_one_shot(llama) -> None:
+def test_repetition_penalty_batch_equals_alone(llama) -> None:
+    """Each row keeps its own seen-token mask: in a batch (with rows without a penalty, and continuous batching
+    reusing rows) every request gets the tokens it gets alone."""
     _, model = llama
-    prompts = _prompts((13, 4))
+    engine = Engine(model)
+    prompts = _prompts((9, 4, 13, 6))
+    params = [SamplingParams(max_new_tokens=m, repetition_penalty=p, stop_token_ids=[])
+              for m, p in ((14, 1.5), (6, 1.0), (10, 2.0), (12, 1.2))]
+    alone = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+    assert alone[0] != engine.generate([prompts[0]], GREEDY)[0].tokens[:14]  # the penalty changes the output
+    assert [r.tokens for r in engine.generate(prompts, params)] == alone
+    assert [r.tokens for r in engine.generate(prompts, params, max_batch_size=2)] == alone
+
+
+def test_a_step_decodes_only_the_rows_in_use(llama) -> None:
+    """A decode step runs on the smallest bucket of leading rows holding every live row; when rows finish, the
+    ones left at the end move down (KV cache, positions, sampling state): tokens stay those of each alone."""
+    _, model = llama
+    engine = Engine(model)
+    prompts = _prompts((5, 10, 3, 14, 8, 6))
+    params = [SamplingParams(max_new_tokens=m, stop_token_ids=[]) for m in (3, 4, 5, 20)] + [
+        SamplingParams(max_new_tokens=18, repetition_penalty=1.5, stop_token_ids=[]),
+        SamplingParams(max_new_tokens=16, temperature=1.0, top_k=20, seed=3, stop_token_ids=[])]
+    alone = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+    engine.allocate(batch_size=32, cache_length=64)
+    one = engine.add([engine.new_request(prompts[0], GREEDY)])[0]
+    engine.step()
+    assert engine.last_step_rows == 1  # one request on a 32-row cache decodes one row
+    engine.remove(one)
+    engine.num_row_moves = 0
+    requests = engine.run([engine.new_request(p, sp) for p, sp in zip(prompts, params)], max_batch_size=6)
+    assert [r.tokens for r in requests] == alone
+    assert engine.batch_size == 6 and engine.buckets == [1, 2, 4, 6]
+    # rows 0-2 finish (3 live: bucket 4): 4 -> 0, 5 -> 1; then (2 live) 3 -> 1; then (1 live) 1 -> 0
+    assert engine.num_row_moves == 4
+    assert engine.last_step_rows == 1  # the longest request ended alone in row 0
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "gemma3"])
+def test_chunked_prefill_equals_one_shot(variant: str, tmp_path: Path) -> None:
+    """Prompts longer than the sliding window (4 tokens for mistral, gemma2 and gemma3) prefilled 3 tokens at a
+    time give the tokens of a one-shot prefill."""
+    make_hf_model(variant, tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    assert variant == "llama" or model.config.sliding_window == 4
+    prompts = _prompts((13, 4, 9))
     whole = [r.tokens for r in Engine(model).generate(prompts, GREEDY)]
     chunked = [r.tokens for r in Engine(model, prefill_chunk_size=3).generate(prompts, GREEDY)]
     assert whole == chunked
@@ -168,15 +213,83 @@ def test_lazy_host_sync_gives_the_same_tokens_and_stops(llama) -> None:
     assert r1.finish_reason == r2.finish_reason == "stop" and r1.num_generated == first + 1
 
 
-def test_compiled_decode_equals_eager(tmp_path: Path) -> None:
-    make_hf_model("llama", tmp_path / "hf", overrides={"num_hidden_layers": 1})  # 1 layer: compiles faster
-    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
-    prompts = _prompts((5, 9))
-    params = SamplingParams(max_new_tokens=8, stop_token_ids=[])
+def test_compiled_decode_equals_eager(tmp_path: Path, capsys) -> None:
+    """torch.compile'd decode gives the eager tokens: the Engine (graphs reused, a smaller bucket once rows
+    finish), ``LLM.load(compile=True)`` and ``litft generate --compile true``."""
+    from litft.api import LLM
+
+    paths = make_tiny_checkpoint(tmp_path, overrides={"num_hidden_layers": 1})  # 1 layer: compiles faster
+    model = load_model(paths["native"])
+    prompts = _prompts((5, 9), vocab=400)
+    params = [SamplingParams(max_new_tokens=m, stop_token_ids=[]) for m in (8, 4)]
     eager = [r.tokens for r in Engine(model).generate(prompts, params)]
     compiled = Engine(model, compile=True)
     assert [r.tokens for r in compiled.generate(prompts, params)] == eager
-    assert [r.tokens for r in compiled.generate(prompts, params)] == eager  # the compiled graph is reused
+    assert [r.tokens for r in compiled.generate(prompts, params)] == eager  # the compiled graphs are reused
+    assert compiled.last_step_rows == 1
+
+    expected = LLM.load(paths["native"], device="cpu").generate(PROMPTS[0], max_new_tokens=8)
+    llm = LLM.load(paths["native"], device="cpu", compile=True)
+    assert llm.engine.compiled and llm.generate(PROMPTS[0], max_new_tokens=8) == expected
+    _run_cli(paths["native"], "--prompt", PROMPTS[0], "--max_new_tokens", "8", "--device", "cpu",
+             "--chat_template", "false", "--compile", "true")
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def compiled_equals_eager(variant: str, root: Path, device: str) -> None:
+    """Compiled decode (on CUDA: CUDA graphs, one per bucket of rows) gives the eager tokens with continuous
+    batching (rows joining, leaving and moving down), cache shifts (a longer prompt joining, the cache filling up)
+    and through ``LLM.load(compile=True)``."""
+    from litft.api import LLM
+
+    paths = make_tiny_checkpoint(root, variant)
+    model = load_model(paths["native"], device=device)
+    prompts = _prompts((5, 10, 14, 3, 8), vocab=400)
+    params = [SamplingParams(max_new_tokens=m, stop_token_ids=[]) for m in (15, 12, 6, 20, 9)]
+    eager, compiled = Engine(model), Engine(model, compile=True)
+    for batch in (2, 5):
+        expected = [r.tokens for r in eager.generate(prompts, params, max_batch_size=batch)]
+        assert [r.tokens for r in compiled.generate(prompts, params, max_batch_size=batch)] == expected, batch
+    assert compiled.num_row_moves > 0
+
+    def joined_mid_decode(engine: Engine) -> list[list[int]]:  # the schedule of the cache-shift test above
+        engine.allocate(batch_size=2, cache_length=24)
+        a = engine.add([engine.new_request(prompts[0], params[0])])[0]
+        for _ in range(4):
+            engine.step()
+        b = engine.add([engine.new_request(prompts[1], params[1])])[0]
+        c = None
+        while engine.active_requests():
+            engine.step()
+            for r in engine.sync():
+                if r.finished:
+                    engine.remove(r)
+                    if r is a:
+                        c = engine.add([engine.new_request(prompts[2], params[2])])[0]
+        return [a.tokens, b.tokens, c.tokens]
+
+    shifts = compiled.num_shifts
+    assert joined_mid_decode(compiled) == joined_mid_decode(eager)
+    assert compiled.num_shifts >= shifts + 2
+    texts = ["The cat likes", "Question: what is the capital of France? Answer:"]
+    llm = LLM.load(paths["native"], device=device, precision="32-true", compile=True)
+    reference = LLM.load(paths["native"], device=device, precision="32-true")
+    assert llm.engine.compiled
+    assert llm.generate(texts, max_new_tokens=20) == reference.generate(texts, max_new_tokens=20)
+    assert "".join(llm.generate(texts[0], max_new_tokens=20, stream=True)) == \
+        reference.generate(texts[0], max_new_tokens=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["llama", "gemma2"])
+def test_cuda_graph_decode_equals_eager(variant: str, tmp_path: Path, monkeypatch) -> None:
+    """``--compile`` on a GPU (torch.compile mode reduce-overhead: CUDA graphs), fp32, softcapping and sliding
+    windows included (gemma2). No silent fallback to eager: hitting the recompile limit is an error."""
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "fail_on_recompile_limit_hit", True)
+    compiled_equals_eager(variant, tmp_path, "cuda")
 
 
 # ---------------------------------------------------------------------- sampling
@@ -389,6 +502,17 @@ def test_cli_generate_file_is_batched_and_resumable(tiny, llm, tmp_path: Path) -
     assert out.read_text() == "".join(text)
     _run_cli(*args)  # all done: nothing changes
     assert out.read_text() == "".join(text)
+
+
+def test_cli_generate_quantized(tiny, capsys) -> None:
+    """``litft generate --quantize bnb.nf4`` streams what ``LLM.load(quantize="bnb.nf4")`` generates."""
+    pytest.importorskip("bitsandbytes")
+    from litft.api import LLM
+
+    expected = LLM.load(tiny["native"], device="cpu", quantize="bnb.nf4").generate(PROMPTS[1], max_new_tokens=12)
+    _run_cli(tiny["native"], "--prompt", PROMPTS[1], "--max_new_tokens", "12", "--device", "cpu",
+             "--chat_template", "false", "--quantize", "bnb.nf4")
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_cli_generate_bad_input_is_a_clear_error(tiny, tmp_path: Path, capsys) -> None:

@@ -90,19 +90,24 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-def litft_logits(final: Path, tokens: torch.Tensor, quantize: str | None = None) -> torch.Tensor:
-    """Logits of the run's model as trained: the base with its (unmerged) LoRA layers; for QLoRA the base is
-    quantized first, exactly as ``finetune lora --quantize`` prepares it."""
+def trained_model(final: Path, quantize: str | None = None) -> torch.nn.Module:
+    """The run's model as trained, built by hand: its base checkpoint with the (unmerged) LoRA layers; for QLoRA
+    the base quantized first, exactly as ``finetune lora --quantize`` prepares it (``quantize=None`` on a QLoRA
+    run: the unquantized base plus the LoRA, i.e. *not* the trained model)."""
     from litft.peft import load_lora, quantize_model
+    from litft.weights import load_model
 
-    if quantize is None:
-        model = load_checkpoint(final, merge=False)
-    else:
-        model = load_checkpoint(yaml.safe_load((final / "base.yaml").read_text())["base_checkpoint"])
+    model = load_model(yaml.safe_load((final / "base.yaml").read_text())["base_checkpoint"])
+    if quantize is not None:
         quantize_model(model, quantize)
-        load_lora(model, final)
+    load_lora(model, final)
+    return model.eval()
+
+
+def litft_logits(final: Path, tokens: torch.Tensor, quantize: str | None = None) -> torch.Tensor:
+    """Logits of :func:`trained_model`."""
     with torch.no_grad():
-        return model.eval()(tokens)
+        return trained_model(final, quantize)(tokens)
 
 
 def hf_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -130,6 +135,85 @@ def test_to_hf_of_a_run_loads_in_transformers_with_the_same_logits(method, runs,
     if quantize:  # the export is the model that was trained: merged into the *dequantized* base, not the original
         unquantized = litft_logits(final, tokens)
         assert (got - unquantized).abs().max() > 10 * tol
+
+
+def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy ``generate``, one prompt at a time, never stopping early."""
+    model.generation_config.eos_token_id = None
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=0)
+        out.append(y[0, len(ids):].tolist())
+    return out
+
+
+PROMPTS = ["Repeat the cat", "Repeat a red ball, and then the fence", "dog"]
+GREEDY_TOKENS = 12
+
+
+def test_llm_load_of_a_qlora_run_is_the_trained_model(runs, tokens, tmp_path):
+    """LLM.load (thus generate, chat, serve, evaluate) of a QLoRA run's final/ gives the model that was trained:
+    LoRA merged into the quantized-then-dequantized base, equal to the to_hf export in transformers; with
+    ``quantize="bnb.nf4"`` (the run's own mode), exactly the trained layers, unmerged over the nf4 base."""
+    from transformers import AutoModelForCausalLM
+
+    from litft import LLM
+    from litft.generate import SamplingParams
+    from litft.peft.lora import LoRALinear
+    from litft.peft.quantize import is_quantized
+
+    final = runs["qlora"] / "final"
+    assert yaml.safe_load((final / "base.yaml").read_text())["quantize"] == "bnb.nf4"  # the checkpoint says so
+    trained = litft_logits(final, tokens, "bnb.nf4")
+    llm = LLM.load(final, device="cpu")
+    assert not any(is_quantized(m) or isinstance(m, LoRALinear) for m in llm.model.modules())  # plain, merged
+    with torch.no_grad():
+        got = llm.model(tokens)
+    litft("convert", "to_hf", final, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(got, hf_logits(hf, tokens), atol=QLORA_TOL, rtol=0)
+    torch.testing.assert_close(got, trained, atol=QLORA_TOL, rtol=0)
+    assert (got - litft_logits(final, tokens)).abs().max() > 10 * QLORA_TOL  # not the unquantized base + LoRA
+
+    prompts = [llm.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=GREEDY_TOKENS, stop_token_ids=[])
+    assert [r.tokens for r in llm.engine.generate(prompts, params)] == hf_greedy(hf, prompts, GREEDY_TOKENS)
+
+    quantized = LLM.load(final, device="cpu", quantize="bnb.nf4")
+    assert is_quantized(quantized.model.blocks[0].attn.q_proj.base_layer)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.model(tokens), trained, atol=1e-5, rtol=0)
+
+
+def test_llm_load_of_a_lora_run_generates_what_transformers_does_on_the_export(runs, tmp_path):
+    """LLM.load(final/) of a LoRA run, greedy and batched: the tokens of transformers' greedy generate on the
+    to_hf export, and of the unmerged LoRA model (the LoRA layers as trained) through the engine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from litft import LLM
+    from litft.generate import Engine, SamplingParams
+    from litft.peft.lora import LoRALinear
+
+    final = runs["lora"] / "final"
+    llm = LLM.load(final, device="cpu")
+    litft("convert", "to_hf", final, tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompts = [llm.encode(p) for p in PROMPTS]
+    assert prompts == [tokenizer(p).input_ids for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=GREEDY_TOKENS, stop_token_ids=[])
+    ours = [r.tokens for r in llm.engine.generate(prompts, params)]
+    assert ours == hf_greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), prompts, GREEDY_TOKENS)
+    base = LLM.load(yaml.safe_load((final / "base.yaml").read_text())["base_checkpoint"], device="cpu")
+    assert [r.tokens for r in base.engine.generate(prompts, params)] != ours  # the run changed what is generated
+
+    unmerged = load_checkpoint(final, merge=False).eval()
+    assert sum(isinstance(m, LoRALinear) for m in unmerged.modules()) == 3 * 7
+    assert [r.tokens for r in Engine(unmerged, llm.tokenizer).generate(prompts, params)] == ours
+    assert llm.generate(PROMPTS[0], max_new_tokens=GREEDY_TOKENS) == \
+        llm.tokenizer.decode(llm.engine.generate([prompts[0]], SamplingParams(max_new_tokens=GREEDY_TOKENS))[0].tokens)
 
 
 def test_to_hf_layout_is_what_transformers_writes(runs, tiny_llama_hf, tmp_path):
@@ -201,6 +285,32 @@ def test_to_peft_loads_in_peft_with_the_same_logits(method, runs, tokens, tiny_l
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_hf), out)
     torch.testing.assert_close(hf_logits(model, tokens), litft_logits(runs[method] / "final", tokens),
                                atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3"])
+def test_to_peft_of_other_families_loads_in_peft_with_the_same_logits(variant, tokens, tmp_path):
+    """A LoRA run on a tiny Gemma (tied embeddings, GeGLU, (1 + w) norms), Mistral (sliding window) and Qwen3
+    (q/k norms) exported to_peft: PeftModel over the original HF model computes what litft computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_generate import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "model", variant)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    litft("finetune", "lora", model["native"], "--out_dir", tmp_path / "run", "--data.train_path", data,
+          "--data.prompt_style", "plain", "--train.max_steps", 2, "--train.global_batch_size", 4,
+          "--train.micro_batch_size", 4, "--train.lr", 0.02, "--train.lr_schedule", "constant",
+          "--eval.final_validation", "false", "--lora.r", 4, "--lora.alpha", 8, "--lora.dropout", 0.0,
+          "--lora.targets", "[q,k,v,o,gate,up,down]")
+    litft("convert", "to_peft", tmp_path / "run", tmp_path / "adapter")
+    hf = AutoModelForCausalLM.from_pretrained(model["hf"])
+    base = hf_logits(hf, tokens)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    expected = litft_logits(tmp_path / "run" / "final", tokens)
+    assert (expected - base).abs().max() > 1e-2, "the run should have changed the model"
+    torch.testing.assert_close(hf_logits(peft_model, tokens), expected, atol=TOL, rtol=0)
 
 
 def make_peft_adapter(hf_dir: Path, out: Path, use_dora: bool) -> torch.nn.Module:

@@ -102,6 +102,31 @@ def test_quantized_logits_equal_transformers_bnb(llama, mode):
     assert (w - original).abs().max() < (0.2 if mode != "bnb.int8" else 0.01) * original.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.int8"])
+def test_quantized_greedy_generation_equals_transformers_bnb(llama, mode):
+    """Quantized inference (the loading path of ``LLM.load(quantize=...)``) through the engine, prompts of different
+    lengths in one batch: the tokens of transformers' greedy ``generate`` on its own bitsandbytes model."""
+    from transformers import GenerationConfig
+
+    from litft.api import load_checkpoint_model
+    from litft.generate import Engine, SamplingParams
+
+    hf_dir, native = llama
+    engine = Engine(load_checkpoint_model(native, "cpu", None, quantize=mode))
+    assert is_quantized(engine.model.blocks[0].attn.q_proj)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (7, 12, 3)]
+    ours = [r.tokens for r in engine.generate(prompts, SamplingParams(max_new_tokens=16, stop_token_ids=[]))]
+    hf = hf_quantized(hf_dir, mode)
+    hf.generation_config.eos_token_id = None  # lengths must match: never stop early
+    config = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for prompt, tokens in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(prompt):]
+        assert tokens == theirs.tolist()
+
+
 @pytest.mark.parametrize("mode,use_dora", [("bnb.nf4", True), ("bnb.int8", False)])
 def test_qlora_matches_peft_on_the_quantized_transformers_model(llama, mode, use_dora):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict

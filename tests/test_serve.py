@@ -123,9 +123,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path):
-    """The server under test: up to 8 requests decode together, 64 may wait."""
+    """The server under test: up to 32 requests decode together, 64 may wait."""
     llm = LLM.load(checkpoint, device="cpu")
-    with ThreadServer(create_app(llm, MODEL, max_batch_size=8, max_queue=64)) as s:
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=32, max_queue=64)) as s:
         yield s
 
 
@@ -232,7 +232,7 @@ def test_seeded_sampling_is_reproducible(server: ThreadServer, reference: LLM) -
 
 def test_32_concurrent_streams_are_batched_and_each_equals_its_greedy_output(server: ThreadServer,
                                                                              reference: LLM) -> None:
-    lengths = [4 + (7 * i) % 37 for i in range(32)]
+    lengths = [16 + (7 * i) % 37 for i in range(32)]  # long enough to overlap while the 32 requests arrive
     expected = [reference.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths)]  # one at a time
     before = server.metrics()
     results: list[Optional[str]] = [None] * 32
@@ -259,7 +259,7 @@ def test_32_concurrent_streams_are_batched_and_each_equals_its_greedy_output(ser
     assert results == expected
     after = server.metrics()
     assert after["requests_completed"] - before["requests_completed"] == 32
-    assert after["max_active_batch"] >= 4, after  # several requests really decoded in the same steps
+    assert after["max_active_batch"] >= 16, after  # at least half of the clients really decoded in the same steps
     assert after["batched_steps"] > before["batched_steps"]
     assert after["active_rows"] == 0 and after["queued"] == 0
 
@@ -370,7 +370,7 @@ BAD_REQUESTS = [  # (path, body, status, param)
     ("/v1/completions", _body(stop=5), 400, "stop"),
     ("/v1/completions", _body(seed="x"), 400, "seed"),
     ("/v1/completions", _body(seed=2**70), 400, "seed"),
-    ("/v1/completions", _body(prompt=["Hi"] * 40, n=2), 400, "prompt"),  # more than max_batch_size + max_queue
+    ("/v1/completions", _body(prompt=["Hi"] * 50, n=2), 400, "prompt"),  # more than max_batch_size + max_queue
     ("/v1/completions", _body(prompt=[]), 400, "prompt"),
     ("/v1/completions", _body(prompt=""), 400, "prompt"),
     ("/v1/completions", _body(prompt=[5, 99999]), 400, "prompt"),
@@ -456,7 +456,9 @@ def _health(port: int) -> bool:
 
 
 def test_cli_api_key_and_graceful_sigterm(checkpoint: Path, reference: LLM) -> None:
-    proc, port = _start_cli(checkpoint, "--max_batch_size", "4", "--shutdown_timeout", "5",
+    # --shutdown_timeout 2: ample for the short request's 40 tokens, far too little for the long one's ~2,000
+    # (a decode step of this tiny model on a CPU runs at ~300 tokens/s at best)
+    proc, port = _start_cli(checkpoint, "--max_batch_size", "4", "--shutdown_timeout", "2",
                             env={"LITFT_API_KEY": "s3cret"})
     try:
         url = f"http://{HOST}:{port}/v1"
@@ -483,7 +485,7 @@ def test_cli_api_key_and_graceful_sigterm(checkpoint: Path, reference: LLM) -> N
         assert [c.choices[0].finish_reason for c in short][-1] == "length"
         reasons = [c.choices[0].finish_reason for c in long]
         assert reasons[-1] == "abort" and reasons.count("abort") == 1
-        assert 4 < time.monotonic() - started < 40
+        assert 1.5 < time.monotonic() - started < 40
         assert proc.wait(60) == 0, "".join(proc.output)
         assert "Traceback" not in "".join(proc.output), "".join(proc.output)
         with pytest.raises(OSError):
@@ -492,6 +494,31 @@ def test_cli_api_key_and_graceful_sigterm(checkpoint: Path, reference: LLM) -> N
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((HOST, port))
             s.listen()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_cli_api_key_flag_and_quantized_model(checkpoint: Path) -> None:
+    """``--api_key`` on the command line (LITFT_API_KEY unset) guards /v1/*; ``--quantize bnb.nf4`` serves the
+    quantized model: greedy completions equal ``LLM.load(quantize="bnb.nf4").generate``."""
+    pytest.importorskip("bitsandbytes")
+    expected = LLM.load(checkpoint, device="cpu", quantize="bnb.nf4").generate(PROMPTS[3], max_new_tokens=12)
+    proc, port = _start_cli(checkpoint, "--api_key", "fl4g", "--quantize", "bnb.nf4", "--max_batch_size", "4",
+                            "--device", "cpu")
+    try:
+        assert_error(*http_json(port, "POST", "/v1/completions", _body()), 401)
+        assert_error(*http_json(port, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"}), 401)
+        url = f"http://{HOST}:{port}/v1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url, api_key="fl4g", max_retries=0, timeout=60)
+        out = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=0)
+        assert out.choices[0].text == expected
+        assert "no API key" not in "".join(proc.output)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(proc.output)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -39,6 +39,64 @@ def test_helper_reads_blocks_and_continuations():
         code_blocks("```bash\nlitft a\n")
 
 
+HARNESS_MD = """# A tutorial of the harness's conventions
+
+```yaml title=conf/settings.yaml
+greeting: hello from MODEL_PATH
+```
+
+```bash
+# keeps running until Ctrl-C; ready when it prints: server ready
+python -c "import signal, sys, time; print('server ready', flush=True); signal.signal(signal.SIGINT, lambda *a: sys.exit(0)); time.sleep(60)"
+test -f conf/settings.yaml && \\
+  grep -q "hello from /the/model" conf/settings.yaml
+```
+
+```python
+import yaml
+settings = yaml.safe_load(open("conf/settings.yaml"))
+```
+
+```python norun
+raise SystemExit("never run")
+```
+
+```python
+print(settings["greeting"])
+```
+
+```bash
+echo done
+```
+"""
+
+
+def test_harness_conventions(tmp_path):
+    """Titled files written, a background command waited for and stopped with Ctrl-C, python blocks in one session
+    (norun skipped), bash in order; a failing python block names its markdown line."""
+    md = tmp_path / "t.md"
+    md.write_text(HARNESS_MD)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert [c.ready for c in bash_commands(HARNESS_MD)] == ["server ready", None, None]
+    ran = run_tutorial(md, cwd=work, substitutions={"MODEL_PATH": "/the/model"}, timeout=60)
+    assert [r.kind for r in ran] == ["file", "background", "bash", "python", "python", "bash"]
+    assert ran[4].stdout == "hello from /the/model\n" and ran[5].stdout == "done\n"
+    assert "server ready" in ran[1].stdout  # its output, filled in once it stopped (exit status 0 on Ctrl-C)
+
+    md.write_text(HARNESS_MD.replace('print(settings["greeting"])', 'print(settings["missing"])'))
+    with pytest.raises(AssertionError, match=r"t\.md:24: python block failed(.|\n)*KeyError: 'missing'"):
+        run_tutorial(md, cwd=work, substitutions={"MODEL_PATH": "/the/model"}, timeout=60)
+    with pytest.raises(AssertionError, match=r"do not occur in the tutorial"):
+        run_tutorial(md, cwd=work, substitutions={"nowhere": "x"})
+    md.write_text("```yaml title=~/x.yaml\na: 1\n```\n```bash\ntrue\n```\n")
+    with pytest.raises(AssertionError, match=r"reader's home: pass env=\{'HOME'"):
+        run_tutorial(md, cwd=work)
+    md.write_text("```bash\n# keeps running; ready when it prints: never\nfalse\n```\n")
+    with pytest.raises(AssertionError, match=r"t\.md:3: background command: it exited with status 1"):
+        run_tutorial(md, cwd=work, timeout=20)
+
+
 def test_export_tutorial_runs(tiny_model, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

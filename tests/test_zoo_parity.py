@@ -3,6 +3,8 @@ forward, and HF → litft → HF is tensor-for-tensor identical."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -64,3 +66,143 @@ def test_round_trip_is_identical_and_loads_in_transformers(converted):
     idx = _tokens(3)
     with torch.no_grad():
         assert (reloaded(idx).logits - hf_model(idx).logits).abs().max().item() <= TOL, variant
+
+
+def test_numeric_constants_come_from_config_json(converted):
+    """Norm epsilon, RoPE bases and softcaps are the checkpoint's, never a family default copied by hand."""
+    import json
+
+    from litft.config import Config
+
+    variant, _, d, native = converted
+    hf = json.loads((d / "hf" / "config.json").read_text())
+    config = Config.from_checkpoint(native)
+    assert config.norm_eps == hf["rms_norm_eps"], variant
+    rope = hf.get("rope_parameters") or {}
+    theta = (rope.get("full_attention") or rope).get("rope_theta", hf.get("rope_theta"))
+    assert config.rope_theta == theta, variant
+    if "sliding_attention" in rope:
+        assert config.rope_local_theta == rope["sliding_attention"]["rope_theta"], variant
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window"):
+        if hf.get(key) is not None:
+            assert getattr(config, key) == hf[key], (variant, key)
+    assert config.vocab_size == hf["vocab_size"] and config.n_layer == hf["num_hidden_layers"], variant
+
+
+# ------------------------------------------------------------------------------ nothing keyed on model names
+
+_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm")
+_ALLOWED_LITERALS = {"llama3"}  # an HF rope_type value, read from config.json like any other field
+_NAME_FIELDS = {"name", "hf_id", "model_name", "repo_id", "model_id", "name_or_path", "_name_or_path"}
+_STRING_TESTS = {"startswith", "endswith", "match", "search", "fullmatch", "find", "index", "count"}
+
+
+def _terminal(node) -> str:
+    """The last identifier of an expression: ``config.hf_id`` → hf_id, ``hf["_name_or_path"]`` → _name_or_path."""
+    import ast
+
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        return node.slice.value
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("lower", "upper",
+                                                                                                  "casefold", "strip"):
+        return _terminal(node.func.value)
+    return ""
+
+
+def _is_model_name(node) -> bool:
+    import ast
+
+    term = _terminal(node)
+    if term in _NAME_FIELDS - {"name"}:
+        return True
+    # `.name` of a config (not of a Path or a module): config.name, self.config.name, cfg.name
+    target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else node
+    return term == "name" and isinstance(target, ast.Attribute) and _terminal(target.value) in ("config", "cfg")
+
+
+def _family_literal(node) -> bool:
+    import ast
+
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value.lower() not in _ALLOWED_LITERALS:
+            if any(w in sub.value.lower() for w in _FAMILY_WORDS):
+                return True
+    return False
+
+
+def name_keyed_tests(source: str) -> list[int]:
+    """Line numbers of comparisons / string tests on a model name or a family name string."""
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        operands = []
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _STRING_TESTS:
+            operands = [node.func.value, *node.args]
+        if operands and any(_is_model_name(o) or _family_literal(o) for o in operands):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_name_checker_catches_name_keyed_code():
+    bad = ('if config.name.startswith("gemma-2"):\n    pass\n'
+           'x = "llama" in hf_id\n'
+           'y = self.config.hf_id == "google/gemma-2b"\n'
+           'z = re.match(r"qwen.*", model_name)\n'
+           'w = hf["_name_or_path"].lower().endswith("-it")\n')
+    assert name_keyed_tests(bad) == [1, 3, 4, 5, 6]
+    ok = ('if kind == "llama3":\n    pass\n'  # an HF rope_type
+          'if f.name.startswith("model"):\n    pass\n'  # a file name
+          'c = Config(name="gemma-2b", hf_id="google/gemma-2b")\n')  # declaring a named config is not testing one
+    assert name_keyed_tests(ok) == []
+
+
+def test_no_behaviour_is_keyed_on_model_names():
+    """The model, the zoo's mappings, PEFT, conversion and generation never test a model's name or repo id."""
+    import litft
+
+    root = Path(litft.__file__).parent
+    files = [root / "model.py", *sorted((root / "zoo").glob("*.py"))]
+    for sub in ("peft", "convert", "generate"):
+        files += sorted((root / sub).glob("*.py"))
+    assert len(files) > 10
+    found = set()
+    for f in files:
+        text = f.read_text().splitlines()
+        for line in name_keyed_tests(f.read_text()):
+            rel = f.relative_to(root.parent).as_posix()
+            if not any(rel == file and snippet in text[line - 1] for file, snippet in _NAME_TEST_ALLOWED):
+                found.add(f"{rel}:{line}: {text[line - 1].strip()}")
+    assert not found, f"behaviour keyed on a model name: {sorted(found)}"
+
+
+# comparisons of names that only choose a message, never what is computed: (file, text on the line)
+_NAME_TEST_ALLOWED = [
+    ("litft/convert/peft.py", "declared != config.hf_id"),  # from_peft notes an adapter trained on another repo id
+]
+
+
+@pytest.mark.parametrize("variant, folder", [("gemma2", "gemma-2b"), ("gemma", "gemma-2-2b")])
+def test_folder_name_of_another_model_does_not_change_the_architecture(variant, folder, tmp_path):
+    """A Gemma 2 checkpoint in a folder named like Gemma 1 (and the reverse) converts by its own config.json."""
+    from litft.config import Config
+
+    hf_model = make_hf_model(variant, tmp_path / folder)
+    native = convert_from_hf(tmp_path / folder, tmp_path / f"{folder}-native")
+    config = Config.from_checkpoint(native)
+    assert config.name == folder and config.hf_model_type == variant
+    assert config.post_block_norms == (variant == "gemma2")
+    assert config.attn_logit_softcapping == (5.0 if variant == "gemma2" else None)
+    idx = _tokens(4)
+    with torch.no_grad():
+        assert (load_model(native)(idx) - hf_model(idx).logits).abs().max().item() <= TOL
+    out = convert_to_hf(native, tmp_path / f"{folder}-hf")
+    import json
+
+    assert json.loads((out / "config.json").read_text())["model_type"] == variant

@@ -4,14 +4,37 @@
 #
 #   bash extensions/slurm/localhost.sh install   # apt-get install slurm-wlm munge (once)
 #   bash extensions/slurm/localhost.sh start     # munged, slurmctld, slurmd; waits until the node is idle
-#   bash extensions/slurm/localhost.sh stop      # stops the three daemons
+#   bash extensions/slurm/localhost.sh stop      # stops the daemons that `start` started (by their pids)
 #
-# The state lives in $LITFT_SLURM_DIR (default /tmp/litft-slurm): pid files, logs, spool dirs.
+# The state lives in $LITFT_SLURM_DIR (default /tmp/litft-slurm): pid files, logs, spool dirs, and `started`, the
+# daemons this script started. A daemon that was already running (a system service) is used and left running.
 set -euo pipefail
 cmd=${1:-start}
 dir=${LITFT_SLURM_DIR:-/tmp/litft-slurm}
 host=$(hostname -s)
 cpus=$(nproc)
+
+pid_file() {
+  case "$1" in
+    munged) echo /run/munge/munged.pid ;;
+    *) echo "$dir/$1.pid" ;;
+  esac
+}
+
+# the pid of a running daemon from its pid file, if that process is indeed the daemon
+daemon_pid() {
+  local file pid
+  file=$(pid_file "$1")
+  [ -s "$file" ] || return 1
+  pid=$(cat "$file")
+  [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$1" ] || return 1
+  echo "$pid"
+}
+
+# running: from its pid file, or (a daemon started some other way, e.g. as a system service) by its name
+running() { daemon_pid "$1" >/dev/null || pgrep -x "$1" >/dev/null; }
+
+started() { mkdir -p "$dir"; grep -qsx "$1" "$dir/started" || echo "$1" >> "$dir/started"; }
 
 install() {
   if command -v slurmctld >/dev/null && command -v munged >/dev/null; then return; fi
@@ -28,10 +51,15 @@ start() {
   fi
   chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
   chmod 400 /etc/munge/munge.key
-  if ! pgrep -x munged >/dev/null; then
-    runuser -u munge -- /usr/sbin/munged
+  if ! running munged; then
+    runuser -u munge -- /usr/sbin/munged --pid-file="$(pid_file munged)"
+    started munged
   fi
   mkdir -p /etc/slurm
+  # MinJobAge=10: finished jobs leave slurmctld's memory after 10 s (default 300), which lets `sbatch --wait` poll
+  # every 8 s instead of backing off to 32 s (it waits at most half of MinJobAge between polls)
+  local old_conf
+  old_conf=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
   cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=local
 SlurmctldHost=$host
@@ -51,12 +79,19 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none
+MinJobAge=10
 NodeName=$host CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
   printf 'CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n' > /etc/slurm/cgroup.conf
-  pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
-  pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
+  for daemon in slurmctld slurmd; do
+    if ! running "$daemon"; then
+      "/usr/sbin/$daemon"
+      started "$daemon"
+    elif [ "$daemon" = slurmctld ] && [ "$old_conf" != "$(cat /etc/slurm/slurm.conf)" ]; then
+      scontrol reconfigure  # already running with an older slurm.conf
+    fi
+  done
   for _ in $(seq 60); do
     if sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
       echo "slurm: node $host is up"; return 0
@@ -68,11 +103,17 @@ CONF
 }
 
 stop() {
-  for name in slurmd slurmctld; do
-    if [ -f "$dir/$name.pid" ]; then kill "$(cat "$dir/$name.pid")" 2>/dev/null || true; fi
-    pkill -x "$name" 2>/dev/null || true
+  # only what `start` started, newest first, each by the pid in its pid file (checked to be that daemon)
+  [ -f "$dir/started" ] || { echo "slurm: nothing started by $0 to stop"; return 0; }
+  for daemon in slurmd slurmctld munged; do
+    grep -qx "$daemon" "$dir/started" || continue
+    pid=$(daemon_pid "$daemon") || { echo "slurm: $daemon is not running"; continue; }
+    kill "$pid"
+    for _ in $(seq 50); do [ -d "/proc/$pid" ] || break; sleep 0.2; done
+    if [ -d "/proc/$pid" ]; then echo "slurm: $daemon (pid $pid) did not stop in 10 s; killing it" >&2; kill -9 "$pid"; fi
+    echo "slurm: stopped $daemon (pid $pid)"
   done
-  pkill -x munged 2>/dev/null || true
+  rm -f "$dir/started"
 }
 
 case "$cmd" in

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Fine-tune on one node with several GPUs under Slurm: `sbatch extensions/slurm/sbatch_1node.sh`.
-# srun starts one task per GPU; litft (Lightning Fabric) reads rank, local rank and the master address from
-# the Slurm environment. --devices must equal --ntasks-per-node, --num_nodes must equal --nodes: litft checks
-# both and stops with the fix before any process waits for another.
+# Fine-tune on one node with several GPUs under Slurm:
 #
-# EDIT: the job name, partition, time, the GPU count (the three lines marked GPUS), the paths and the recipe.
+#   mkdir -p logs && sbatch extensions/slurm/sbatch_1node.sh [more litft finetune options]
+#
+# srun starts one task per GPU; litft (Lightning Fabric) reads rank, local rank and the master address from the
+# Slurm environment. --devices must equal --ntasks-per-node and --num_nodes must equal --nodes: litft checks both
+# and stops with the fix before any process waits for another (the srun line below passes both from Slurm).
+#
+# EDIT: the lines marked EDIT, and the GPU count (the two lines marked GPUS). Options given to sbatch override the
+# #SBATCH lines (sbatch --partition debug ...); CONFIG and OUT may also come from the environment
+# (sbatch --export ALL,CONFIG=my.yaml,OUT=out/run1 ...); options after the script name are added to the litft
+# command (e.g. --train.max_steps 1000).
 #SBATCH --job-name=litft-finetune
 #SBATCH --partition=gpu              # EDIT: your cluster's GPU partition (`sinfo -s` lists them)
 #SBATCH --time=04:00:00              # EDIT: wall time; resume a killed run with --resume auto
@@ -16,14 +22,15 @@
 #SBATCH --output=logs/%x-%j.out      # EDIT: where the log goes (the directory must exist)
 set -euo pipefail
 
-CHECKPOINT=checkpoints/meta-llama/Llama-3.2-1B        # EDIT: a litft checkpoint (litft download ...)
-OUT=out/${SLURM_JOB_NAME}-${SLURM_JOB_ID}             # EDIT: or a fixed path, to resume with --resume auto
-GPUS=${SLURM_NTASKS_PER_NODE}
+# The recipe: checkpoint_dir, data and hyperparameters (litft configs cp llama-3.2-1b/lora lora.yaml, then edit)
+CONFIG=${CONFIG:-lora.yaml}                           # EDIT: your recipe
+OUT=${OUT:-out/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}     # EDIT: or a fixed path, to resume with --resume auto
 
 # source .venv/bin/activate                           # EDIT: your environment
-srun litft finetune lora "$CHECKPOINT" \
+# --kill-on-bad-exit=1: when one task fails, srun stops the others at once instead of leaving them waiting.
+srun --kill-on-bad-exit=1 litft finetune lora --config "$CONFIG" \
     --out_dir "$OUT" \
-    --devices "$GPUS" --num_nodes "$SLURM_NNODES" \
+    --devices "$SLURM_NTASKS_PER_NODE" --num_nodes "$SLURM_NNODES" \
     --strategy fsdp --train.sharding full_shard \
     --train.timeout 30m \
-    --data.train_path data/train.jsonl                # EDIT: your data and recipe (or --config my.yaml)
+    "$@"

@@ -130,14 +130,17 @@ def convert_from_hf(
     """Convert a Hugging Face checkpoint folder into a native litft checkpoint.
 
     Args:
-        hf_dir: folder with ``config.json``, ``*.safetensors`` (or ``pytorch_model*.bin``) and tokenizer files.
+        hf_dir: folder with ``config.json``, ``*.safetensors`` (or ``pytorch_model*.bin``) and tokenizer files
+            (or the name of an asset card naming one).
         out_dir: where to write the native checkpoint; default ``<hf_dir>-litft``.
         dtype: cast floating-point weights to this dtype (float32, bfloat16, float16); default keeps them.
         max_shard_size: largest safetensors shard to write, e.g. ``5GB``.
         overwrite: replace ``out_dir`` if it exists and is not empty.
         hf_id: HF repo id recorded in ``model_config.yaml``.
     """
-    hf_dir = Path(hf_dir)
+    from litft.asset_cards import resolve_checkpoint
+
+    hf_dir = resolve_checkpoint(hf_dir)  # a folder, or the name of an asset card
     config = hf_config_to_config(hf_dir, hf_id=hf_id)
     out_dir = Path(out_dir) if out_dir is not None else hf_dir.parent / f"{hf_dir.name}-litft"
     with atomic_directory(out_dir, overwrite) as tmp:

@@ -28,8 +28,11 @@ ADAPTER_REFUSAL = (
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint a user means: ``path`` itself, or ``path/final`` when ``path`` is a run's out_dir."""
-    path = Path(path)
+    """The checkpoint a user means: ``path`` itself, ``path/final`` when ``path`` is a run's out_dir, or the
+    checkpoint of the asset card named ``path`` (``litft assets ls``)."""
+    from litft.asset_cards import resolve_checkpoint as resolve_name
+
+    path = resolve_name(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if (path / MODEL_CONFIG_FILE).is_file():
@@ -75,33 +78,11 @@ def checkpoint_method(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
     return base
 
 
-def run_quantize(checkpoint_dir: Path, base: dict[str, Any]) -> Optional[str]:
-    """The ``--quantize`` mode the LoRA weights were trained with (QLoRA), or None.
-
-    Read from ``base.yaml`` (``quantize:``) when it says, else from the ``run.yaml`` of the run the checkpoint
-    belongs to (``<out_dir>/final`` or ``<out_dir>/checkpoints/step-N``).
-    """
-    import yaml
-
-    if "quantize" in base:
-        return base["quantize"] or None
-    checkpoint_dir = Path(checkpoint_dir).resolve()
-    for run_file in (checkpoint_dir.parent / "run.yaml", checkpoint_dir.parent.parent / "run.yaml"):
-        if run_file.is_file():
-            try:
-                run = yaml.safe_load(run_file.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{run_file}: not valid YAML: {e}") from e
-            return (run.get("quantize") or None) if isinstance(run, dict) else None
-    return None
-
-
 def load_merged(
     checkpoint_dir: Path, dtype: Optional[torch.dtype] = None, purpose: str = "merge",
 ) -> Optional[torch.nn.Module]:
     """A LoRA/DoRA/QLoRA checkpoint loaded and merged into a plain GPT on the CPU; None when the checkpoint
     already holds full weights. An adapter checkpoint is refused with what to do instead."""
-    from litft.peft.lora import merge_lora as merge_lora_layers
     from litft.train.checkpoint import load_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -112,15 +93,8 @@ def load_merged(
         raise ValueError(f"{purpose}: {checkpoint_dir} cannot be merged: {ADAPTER_REFUSAL}")
     if base["method"] != "lora":
         raise ValueError(f"{checkpoint_dir}: unknown method {base['method']!r} in base.yaml (expected lora or adapter)")
-    quantize = run_quantize(checkpoint_dir, base)
-    model = load_checkpoint(checkpoint_dir, device="cpu", dtype=dtype, merge=quantize is None)
-    if quantize is not None:
-        from litft.peft.quantize import is_quantized, quantize_model
-
-        if not any(is_quantized(m) for m in model.modules()):  # (unless load_checkpoint quantized it already)
-            # as `finetune lora --quantize` did: every linear layer but the head, the LoRA layers' bases included
-            quantize_model(model, quantize)
-        model = merge_lora_layers(model) or model
+    # a QLoRA run's base is quantized as in training, then dequantized by the merge: the model that was trained
+    model = load_checkpoint(checkpoint_dir, device="cpu", dtype=dtype)
     return model.eval()
 
 

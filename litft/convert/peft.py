@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from litft.convert.merge import ADAPTER_REFUSAL, checkpoint_method, resolve_checkpoint, run_quantize
+from litft.convert.merge import ADAPTER_REFUSAL, checkpoint_method, resolve_checkpoint
+from litft.train.checkpoint import run_quantize
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"

@@ -375,8 +375,8 @@ def evaluate(
     ``dataset_kwargs: {data_files: ...}``) run offline.
 
     Args:
-        checkpoint_dir: A litft checkpoint, a Hugging Face model folder or a fine-tune run's ``final/``
-            (may be given as the first argument).
+        checkpoint_dir: A litft checkpoint, a Hugging Face model folder, a fine-tune run's ``final/`` or an
+            asset card's name (may be given as the first argument).
         tasks: Comma-separated task/group names, globs (``"arc_*"``) or task YAML paths; no value lists tasks.
         num_fewshot: Few-shot examples per prompt (default: each task's own).
         batch_size: Requests per forward pass / rows generating together.
@@ -396,6 +396,10 @@ def evaluate(
     Returns:
         lm-eval's results dict (None when listing tasks).
     """
+    if checkpoint_dir is not None:
+        from litft.asset_cards import resolve_checkpoint
+
+        checkpoint_dir = resolve_checkpoint(checkpoint_dir)  # a folder, or the name of an asset card
     if checkpoint_dir is not None and not Path(checkpoint_dir).is_dir():
         raise FileNotFoundError(f"{checkpoint_dir}: no such checkpoint directory (a litft checkpoint, a Hugging Face "
                                 f"model folder or a run's final/; hub names are not fetched: `litft download` first)")

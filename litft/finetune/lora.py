@@ -48,7 +48,8 @@ def finetune_lora(
         quantize: Quantize the frozen base with bitsandbytes (QLoRA): "bnb.nf4", "bnb.nf4-dq" (double
             quantization), "bnb.fp4" or "bnb.int8". Needs bitsandbytes (the ``quantize`` extra) and a device it
             supports (CUDA; CPU with bitsandbytes >= 0.48).
-        merge: Also write the base with the LoRA weights merged into ``final/model.safetensors`` (a plain checkpoint).
+        merge: Also write the base with the LoRA weights merged into ``final/model.safetensors`` (a plain checkpoint;
+            with ``quantize``, merged into the dequantized base on the CPU, as ``litft convert merge_lora`` does).
         optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
             ``{class_path: ..., init_args: {...}}``; lr and weight decay come from ``train``.
         precision: "bf16-true", "bf16-mixed", "16-mixed" or "32-true"; default bf16-true on a GPU with bfloat16,
@@ -80,15 +81,17 @@ def finetune_lora(
         if merge:
             from litft.weights import save_model
 
-            if quantize is not None:
-                raise ValueError("merge with a quantized base is not supported: merge the LoRA weights into the "
-                                 "unquantized checkpoint instead (litft finetune lora ... without --quantize)")
-            merged = merge_lora(model) or model
+            if quantize is not None:  # into the dequantized base the LoRA weights were trained against, on the CPU,
+                from litft.convert.merge import load_merged  # as `litft convert merge_lora` does
+
+                merged = load_merged(directory, purpose="merge")
+            else:
+                merged = merge_lora(model) or model
             save_model(merged, directory)
             merged.config.save(directory)  # merging a LoRA on a tied lm_head unties it
 
     method = Method(name="lora", full=False, prepare=prepare, save=lambda model, d: save_lora(model, lora, d),
-                    load=load_lora, finalize=finalize)
+                    load=load_lora, finalize=finalize, quantized=quantize is not None)
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval, lora=lora,
                         quantize=quantize, merge=merge, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant", "tool")
 
 HELP = ("Type a message and press Enter. End a line with \\ to continue on the next line. "
-        "/reset clears the history, /exit (or Ctrl-D) leaves.")
+        "Ctrl-C stops a reply; /reset clears the history, /exit, Ctrl-D or Ctrl-C at the prompt leaves.")
 
 
 def check_messages(messages: Sequence[Any]) -> None:
@@ -94,14 +94,19 @@ def read_message(stdin: TextIO, stdout: TextIO, prompt: str = ">> ", more: str =
 
 def chat_loop(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
               stderr: Optional[TextIO] = None) -> None:
-    """The interactive loop: read a message, stream the reply, until /exit or end of input (default streams:
-    the process's stdin, stdout and stderr)."""
+    """The interactive loop: read a message, stream the reply, until /exit, end of input or Ctrl-C at the prompt
+    (default streams: the process's stdin, stdout and stderr). Ctrl-C during a reply stops it and returns to the
+    prompt; the interrupted exchange is left out of the history."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     stderr.write(HELP + "\n")
     while True:
-        text = read_message(stdin, stdout)
+        try:
+            text = read_message(stdin, stdout)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave
+            text = None
         if text is None:
             stdout.write("\n")
+            stdout.flush()
             return
         command = text.strip()
         if command in ("/exit", "/quit"):
@@ -119,6 +124,12 @@ def chat_loop(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Opti
                 stdout.flush()
         except ValueError as e:
             stderr.write(f"error: {e}\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C during the reply: stop it, back to the prompt
+            session.llm.engine.reset()  # the interrupt may have hit inside a decode step
+            stdout.write("\n")
+            stdout.flush()
+            stderr.write("(interrupted)\n")
             continue
         stdout.write("\n")
         stdout.flush()

@@ -224,8 +224,8 @@ def chat(
     """Chat with a model in the terminal, using its chat template; the reply is streamed.
 
     Type a message and press Enter; end a line with a backslash (\\) to continue the message on the next line.
-    /reset clears the history, /exit or Ctrl-D leaves. When the conversation outgrows the context, the
-    oldest exchanges are dropped.
+    Ctrl-C stops a reply (it is left out of the history); /reset clears the history; /exit, Ctrl-D or Ctrl-C at
+    the prompt leaves. When the conversation outgrows the context, the oldest exchanges are dropped.
 
     Args:
         checkpoint: checkpoint folder (litft, Hugging Face, or a fine-tune run's final/) with a chat template.

@@ -10,6 +10,11 @@ each row has its own RoPE ``positions`` (slot - start of the row) and ``segment_
 shifted left; when a longer prompt joins, right. Attention only depends on slot differences within a row,
 so shifting never changes results.
 
+Rows in use. A decode step runs on the first ``n`` rows only, ``n`` the smallest *bucket* (1, 2, 4, 8, ...,
+``batch_size``) holding every row that decodes, so its cost follows the rows in use while the shapes stay
+static (one compiled graph per bucket). Requests take the lowest free rows, and when the rows in use fit a
+smaller bucket, those beyond it move down into free rows (their KV cache rows are copied).
+
 Step-wise API (what a continuous-batching scheduler needs)::
 
     engine.allocate(batch_size, cache_length)
@@ -160,7 +165,10 @@ class Engine:
         self.batch_size = 0
         self.cache_length = 0
         self.rows: list[Optional[Request]] = []
+        self.buckets: list[int] = []
         self.max_rows_in_use = 0  # the most rows that ever decoded together (for tests and the server)
+        self.num_row_moves = 0  # rows moved down to decode fewer rows (for tests)
+        self.last_step_rows = 0  # rows the last decode step ran on (a bucket; for tests and benchmarks)
 
     # ------------------------------------------------------------------ allocation
 
@@ -174,6 +182,11 @@ class Engine:
         self.model.set_kv_cache(batch_size, cache_length, dev)
         self.batch_size, self.cache_length = batch_size, cache_length
         self.rows = [None] * batch_size
+        self.buckets = sorted({min(2 ** i, batch_size) for i in range(batch_size.bit_length() + 1)})
+        if self.compiled:  # one graph per bucket and KV cache shape: let torch.compile keep them all
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self.t = 0  # the slot the next decode step writes (host copy of self.input_pos)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.start = torch.zeros(batch_size, dtype=torch.long, device=dev)
@@ -327,20 +340,67 @@ class Engine:
         for row, on in enumerate(self._active_host):
             if on and row not in live_rows:  # out of tokens: its last token awaits the next sync
                 self._set_active(row, False)
+        live = self._compact(live)
+        n = self._bucket(max(row for row, _ in live) + 1)  # decode the first n rows: every live row is there
+        self.last_step_rows = n
         self.segment_ids.index_copy_(1, self.input_pos, self.active[:, None])
-        positions = ((self.input_pos - self.start).clamp_min(0) * self.active)[:, None]
+        positions = ((self.input_pos - self.start[:n]).clamp_min(0) * self.active[:n])[:, None]
         if self.compiled and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self._forward(self.next_token[:, None], self.input_pos, positions, self.segment_ids)
-        token = sample(logits, self.row_params, self._flags, self.seen)
-        self.next_token.copy_(token)
-        if self.seen is not None:
-            self.seen.scatter_(1, token[:, None], True)
+        logits = self._forward(self.next_token[:n, None], self.input_pos, positions, self.segment_ids[:n])
+        seen = self.seen[:n] if self.seen is not None else None
+        token = sample(logits, self.row_params.head(n), self._flags, seen)
+        self.next_token[:n].copy_(token)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
         self.input_pos.add_(1)
         self.t += 1
         for _, r in live:
             r._dispatched += 1
         self._pending.append((live, token, True))
+
+    def _bucket(self, rows: int) -> int:
+        """The smallest bucket (number of leading rows a decode step runs on) that holds ``rows`` rows."""
+        return next(b for b in self.buckets if b >= rows)
+
+    def _compact(self, live: list[tuple[int, Request]]) -> list[tuple[int, Request]]:
+        """When the live rows would fit a smaller bucket than the one their highest row needs, move those beyond
+        it into free rows below it (all or none; a row whose request awaits removal may block it until then)."""
+        target = self._bucket(len(live))
+        high = [(row, r) for row, r in live if row >= target]
+        if not high:
+            return live
+        free = [row for row in range(target) if self.rows[row] is None]
+        if len(free) < len(high):
+            return live
+        moves = [(row, dst) for (row, _), dst in zip(high, free)]
+        self._move_rows(moves)
+        moved = dict(moves)
+        return [(moved.get(row, row), r) for row, r in live]
+
+    def _move_rows(self, moves: list[tuple[int, int]]) -> None:
+        """Move requests from row ``src`` to the free row ``dst`` for every (src, dst): KV cache rows, slots,
+        sampling state. Tokens awaiting the next sync stay attributed by the row they were sampled in."""
+        dev = self.device
+        src = torch.tensor([a for a, _ in moves], dtype=torch.long, device=dev)
+        dst = torch.tensor([b for _, b in moves], dtype=torch.long, device=dev)
+        for block in self.model.blocks:
+            cache = block.attn.kv_cache
+            for buf in (cache.k, cache.v):
+                buf.index_copy_(0, dst, buf.index_select(0, src))
+        tensors = [self.segment_ids, self.start, self.active, self.next_token]
+        if self.seen is not None:
+            tensors.append(self.seen)
+        for t in tensors:
+            t.index_copy_(0, dst, t.index_select(0, src))
+        self.active.index_fill_(0, src, 0)
+        self.row_params.move(moves)
+        for a, b in moves:
+            request = self.rows[a]
+            self.rows[a], self.rows[b] = None, request
+            request.row = b
+            self._active_host[b], self._active_host[a] = self._active_host[a], False
+        self.num_row_moves += len(moves)
 
     def _refresh_long_rope(self, live: list[tuple[int, Request]], switch: int) -> list[tuple[int, Request]]:
         """LongRoPE switches to its long factors once a sequence grows past ``switch`` tokens; like
@@ -387,6 +447,21 @@ class Engine:
             self._deactivate(request)
             self.rows[request.row] = None
             self._flags = Flags.of([r.params for r in self.active_requests()])
+
+    def reset(self) -> None:
+        """Drop every request (unfinished ones end "aborted") and start from an empty cache: the way back to a
+        clean state after an interruption (Ctrl-C) in the middle of a step."""
+        for request in self.active_requests():
+            if not request.finished:
+                request._finish("aborted")
+        self._pending.clear()
+        if self.batch_size:
+            self.rows = [None] * self.batch_size
+            self._active_host = [False] * self.batch_size
+            self.active.zero_()
+            self.segment_ids.zero_()
+            self._flags = Flags()
+            self._set_t(0)
 
     def _deactivate(self, request: Request) -> None:
         if 0 <= request.row < len(self.rows) and self.rows[request.row] is request:

@@ -183,6 +183,21 @@ class RowParams:
         for r, p in zip(rows, params):
             self.generators[r] = None if p.seed is None else torch.Generator(device).manual_seed(p.seed)
 
+    def head(self, n: int) -> "RowParams":
+        """The first ``n`` rows (views, no copy)."""
+        return RowParams(self.temperature[:n], self.top_k[:n], self.top_p[:n], self.min_p[:n],
+                         self.repetition_penalty[:n], self.generators[:n])
+
+    def move(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Copy the parameters (and random generator) of row ``src`` to row ``dst`` for every (src, dst)."""
+        device = self.temperature.device
+        src = torch.tensor([a for a, _ in moves], dtype=torch.long, device=device)
+        dst = torch.tensor([b for _, b in moves], dtype=torch.long, device=device)
+        for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty):
+            t.index_copy_(0, dst, t.index_select(0, src))
+        for a, b in moves:
+            self.generators[b], self.generators[a] = self.generators[a], None
+
     def select(self, rows: list[int]) -> "RowParams":
         idx = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
         return RowParams(self.temperature[idx], self.top_k[idx], self.top_p[idx], self.min_p[idx],

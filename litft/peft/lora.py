@@ -160,7 +160,12 @@ class LoRALinear(nn.Module):
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
-            result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            # the scale multiplies the rank-r activations, not the (tokens x out_features) product: one full-size
+            # elementwise pass (and temporary) less per layer; A and B are applied with F.linear on their weights
+            # (no module call per factor) and dropout only when there is one
+            if not isinstance(self.lora_dropout, nn.Identity):
+                x = self.lora_dropout(x)
+            result = result + F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
             return result.to(out_dtype)
         # DoRA, as PEFT's DoraLinearLayer: the base output is reused unless dropout is active
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:

@@ -36,8 +36,9 @@ def serve(
         api_key: require "Authorization: Bearer <key>" on /v1/* and /metrics; default: the LITFT_API_KEY
             environment variable (prefer it: command lines are visible to other users), else no key.
         model_name: the model name clients must send; default the checkpoint path as given.
-        max_batch_size: the most requests that decode together (rows of the KV cache). Every decode step computes
-            all rows, so on a CPU a larger value costs a lone request speed (see bench/RESULTS.md).
+        max_batch_size: the most requests that decode together (rows of the KV cache, allocated at start). A
+            decode step computes only the rows in use (rounded up to a power of two), so a large value costs a lone
+            request no speed, only memory.
         max_queue: the most requests waiting for a free row; more get HTTP 503.
         max_seq_length: longest prompt + completion per request (KV cache slots per row); default the model's
             context.

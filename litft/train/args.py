@@ -28,8 +28,39 @@ class TrainArgs:
         weight_decay: Decoupled weight decay (AdamW) applied to matrices; biases, norms and embeddings get none.
         max_norm: Clip the gradient norm to this value (None = no clipping).
         seed: Seed for initialisation of new weights, dropout and the data order.
-        activation_checkpointing: Recompute each transformer block's activations in the backward pass (less
-            memory, about 30% more compute).
+        activation_checkpointing: Trade compute for activation memory. "full" (or true): keep only each block's
+            input and recompute the whole block in the backward pass (least memory, about 30% more compute).
+            "selective": keep the outputs of the matmuls and of attention, recompute only the elementwise
+            operations (norms, RoPE, activations): part of the saving at a fraction of the recompute (on a GPU;
+            with a tiny model on a CPU its per-operator bookkeeping costs more than it saves). "none" (or
+            false): keep everything.
+        activation_checkpointing_every: With ``activation_checkpointing``, apply it to every N-th block only
+            (1 = all blocks, 2 = every other block: half the saving, half the recompute).
+        activation_offloading: Move the activations saved for the backward pass to pinned CPU memory during the
+            forward and back during the backward (``torch.autograd.graph.save_on_cpu``): GPU memory for long
+            sequences at the cost of PCIe traffic. CUDA only (refused on CPU, where there is nothing to offload to).
+        fused_loss: Compute the LM head and the cross-entropy ``loss_chunk_size`` target tokens at a time, with
+            the gradients computed in the same pass, so the fp32 logits of the whole batch never exist (Llama-3
+            vocabulary at 4 x 2048 tokens: ~10 GB less at the peak). Exact up to float rounding; false = one plain
+            ``cross_entropy`` over all target tokens.
+        loss_chunk_size: Target tokens per chunk of ``fused_loss``.
+        attention: "sdpa": ``scaled_dot_product_attention`` (packed rows and sliding windows with a dense
+            (B, 1, T, T) boolean mask). "flex": FlexAttention with a block mask built from the packing segment ids
+            and the sliding window: no dense mask, and the tiles no query sees are skipped (CUDA only: PyTorch has
+            no FlexAttention backward on CPU; needs torch >= 2.6). "auto": flex on CUDA (for packed batches,
+            sliding windows and attention softcapping), sdpa elsewhere. Plain causal batches always use SDPA's
+            fused causal kernel. The default is sdpa until the FlexAttention path has been measured on a GPU
+            (bench/gpu_all.sh); choose flex or auto for long packed rows on CUDA.
+        compile: ``torch.compile`` every transformer block (the loss and the optimizer stay eager): fused kernels
+            and less activation memory; the first steps are slower while it compiles (and recompiles once for
+            varying sequence lengths).
+        fused_optimizer: Use the optimizer's fused implementation (one kernel over all parameters instead of a
+            loop over them; torch has one for AdamW, Adam, SGD and Adagrad): None = on CUDA and CPU when the
+            optimizer has one; true = always (refused for an optimizer without one); false = never.
+        peak_tflops: The device's peak dense TFLOP/s for the training precision, the denominator of the logged MFU
+            (model FLOPs utilisation). None = the datasheet figure for known NVIDIA GPUs (MFU is not logged on
+            other devices unless this is given). Pass a measured matmul peak to compare with figures measured that
+            way (e.g. 771 for the H100 SXM of bench/RESULTS.md's anchors).
         log_interval: Log loss, learning rate and throughput every N optimizer steps.
         save_interval: Save a resumable checkpoint to ``out_dir/checkpoints/step-N`` every N steps (None = only
             ``final/``).
@@ -54,7 +85,15 @@ class TrainArgs:
     weight_decay: float = 0.0
     max_norm: Optional[float] = 1.0
     seed: int = 42
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, Literal["none", "full", "selective"]] = False
+    activation_checkpointing_every: int = 1
+    activation_offloading: bool = False
+    fused_loss: bool = True
+    loss_chunk_size: int = 1024
+    attention: Literal["auto", "sdpa", "flex"] = "sdpa"
+    compile: bool = False
+    fused_optimizer: Optional[bool] = None
+    peak_tflops: Optional[float] = None
     log_interval: int = 1
     save_interval: Optional[int] = None
     keep_last: Optional[int] = 2
@@ -64,7 +103,8 @@ class TrainArgs:
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
         positive = {"global_batch_size": self.global_batch_size, "micro_batch_size": self.micro_batch_size,
-                    "epochs": self.epochs, "log_interval": self.log_interval}
+                    "epochs": self.epochs, "log_interval": self.log_interval, "loss_chunk_size": self.loss_chunk_size,
+                    "activation_checkpointing_every": self.activation_checkpointing_every}
         optional_positive = {"max_seq_length": self.max_seq_length, "max_steps": self.max_steps,
                              "save_interval": self.save_interval, "keep_last": self.keep_last}
         for name, value in {**positive, **optional_positive}.items():
@@ -87,6 +127,11 @@ class TrainArgs:
             raise ValueError(f"train.max_norm={self.max_norm} is invalid: expected a number > 0 (or null = no "
                              "clipping)")
         parse_duration(self.max_time)
+        self.checkpointing_mode()
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"train.attention={self.attention!r} is invalid: expected auto, sdpa or flex")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"train.peak_tflops={self.peak_tflops} is invalid: expected a number > 0 (or null)")
         if self.sharding not in ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard"):
             raise ValueError(f"train.sharding={self.sharding!r} is invalid: expected full_shard, shard_grad_op, "
                              "hybrid_shard or no_shard")
@@ -95,6 +140,16 @@ class TrainArgs:
         except ValueError:
             raise ValueError(f"train.timeout={self.timeout!r} is invalid: expected seconds, '90s', '30m' or "
                              "'HH:MM:SS'") from None
+
+    def checkpointing_mode(self) -> str:
+        """``activation_checkpointing`` as "none", "full" or "selective" (true/false are "full"/"none")."""
+        value = self.activation_checkpointing
+        if isinstance(value, bool):
+            return "full" if value else "none"
+        if value in ("none", "full", "selective"):
+            return value
+        raise ValueError(f"train.activation_checkpointing={value!r} is invalid: expected none, full, selective, true "
+                         "or false")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each device."""

@@ -111,8 +111,27 @@ def write_model_files(
     model.config.save(directory)
     copy_tokenizer_files(source_dir, directory)
     if base_dir is not None:
-        (directory / BASE_FILE).write_text(yaml.safe_dump(
-            {"method": method, "base_checkpoint": str(Path(base_dir).resolve())}, sort_keys=False))
+        base = {"method": method, "base_checkpoint": str(Path(base_dir).resolve())}
+        quantize = quantize_mode(model)
+        if quantize is not None:  # QLoRA: the weights were trained against this quantization of the base
+            base["quantize"] = quantize
+        (directory / BASE_FILE).write_text(yaml.safe_dump(base, sort_keys=False))
+
+
+def quantize_mode(model: torch.nn.Module) -> Optional[str]:
+    """The ``--quantize`` mode of a model whose base layers are bitsandbytes-quantized (QLoRA), else None."""
+    from litft.peft.quantize import is_quantized
+
+    for module in model.modules():
+        if not is_quantized(module):
+            continue
+        if type(module).__name__ == "Linear8bitLt":
+            return "bnb.int8"
+        weight = module.weight
+        quant_type = getattr(weight, "quant_type", None) or getattr(module.quant_state, "quant_type", "nf4")
+        double = bool(getattr(weight, "compress_statistics", False))
+        return f"bnb.{quant_type}" + ("-dq" if double and quant_type == "nf4" else "")
+    return None
 
 
 def save_training_checkpoint(
@@ -172,39 +191,76 @@ def read_base(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
     return data
 
 
+def run_quantize(checkpoint_dir: Path, base: dict[str, Any]) -> Optional[str]:
+    """The ``--quantize`` mode the method's weights were trained with (QLoRA), or None.
+
+    Read from ``base.yaml`` (``quantize:``) when it says, else from the ``run.yaml`` of the run the checkpoint
+    belongs to (``<out_dir>/final`` or ``<out_dir>/checkpoints/step-N``; runs written before base.yaml said).
+    """
+    if "quantize" in base:
+        return base["quantize"] or None
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    for run_file in (checkpoint_dir.parent / RUN_FILE, checkpoint_dir.parent.parent / RUN_FILE):
+        if run_file.is_file():
+            try:
+                run = yaml.safe_load(run_file.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{run_file}: not valid YAML: {e}") from e
+            return (run.get("quantize") or None) if isinstance(run, dict) else None
+    return None
+
+
 def load_checkpoint(
     checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: Optional[str | torch.dtype] = None,
-    merge: bool = True,
+    merge: bool = True, quantize: Optional[str] = None,
 ) -> torch.nn.Module:
-    """Load any litft checkpoint: full weights, or LoRA/adapter weights applied to the base named in
-    ``base.yaml`` (recursively, so a fine-tune of a fine-tune loads too).
+    """Load any litft checkpoint as the model it was trained to be: full weights, or LoRA/adapter weights applied
+    to the base named in ``base.yaml`` (recursively, so a fine-tune of a fine-tune loads too).
 
-    LoRA weights are merged into the base unless ``merge=False``; adapter weights stay separate modules.
+    A QLoRA run's base is quantized as the run quantized it (``quantize`` in base.yaml or run.yaml) before its
+    LoRA weights apply, so the result is the trained model, not the unquantized base plus an update learned
+    against another one. LoRA weights are then merged (into the *dequantized* base for QLoRA: a plain float
+    model) unless ``merge=False``; adapter weights stay separate modules.
+
+    ``quantize`` (e.g. ``"bnb.nf4"``): quantize the base's linear layers with this mode instead (quantized
+    inference); LoRA layers then stay unmerged over the quantized base, so their update keeps full precision
+    (for a QLoRA run asked for its own mode, exactly the trained model).
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
     base = read_base(checkpoint_dir)
     if base is None:
-        return load_model(checkpoint_dir, device=device, dtype=dtype)
+        model = load_model(checkpoint_dir, device=device, dtype=dtype)
+        return _quantize(model, quantize) if quantize else model
     base_dir = Path(base["base_checkpoint"])
     if not base_dir.is_dir():
         raise FileNotFoundError(f"{checkpoint_dir / BASE_FILE}: base checkpoint {str(base_dir)!r} does not exist "
                                 "(the LoRA/adapter weights here apply to it)")
     model = load_checkpoint(base_dir, device=device, dtype=dtype, merge=True)
+    mode = quantize or run_quantize(checkpoint_dir, base)
+    if mode:
+        _quantize(model, mode)  # as `finetune --quantize` prepared the base: before the method's layers
     method = base["method"]
     if method == "lora":
         from litft.peft import load_lora, merge_lora
 
         load_lora(model, checkpoint_dir)
-        if merge:
-            model = merge_lora(model) or model
+        if merge and not quantize:
+            model = merge_lora(model) or model  # dequantizes a QLoRA base first
     elif method == "adapter":
         from litft.peft import load_adapter
 
         load_adapter(model, checkpoint_dir)
     else:
         raise ValueError(f"{checkpoint_dir / BASE_FILE}: unknown method {method!r} (expected lora or adapter)")
+    return model
+
+
+def _quantize(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    from litft.peft.quantize import quantize_model
+
+    quantize_model(model, mode)  # every linear layer but the head, as finetune --quantize does
     return model
 
 

@@ -31,6 +31,7 @@ from litft.train import checkpoint as ckpt
 from litft.train.args import EvalArgs, TrainArgs, parse_duration
 from litft.train.metrics import RunLogger, flops_per_token, matmul_params, peak_flops, peak_memory
 from litft.train.schedule import build_optimizer, lr_at, resolve_optimizer
+from litft.train.strategy import reports_distributed_failures
 
 IGNORE_INDEX = -100
 PRECISIONS = ("bf16-true", "bf16-mixed", "16-mixed", "32-true")
@@ -50,6 +51,8 @@ class Method:
         save: Write the weights a checkpoint of this method holds into a directory.
         load: Load them back (into a model already ``prepare``-d).
         finalize: Optional extra step for ``final/`` (e.g. writing merged weights), called after ``save``.
+        quantized: ``prepare`` quantizes the base (QLoRA): known before any process starts, so that a strategy
+            that cannot shard it (FSDP) is refused at once.
     """
 
     name: str
@@ -58,26 +61,41 @@ class Method:
     save: Callable[[nn.Module, Path], None]
     load: Callable[[nn.Module, Path], None]
     finalize: Optional[Callable[[nn.Module, Path], None]] = None
+    quantized: bool = False
 
 
 class CausalLMLoss(nn.Module):
     """Wraps the model so one forward gives the summed cross-entropy over target tokens (labels != -100).
 
     Only the hidden states of target positions go through the head, so prompt and padding positions cost no
-    logits memory. Wrapping (rather than calling ``model.head`` outside ``forward``) keeps autocast and
-    distributed gradient hooks in effect for the whole computation.
+    logits memory; with ``loss_chunk_size`` the head and the cross-entropy run chunk by chunk
+    (:mod:`litft.train.fused_loss`), so not even the target tokens' logits exist all at once. Wrapping (rather
+    than calling ``model.head`` outside ``forward``) keeps autocast and distributed gradient hooks in effect for
+    the whole computation. ``offload_activations`` moves what the forward saves for the backward to pinned CPU
+    memory (``torch.autograd.graph.save_on_cpu``; CUDA only).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_chunk_size: Optional[int] = None,
+                 offload_activations: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.loss_chunk_size = loss_chunk_size
+        self.offload_activations = offload_activations
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = self.model(input_ids, positions=positions, segment_ids=segment_ids, return_hidden=True)
-        targets = labels != IGNORE_INDEX
-        logits = self.model.head(hidden[targets])
-        return F.cross_entropy(logits.float(), labels[targets], reduction="sum")
+        offload = self.offload_activations and self.training and torch.is_grad_enabled()
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+            hidden = self.model(input_ids, positions=positions, segment_ids=segment_ids, return_hidden=True)
+            targets = labels != IGNORE_INDEX
+            if self.loss_chunk_size is None:
+                logits = self.model.head(hidden[targets])
+                return F.cross_entropy(logits.float(), labels[targets], reduction="sum")
+            from litft.train.fused_loss import linear_cross_entropy
+
+            return linear_cross_entropy(hidden[targets], self.model.lm_head, labels[targets],
+                                        self.model.config.final_logit_softcapping, self.loss_chunk_size,
+                                        head_fn=self.model.head)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -101,32 +119,103 @@ def forward_backward(
     backward: Callable[[torch.Tensor], None], n_targets: int, world_size: int = 1,
     no_sync: Callable[[bool], Any] = lambda accumulating: contextlib.nullcontext(),
 ) -> torch.Tensor:
-    """Accumulate the gradients of one optimizer step; returns the summed loss (a detached tensor).
+    """Accumulate the gradients of one optimizer step; returns the summed loss (a detached fp32 tensor on the
+    model's device: reading it is the step's one device synchronisation).
 
     Each micro-batch's summed token loss is divided by ``n_targets``, the target tokens of the whole step
     (counted up front, over all devices), so the gradient is that of the mean token loss over the step,
     whatever the split into micro-batches. Data-parallel gradient averaging divides by the world size, which
     the factor ``world_size`` undoes.
     """
-    total = torch.zeros(())
+    total: Optional[torch.Tensor] = None
     scale = world_size / max(n_targets, 1)
     for i, batch in enumerate(micro_batches):
         with no_sync(i < len(micro_batches) - 1):
             loss_sum = loss_model(**batch)
             backward(loss_sum * scale)
-        total = total + loss_sum.detach().float().cpu()
-    return total
+        loss_sum = loss_sum.detach().float()
+        total = loss_sum if total is None else total + loss_sum
+    return torch.zeros(()) if total is None else total
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every block's activations in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
-    from torch.utils.checkpoint import checkpoint
+def _selective_policy() -> Callable[..., Any]:
+    """Selective activation checkpointing: save what matmuls and attention produce, recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_mm")
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    if hasattr(torch.ops.higher_order, "flex_attention"):
+        save.add(torch.ops.higher_order.flex_attention)
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def enable_activation_checkpointing(model: nn.Module, mode: str = "full", every: int = 1) -> None:
+    """Recompute block activations in the backward pass (``torch.utils.checkpoint``, non-reentrant): the whole
+    block ("full") or all but the matmul and attention outputs ("selective"), in every ``every``-th block."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation checkpointing mode {mode!r} is invalid: expected full or selective")
+    policy = _selective_policy()
+
+    def selective() -> Any:  # a plain function: what torch.compile can trace through checkpoint
+        return create_selective_checkpoint_contexts(policy)
 
     def checkpointed(forward: Callable, *args: Any) -> torch.Tensor:
+        if mode == "selective":
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=selective)
         return checkpoint(forward, *args, use_reentrant=False)
 
+    for i, block in enumerate(model.blocks):
+        if i % every == 0:
+            block.forward = functools.partial(checkpointed, block.forward)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each block's forward (after activation checkpointing, which compiles along with it)."""
     for block in model.blocks:
-        block.forward = functools.partial(checkpointed, block.forward)
+        block.forward = torch.compile(block.forward)
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """The attention backend ("sdpa" or "flex") for ``train.attention`` on ``device``; a clear error when flex
+    cannot train there."""
+    from litft.attention import flex_available
+
+    if attention == "auto":
+        return "flex" if device.type == "cuda" and flex_available() is None else "sdpa"
+    if attention == "flex":
+        reason = flex_available()
+        if device.type != "cuda":
+            reason = (f"PyTorch's FlexAttention has no backward pass on {device.type} (torch {torch.__version__}); "
+                      "it trains on CUDA only")
+        if reason is not None:
+            raise ValueError(f"train.attention='flex' cannot train here: {reason}. Use train.attention=sdpa (or auto)")
+    return attention
+
+
+def prepare_training(model: nn.Module, train: TrainArgs, device: torch.device) -> CausalLMLoss:
+    """Apply the speed and memory switches of ``train`` to ``model`` (after the method prepared it) and wrap it in
+    the loss: the attention backend, activation checkpointing, ``torch.compile`` of the blocks, activation
+    offloading and the fused loss. Raises ValueError for a switch the device cannot honour."""
+    if train.activation_offloading and device.type != "cuda":
+        raise ValueError(f"train.activation_offloading=true needs a CUDA device (it moves activations from GPU to CPU "
+                         f"memory); this run is on {device.type}")
+    model.attention_backend = resolve_attention(train.attention, device)
+    mode = train.checkpointing_mode()
+    if mode != "none":
+        enable_activation_checkpointing(model, mode, train.activation_checkpointing_every)
+    if train.compile:
+        compile_blocks(model)
+    return CausalLMLoss(model, train.loss_chunk_size if train.fused_loss else None,
+                        offload_activations=train.activation_offloading)
 
 
 # ------------------------------------------------------------------------------------------ validation of inputs
@@ -242,6 +331,7 @@ class _MicroBatches:
         return out
 
 
+@reports_distributed_failures  # a timed-out collective or a dead rank: a clear error, no rank left waiting
 def fit(
     method: Method,
     checkpoint_dir: Path,
@@ -264,7 +354,9 @@ def fit(
     Every input is checked (and the data and model loaded) before anything is written to ``out_dir``.
     ``run_config`` is written to ``out_dir/run.yaml`` with the resolved values filled in.
     """
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    from litft.asset_cards import resolve_checkpoint
+
+    checkpoint_dir, out_dir = resolve_checkpoint(checkpoint_dir), Path(out_dir)  # a folder or an asset card's name
     # ---- checks that need nothing loaded
     train.validate()
     eval.validate()
@@ -289,12 +381,12 @@ def fit(
     from litft.train import strategy as dist
 
     devices = dist.resolve_devices(devices, num_nodes, accelerator)
-    dist.check_strategy(strategy, train.sharding, num_nodes, method.name)
+    dist.check_strategy(strategy, train.sharding, num_nodes, method.name, quantized=method.quantized)
     if strategy == "fsdp" and eval.generate_samples:
         raise ValueError("eval.generate_samples is not supported with strategy='fsdp' (generation needs the whole "
                          "model on one device): set it to 0, or generate from final/ after training")
     fabric = _fabric(accelerator, devices, num_nodes, strategy, precision, train.sharding, train.timeout)
-    fabric.launch()
+    dist.launch(fabric, train.timeout)  # fabric.launch(), then train.timeout for the collectives
     fsdp = dist.is_fsdp(fabric)
     rank_zero = _is_rank_zero(fabric)
     world_size = fabric.world_size
@@ -337,10 +429,9 @@ def fit(
         method.load(model, resume_from)
     n_trainable = check_trainable(model, method.name)
     n_params = count_parameters(model)
-    if train.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    loss_model = fabric.setup_module(CausalLMLoss(model))
-    opt = build_optimizer(optimizer, model, train.lr, train.weight_decay, fused=fabric.device.type == "cuda")
+    loss_model = fabric.setup_module(prepare_training(model, train, fabric.device))
+    opt = build_optimizer(optimizer, model, train.lr, train.weight_decay, fused=train.fused_optimizer,
+                          device=fabric.device)
     opt = fabric.setup_optimizers(opt)
 
     base_dir = None if method.full else checkpoint_dir
@@ -350,7 +441,7 @@ def fit(
     best_val, bad_evals = math.inf, 0
     if state is not None:
         if sharded:
-            fabric.load(resume_from / ckpt.SHARDED, {"model": loss_model, "optimizer": opt})
+            dist.load_sharded(resume_from / ckpt.SHARDED, loss_model, opt)
         else:
             opt.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["data"])
@@ -370,6 +461,8 @@ def fit(
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temp_dirs(out_dir)
         resolved = dict(run_config or {})
+        if "checkpoint_dir" in resolved:  # the folder an asset-card name stood for: run.yaml reproduces the run
+            resolved["checkpoint_dir"] = str(checkpoint_dir.resolve())
         resolved["precision"] = precision
         if isinstance(resolved.get("train"), dict):
             resolved["train"]["max_seq_length"] = max_seq_length
@@ -381,9 +474,9 @@ def fit(
               f"{where}; {total_steps} steps of {train.global_batch_size} samples ({accumulation} micro-batches of "
               f"{train.micro_batch_size} per device); precision {precision}; device {fabric.device}", file=sys.stderr)
 
-    flops_token = flops_per_token(config, matmul_params(model), n_trainable, max_seq_length, method.full)
+    n_matmul = matmul_params(model)
     compute_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
-    peak = peak_flops(fabric.device, compute_dtype)
+    peak = peak_flops(fabric.device, compute_dtype, train.peak_tflops)
 
     def validate() -> Optional[float]:
         if val_batches is None:
@@ -420,7 +513,7 @@ def fit(
             if rank_zero and staging.exists():
                 shutil.rmtree(staging)
             fabric.barrier()
-            fabric.save(staging, {"model": loss_model, "optimizer": opt})
+            dist.save_sharded(staging, loss_model, opt)  # trainable weights + optimizer state only
             fabric.barrier()
         if rank_zero:
             train_state = {
@@ -454,7 +547,7 @@ def fit(
     progress = _progress(total_steps, step, rank_zero)
     stop_reason = "max_steps" if train.max_steps else "epochs"
     t0 = time.perf_counter()
-    window_tokens, window_t0 = 0, time.perf_counter()
+    window_tokens, window_flops, window_t0 = 0, 0.0, time.perf_counter()
     last_val = None
     try:
         while step < total_steps:
@@ -465,18 +558,23 @@ def fit(
             lr = lr_at(step, total_steps, train.lr, train.min_lr, train.warmup_steps, train.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
-            micro = [{k: v.to(fabric.device) for k, v in b.items()} for b in stream.take(n_micro)]
+            micro = stream.take(n_micro)  # counted on the CPU, before the copy to the device (no device syncs)
             n_targets = sum(count_targets(b) for b in micro)
-            n_tokens = sum(count_tokens(b) for b in micro)
+            tokens = [count_tokens(b) for b in micro]
+            n_tokens = sum(tokens)
+            n_flops = sum(n * flops_per_token(config, n_matmul, n_trainable, b["input_ids"].shape[1], method.full)
+                          for n, b in zip(tokens, micro))
+            micro = [{k: v.to(fabric.device, non_blocking=True) for k, v in b.items()} for b in micro]
             if world_size > 1:
-                counts = fabric.all_reduce(torch.tensor([n_targets, n_tokens], device=fabric.device), reduce_op="sum")
-                n_targets, n_tokens = int(counts[0]), int(counts[1])
+                counts = fabric.all_reduce(torch.tensor([n_targets, n_tokens, int(n_flops)], device=fabric.device),
+                                           reduce_op="sum")
+                n_targets, n_tokens, n_flops = int(counts[0]), int(counts[1]), int(counts[2])
             loss_sum = forward_backward(
                 loss_model, micro, fabric.backward, n_targets, world_size,
                 no_sync=lambda accumulating: fabric.no_backward_sync(loss_model, enabled=accumulating),
             )
             if world_size > 1:
-                loss_sum = fabric.all_reduce(loss_sum.to(fabric.device), reduce_op="sum").cpu()
+                loss_sum = fabric.all_reduce(loss_sum.to(fabric.device), reduce_op="sum")
             loss = float(loss_sum) / max(n_targets, 1)
             if not math.isfinite(loss):
                 raise RuntimeError(
@@ -486,25 +584,30 @@ def fit(
                 )
             grad_norm = None
             if train.max_norm is not None:
-                grad_norm = float(fabric.clip_gradients(loss_model, opt, max_norm=train.max_norm))
+                grad_norm = fabric.clip_gradients(loss_model, opt, max_norm=train.max_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if grad_norm is not None:
+                grad_norm = float(grad_norm)  # read after the step is queued: no extra wait
             step += 1
             micro_done += n_micro * world_size
             tokens_total += n_tokens
             window_tokens += n_tokens
+            window_flops += n_flops
 
             if step % train.log_interval == 0 or step == total_steps:
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - window_t0, 1e-9)
-                window_tokens, window_t0 = 0, now
+                flops_s = window_flops / max(now - window_t0, 1e-9)
+                window_tokens, window_flops, window_t0 = 0, 0.0, now
                 mem_kind, mem = peak_memory(fabric.device)
                 metrics = {"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_total,
                            "epoch": micro_done / len(batches), f"peak_memory_{mem_kind}_gb": mem}
                 if grad_norm is not None:
                     metrics["grad_norm"] = grad_norm
+                metrics["model_tflops"] = flops_s / world_size / 1e12  # per device; see metrics.flops_per_token
                 if peak is not None:
-                    metrics["mfu"] = tok_s * flops_token / (peak * world_size)
+                    metrics["mfu"] = flops_s / (peak * world_size)
                 logger.log(metrics, step)
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",

@@ -29,8 +29,11 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    """Peak FLOP/s of one CUDA device for matmuls in ``dtype``; None when unknown (and always on CPU/MPS)."""
+def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: Optional[float] = None) -> Optional[float]:
+    """Peak FLOP/s of one device for matmuls in ``dtype``: ``peak_tflops`` (``train.peak_tflops``) when given, else
+    the datasheet figure of a known CUDA device; None when unknown (and on CPU/MPS unless given)."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -52,7 +55,9 @@ def flops_per_token(config: Config, n_params: int, n_trainable: int, seq_length:
       the forward and the activation gradients (2N + 2N), the trainable ones all three (6 per parameter).
 
     The attention term counts the score and value matmuls (2·2·T·H·Q per layer and token forward, x3 with
-    backward) over the full square, as PaLM's appendix B does. MFU = tokens/s x this / peak FLOP/s.
+    backward) over the full square, as PaLM's appendix B does. N counts each weight once (a tied head once);
+    recomputation (activation checkpointing) is not model FLOPs and is not counted.
+    MFU = tokens/s x this / peak FLOP/s; the training loop takes T = the micro-batch's row length.
     """
     attention = 12 * config.n_layer * config.n_head * config.head_size * seq_length
     if full:
@@ -61,13 +66,29 @@ def flops_per_token(config: Config, n_params: int, n_trainable: int, seq_length:
 
 
 def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that take part in matmuls per token: everything except the embedding table (its lookup is
-    free) unless the head shares it."""
-    total = sum(p.numel() for p in model.parameters())
-    embed = getattr(model, "embed", None)
-    if embed is not None and not getattr(getattr(model, "config", None), "tie_embeddings", False):
-        total -= embed.weight.numel()
-    return total
+    """N: the weights one token multiplies with, ``in x out`` of every linear layer (the head included, also when
+    it is tied to the embedding: the lookup itself is free; LoRA's A and B included; quantized layers by their
+    logical shape). Experts of a mixture of experts count by the fraction a token uses (top-k / experts); norms,
+    biases and embeddings are not matmuls."""
+    total = 0.0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):  # bitsandbytes' layers are nn.Linear subclasses
+            continue
+        n = module.in_features * module.out_features
+        parent = _owner(model, name)
+        experts = getattr(parent, "experts", None) if parent is not None else None
+        if isinstance(experts, torch.nn.ModuleList) and ".experts." in f".{name}":
+            n *= getattr(parent, "top_k", len(experts)) / len(experts)
+        total += n
+    return int(total)
+
+
+def _owner(model: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    """The module holding the ``experts`` list ``name`` lies in (the MoE layer), if any."""
+    parts = name.split(".")
+    if "experts" not in parts:
+        return None
+    return model.get_submodule(".".join(parts[:parts.index("experts")]))
 
 
 def peak_memory(device: torch.device) -> tuple[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -69,13 +69,30 @@ def resolve_optimizer(optimizer: Union[str, dict]) -> tuple[type, dict[str, Any]
     return cls, init_args
 
 
+FUSED_DEVICES = ("cuda", "cpu")  # where train.fused_optimizer=None picks the fused implementation
+
+
 def build_optimizer(optimizer: Union[str, dict], model: torch.nn.Module, lr: float, weight_decay: float,
-                    fused: bool = False) -> torch.optim.Optimizer:
-    """Instantiate ``optimizer`` over the trainable parameters of ``model`` (fused AdamW/Adam where asked and
-    supported, i.e. on CUDA)."""
+                    fused: Optional[bool] = None, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
+    """Instantiate ``optimizer`` over the trainable parameters of ``model``.
+
+    fused (``train.fused_optimizer``): None = the fused implementation on CUDA and CPU when the optimizer has one
+    (AdamW, Adam, SGD, Adagrad: one kernel for all parameters instead of a loop over them), torch's default
+    elsewhere; True = fused (refused for an optimizer without it); False = never. ``init_args`` naming ``fused``
+    take precedence over None; contradicting True/False is refused.
+    """
     cls, init_args = resolve_optimizer(optimizer)
     params = inspect.signature(cls.__init__).parameters
-    if fused and "fused" in params and "fused" not in init_args:
+    has_fused = "fused" in params
+    if fused is True and not has_fused:
+        raise ValueError(f"train.fused_optimizer=true but optimizer {cls.__name__} has no fused implementation (torch "
+                         "has one for AdamW, Adam, SGD and Adagrad): set train.fused_optimizer to null or false")
+    if fused is not None and "fused" in init_args and bool(init_args["fused"]) != fused:
+        raise ValueError(f"optimizer init_args sets fused={init_args['fused']} but train.fused_optimizer={fused}: "
+                         "set it in one place")
+    if fused is None:
+        fused = has_fused and device is not None and device.type in FUSED_DEVICES
+    if fused and "fused" not in init_args:  # (never fused=False: that would also turn off torch's foreach default)
         init_args["fused"] = True
     groups = param_groups(model.named_parameters(), weight_decay)
     kwargs = {"lr": lr, **init_args}
@@ -86,5 +103,6 @@ def build_optimizer(optimizer: Union[str, dict], model: torch.nn.Module, lr: flo
             g.pop("weight_decay", None)
     try:
         return cls(groups, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"optimizer {cls.__name__}: {e}") from e
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"optimizer {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in init_args.items())}): {e}"
+                         ) from e

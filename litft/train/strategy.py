@@ -11,9 +11,11 @@ FSDP is FSDP2 (``torch.distributed.fsdp.fully_shard``) through Fabric's ``ModelP
 - FSDP2 shards per parameter (DTensor): frozen and trainable parameters may share a module, so LoRA needs no
   ``use_orig_params`` workaround; frozen weights are sharded like the rest and get no gradients or optimizer
   state (the optimizer only sees trainable parameters).
-- Its state dicts are DTensors, so ``fabric.save`` writes a torch.distributed.checkpoint directory (each rank its
-  shards, in parallel) that loads on any world size, and ``get_model_state_dict(full_state_dict=True)``
-  consolidates it into a plain checkpoint.
+- Its state dicts are DTensors, so a step checkpoint is a torch.distributed.checkpoint directory (each rank writes
+  its shards, in parallel) that loads on any world size, and ``get_model_state_dict(full_state_dict=True)``
+  consolidates it into a plain checkpoint. Step checkpoints hold only the trainable parameters and the optimizer
+  state (:func:`save_sharded`): a LoRA/adapter checkpoint does not copy the frozen base, which is read again from
+  the base checkpoint on resume.
 
 Sharding (``train.sharding``): ``full_shard`` (parameters, gradients and optimizer state sharded; parameters
 re-sharded after forward), ``shard_grad_op`` (parameters kept gathered between forward and backward: less
@@ -23,14 +25,25 @@ nodes x devices) and ``no_shard`` (replicate everywhere, like DDP). Every transf
 
 QLoRA across devices runs with DDP (each device holds the 4-bit base; only the LoRA gradients are all-reduced).
 FSDP cannot shard bitsandbytes' packed 4-bit parameters, so QLoRA + FSDP is refused.
+
+Timeouts (``train.timeout``): every process group (the world's and FSDP's sub-meshes) gets it as the time a
+collective waits for the other ranks (:func:`launch`, :func:`set_collective_timeout`); start-up (joining the process
+group) may take longer, at least 30 minutes, since ranks start at different times. A collective that times out or
+loses its peer is reported by :func:`reports_distributed_failures` as what it means (a rank hangs or died, and
+which option to change), and the processes Fabric started are stopped, so that no rank is left waiting forever.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import subprocess
+import sys
+import time
 from datetime import timedelta
-from typing import Any, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 
@@ -170,6 +183,128 @@ def timeout_of(value: Union[float, str, None]) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+STARTUP_TIMEOUT = timedelta(minutes=30)
+
+
+def startup_timeout(value: Union[float, str, None]) -> timedelta:
+    """How long joining the process group may take: ``train.timeout``, but at least 30 minutes. Ranks start at
+    different times (Fabric starts its child processes only once the first one has imported everything; nodes of
+    a Slurm job start when they start), so a short collective timeout must not fail the start."""
+    return max(timeout_of(value), STARTUP_TIMEOUT)
+
+
+def set_collective_timeout(value: Union[float, str, None]) -> None:
+    """Give every process group that exists (the world's, FSDP's device-mesh groups) ``train.timeout`` as the time a
+    collective waits. Groups made with ``new_group`` get torch's default (30 min) instead of the world group's
+    timeout, so this runs after they exist."""
+    import torch.distributed as tdist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not tdist.is_available() or not tdist.is_initialized():
+        return
+    timeout = timeout_of(value)
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timeout, group)
+
+
+# ------------------------------------------------------------------------------------------ failures of a rank
+
+_RUN: dict[str, Any] = {}  # set by launch(): train.timeout, this process's rank, the children Fabric started
+_GRACE_S = 5.0  # how long rank 0 lets its children end by themselves after a failure before it stops them
+
+
+def launch(fabric: Any, timeout: Union[float, str, None]) -> None:
+    """``fabric.launch()``, then ``train.timeout`` for the collectives of the process group it joined; remembers
+    the processes Fabric started (rank 0 of a Fabric launch), so a failure can stop them."""
+    fabric.launch()
+    launcher = fabric.strategy.launcher
+    children = list(getattr(launcher, "procs", None) or [])
+    _RUN.update(timeout=timeout, rank=fabric.global_rank, world_size=fabric.world_size, children=children)
+    set_collective_timeout(timeout)
+
+
+def _messages(error: BaseException) -> str:
+    seen, texts = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        texts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
+# gloo: "Timed out waiting 5000ms for recv operation", "Application timeout caused pair closure"; NCCL: "Watchdog
+# caught collective operation timeout", "... have failed or timed out"; the c10d store: "... timed out ..."
+_TIMED_OUT = re.compile(r"timed out|timeout caused pair closure|Watchdog caught collective operation timeout",
+                        re.IGNORECASE)
+_PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|pair closure|"
+                        r"remote worker crash|NCCL communicator was aborted", re.IGNORECASE)
+
+
+def explain_failure(error: BaseException) -> Optional[str]:
+    """What a failed collective means, naming the option to change; None for an error that is not one (or in a
+    run of one process)."""
+    if not _RUN or _RUN.get("world_size", 1) < 2 or not isinstance(error, RuntimeError):  # torch's DistError too
+        return None
+    text = _messages(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    rank, timeout = _RUN["rank"], _RUN["timeout"]
+    if _TIMED_OUT.search(text):
+        seconds = timeout_of(timeout).total_seconds()
+        shown = f"{timeout:g}" if isinstance(timeout, (int, float)) else timeout
+        return (f"rank {rank}: a collective operation (all-reduce, barrier or FSDP gather) waited "
+                f"train.timeout={shown} ({seconds:g} s) for the other processes and got no answer: another rank "
+                "hangs, or is far slower than this one (its own output above may say why). The run stops instead of "
+                "waiting forever. If a step can legitimately take longer (a slow checkpoint save, a long "
+                f"validation), raise --train.timeout. [{first}]")
+    if _PEER_GONE.search(text):
+        return (f"rank {rank}: another process of this run died during a collective operation (its connection "
+                f"closed): its own error is in the output above. [{first}]")
+    return None
+
+
+def _stop_children() -> None:
+    """Rank 0 of a Fabric launch, after a failure: its child processes (the other ranks) get ``_GRACE_S`` seconds
+    to end by themselves (they fail too when their next collective loses rank 0), then are killed, so that a rank
+    stuck outside a collective does not outlive the run."""
+    deadline = time.monotonic() + _GRACE_S
+    for local_rank, proc in enumerate(_RUN.get("children", []), start=1):  # Fabric starts local ranks 1, 2, ...
+        if proc.poll() is not None:
+            continue
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            print(f"rank 0: stopping rank {local_rank} (pid {proc.pid}): it had not ended {_GRACE_S:g} s after this "
+                  "process failed", file=sys.stderr, flush=True)
+            proc.kill()
+            proc.wait()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_distributed_failures(fit: F) -> F:
+    """Decorates the training loop: an error of a collective (a timeout, a rank that died) becomes a RuntimeError
+    saying what happened and which option to change (:func:`explain_failure`), and the other ranks Fabric started
+    are stopped (:func:`_stop_children`) instead of waiting forever."""
+
+    @functools.wraps(fit)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _RUN.clear()
+        try:
+            return fit(*args, **kwargs)
+        except BaseException as e:
+            explained = explain_failure(e)
+            _stop_children()
+            if explained is not None:
+                raise RuntimeError(explained) from e
+            raise
+        finally:
+            _RUN.clear()
+
+    return wrapper  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------------------ the strategy
 
 
@@ -179,7 +314,7 @@ def is_fsdp(fabric: Any) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def _parallelize(sharding: str, num_nodes: int, cpu_offload: bool = False) -> Any:
+def _parallelize(sharding: str, num_nodes: int, timeout: Union[float, str, None] = None) -> Any:
     def parallelize(model: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -198,6 +333,7 @@ def _parallelize(sharding: str, num_nodes: int, cpu_offload: bool = False) -> An
         for block in units:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        set_collective_timeout(timeout)  # the mesh's groups were made with torch's default timeout
         return model
 
     return parallelize
@@ -205,15 +341,17 @@ def _parallelize(sharding: str, num_nodes: int, cpu_offload: bool = False) -> An
 
 def build_strategy(strategy: str, devices: Union[int, str], num_nodes: int, sharding: str = "full_shard",
                    timeout: Union[float, str, None] = None) -> Any:
-    """The Fabric strategy object (or "auto") for ``strategy``; every distributed one gets ``timeout``."""
-    pg_timeout = timeout_of(timeout)
+    """The Fabric strategy object (or "auto") for ``strategy``. Joining the process group may take
+    :func:`startup_timeout`; :func:`launch` then sets ``timeout`` for the collectives."""
+    pg_timeout = startup_timeout(timeout)
     n = devices if isinstance(devices, int) else len([p for p in str(devices).split(",") if p.strip()])
     world = n * num_nodes
     if strategy == "fsdp":
         from lightning.fabric.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(parallelize_fn=_parallelize(sharding, num_nodes), data_parallel_size=world,
-                                     tensor_parallel_size=1, save_distributed_checkpoint=True, timeout=pg_timeout)
+        return ModelParallelStrategy(parallelize_fn=_parallelize(sharding, num_nodes, timeout),
+                                     data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True,
+                                     timeout=pg_timeout)
     if strategy == "ddp" or (strategy == "auto" and world > 1):
         from lightning.fabric.strategies import DDPStrategy
 
@@ -247,6 +385,43 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _unwrapped(model: Any, optimizer: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The module and optimizer under Fabric's wrappers (``_FabricModule.module``, ``_FabricOptimizer.optimizer``)."""
+    return getattr(model, "module", model), getattr(optimizer, "optimizer", optimizer)
+
+
+def _sharded_state(model: Any, optimizer: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    module, opt = _unwrapped(model, optimizer)
+    model_state, optim_state = get_state_dict(module, opt, options=StateDictOptions(ignore_frozen_params=True))
+    return module, opt, {"model": model_state, "optimizer": optim_state}
+
+
+def save_sharded(path: Path, model: Any, optimizer: Any) -> None:
+    """Write an FSDP step checkpoint to the directory ``path`` (torch.distributed.checkpoint; a collective: every
+    rank writes its own shards, in parallel). It holds the trainable parameters and the optimizer state only: the
+    frozen base of LoRA/adapter is not copied into every checkpoint (it is in the base checkpoint already)."""
+    import torch.distributed.checkpoint as dcp
+
+    _, _, state = _sharded_state(model, optimizer)
+    dcp.save(state, checkpoint_id=Path(path))
+
+
+def load_sharded(path: Path, model: Any, optimizer: Any) -> None:
+    """Load a checkpoint written by :func:`save_sharded` into the set-up FSDP ``model`` and ``optimizer``, whatever
+    the number of processes that wrote it (a collective). The frozen parameters keep the weights already loaded
+    from the base checkpoint; a checkpoint that also holds them (written before litft saved trainable weights only)
+    loads too."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    module, opt, state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=Path(path))
+    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))
+
+
 def plain_model(config: Any, prepare: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A non-distributed model with the weights of ``state`` (from :func:`full_state_dict`), built like the trained
     one (``prepare`` adds the method's modules), so the method's own save code writes ``final/``."""
@@ -264,10 +439,16 @@ def plain_model(config: Any, prepare: Any, state: dict[str, torch.Tensor]) -> to
 
 
 def test_hook(rank: int, step: int) -> None:
-    """Tests of the collective timeout: ``LITFT_TEST_DIE=rank:step`` makes that rank exit at that step."""
-    spec = os.environ.get("LITFT_TEST_DIE", "")
-    if spec:
-        die_rank, _, die_step = spec.partition(":")
-        if int(die_rank) == rank and int(die_step) == step:
-            print(f"rank {rank}: exiting at step {step} (LITFT_TEST_DIE)", flush=True)
-            os._exit(3)
+    """Tests of dead and stuck ranks: ``LITFT_TEST_DIE=rank:step`` makes that rank exit at that step,
+    ``LITFT_TEST_HANG=rank:step`` makes it sleep (stuck outside any collective) until it is killed."""
+    for variable in ("LITFT_TEST_DIE", "LITFT_TEST_HANG"):
+        spec = os.environ.get(variable, "")
+        if not spec:
+            continue
+        at_rank, _, at_step = spec.partition(":")
+        if int(at_rank) == rank and int(at_step) == step:
+            if variable == "LITFT_TEST_DIE":
+                print(f"rank {rank}: exiting at step {step} ({variable})", flush=True)
+                os._exit(3)
+            print(f"rank {rank}: hanging at step {step} ({variable})", flush=True)
+            time.sleep(3600)
