@@ -34,6 +34,8 @@ COMMANDS: Table = {
         "to_peft": ("litft.convert.peft:to_peft", "LoRA/DoRA run → PEFT adapter folder (adapter_config.json)."),
         "from_peft": ("litft.convert.peft:from_peft", "PEFT LoRA/DoRA adapter + --base → litft LoRA checkpoint."),
         "merge_lora": ("litft.convert.merge:merge_lora", "Merge a LoRA/DoRA/QLoRA run into plain native weights."),
+        "consolidate": ("litft.convert.consolidate:consolidate", "FSDP step checkpoint (sharded/) → loadable "
+                                                                 "checkpoint files (generate, to_hf, LLM.load)."),
     },
     "evaluate": {
         # "" = the default leaf: `litft evaluate <checkpoint> --tasks ...` (first argument not a subcommand name)

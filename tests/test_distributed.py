@@ -18,6 +18,7 @@ weights to the same nf4 codes, so only the LoRA gradients' summation order diffe
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -105,8 +106,9 @@ def assert_close(got: dict[int, float], want: dict[int, float], steps: list[int]
 
 @pytest.fixture(scope="module")
 def ref(work: Path) -> dict[int, float]:
-    """The 1-process LoRA run every LoRA run is compared with."""
-    got = in_process(work, "ref")
+    """The 1-process LoRA run every LoRA run is compared with (its step-2 checkpoint: with the consolidated one of
+    the FSDP run)."""
+    got = in_process(work, "ref", "--train.save_interval", "2")
     assert sorted(got) == STEPS
     return got
 
@@ -154,7 +156,17 @@ def test_lora_fsdp_full_shard_matches_one_process(fsdp2: Path, ref, work: Path) 
     assert not (step2 / "lora.safetensors").exists() and not (step2 / "model.safetensors").exists()
 
 
-def test_full_fsdp_shard_grad_op_with_activation_checkpointing(work: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def full_runs(work: Path) -> tuple[Path, Path]:
+    """`finetune full` in 1 process and with FSDP shard_grad_op + activation checkpointing on 2 (torchrun), both
+    saving a step checkpoint at step 2."""
+    in_process(work, "full1", "--train.save_interval", "2", method="full")
+    torchrun2(work, "full2", "--strategy", "fsdp", "--train.sharding", "shard_grad_op",
+              "--train.activation_checkpointing", "true", "--train.save_interval", "2", method="full")
+    return work / "full1", work / "full2"
+
+
+def test_full_fsdp_shard_grad_op_with_activation_checkpointing(full_runs, work: Path, tmp_path: Path) -> None:
     """`finetune full`, shard_grad_op, every block recomputed in backward: the 1-process losses; final/ (consolidated
     from the shards) exports to a Hugging Face folder whose transformers logits equal litft's."""
     import torch
@@ -163,10 +175,7 @@ def test_full_fsdp_shard_grad_op_with_activation_checkpointing(work: Path, tmp_p
     from litft.convert.hf import convert_to_hf
     from litft.train.checkpoint import load_checkpoint
 
-    want = in_process(work, "full1", method="full")
-    torchrun2(work, "full2", "--strategy", "fsdp", "--train.sharding", "shard_grad_op",
-              "--train.activation_checkpointing", "true", method="full")
-    assert_close(losses(work / "full2"), want, STEPS)
+    assert_close(losses(work / "full2"), losses(work / "full1"), STEPS)
     final = work / "full2" / "final"
     assert (final / "model.safetensors").is_file() and not (final / "base.yaml").exists()
     hf = convert_to_hf(final, tmp_path / "hf")
@@ -181,10 +190,13 @@ def test_full_fsdp_shard_grad_op_with_activation_checkpointing(work: Path, tmp_p
     assert (ours - base).abs().max() > 1e-2  # and they did train
 
 
-def test_adapter_fsdp_no_shard_matches_one_process(work: Path) -> None:
+def test_adapter_fsdp_no_shard_matches_one_process(work: Path, tmp_path: Path) -> None:
     """LLaMA-Adapter, no_shard: the 1-process losses; the step checkpoint holds the adapter's prompts and gates (and
-    their optimizer state), not the frozen base; final/ holds only the adapter weights."""
-    want = in_process(work, "adapter1", "--adapter.start_layer", "0", method="adapter")
+    their optimizer state), not the frozen base; final/ holds only the adapter weights; the step checkpoint,
+    consolidated, holds the 1-process run's step-2 adapter weights."""
+    from litft.convert.consolidate import consolidate
+
+    want = in_process(work, "adapter1", "--adapter.start_layer", "0", "--train.save_interval", "2", method="adapter")
     torchrun2(work, "adapter2", "--adapter.start_layer", "0", "--strategy", "fsdp", "--train.sharding", "no_shard",
               "--train.save_interval", "2", method="adapter")
     assert_close(losses(work / "adapter2"), want, STEPS)
@@ -192,6 +204,11 @@ def test_adapter_fsdp_no_shard_matches_one_process(work: Path) -> None:
     assert keys and all(k.endswith((".prompt", ".gate")) for k in keys), keys
     final = work / "adapter2" / "final"
     assert (final / "adapter.safetensors").is_file() and not (final / "model.safetensors").exists()
+    one = work / "adapter1" / "checkpoints" / "step-2"
+    out = consolidate(work / "adapter2" / "checkpoints" / "step-2", tmp_path / "step-2")
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in one.iterdir() if f.name != "state.pt")
+    same_tensors(out / "adapter.safetensors", one / "adapter.safetensors")
+    same_logits(out, one)
 
 
 def free_port() -> int:
@@ -248,6 +265,115 @@ def test_sharded_checkpoint_resumes_on_another_world_size(fsdp2: Path, ref, work
     shutil.rmtree(work / "to2" / "final")
     torchrun2(work, "to2", "--strategy", "fsdp", "--resume", str(work / "to2" / "checkpoints" / "step-3"))
     assert_close(losses(work / "to2"), ref, [4])
+
+
+# ------------------------------------------------------------------------------------------ consolidation
+
+
+def same_tensors(got: Path, want: Path, atol: float = 1e-4) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(got), load_file(want)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert (a[k] - b[k]).abs().max() < atol, k
+
+
+def same_logits(got: Path, want: Path) -> None:
+    import torch
+
+    from litft.train.checkpoint import load_checkpoint
+
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (load_checkpoint(got).eval()(tokens) - load_checkpoint(want).eval()(tokens)).abs().max() < 1e-4
+
+
+def test_consolidate_lora_fsdp_step_checkpoint(fsdp2: Path, ref, work: Path, tmp_path: Path, capsys) -> None:
+    """The LoRA step checkpoint written by 2 FSDP processes: refused by what loads a checkpoint, with the command to
+    run; `litft convert consolidate` (in place) writes the files the 1-process run's step-2 checkpoint holds, with
+    the same weights; it then generates (CLI and LLM.load), a second consolidation needs --overwrite, and it still
+    resumes."""
+    from litft import LLM
+    from litft.cli import main
+    from litft.train.checkpoint import load_checkpoint
+
+    shutil.copytree(fsdp2, tmp_path / "run", ignore=shutil.ignore_patterns("final", "logs"))
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    want = work / "ref" / "checkpoints" / "step-2"
+    hint = f"Run `litft convert consolidate {step}`"
+    with pytest.raises(FileNotFoundError, match=re.escape(hint)):
+        load_checkpoint(step)
+    with pytest.raises(FileNotFoundError, match=re.escape(hint)):
+        LLM.load(step, device="cpu")
+    for command in (["generate", str(step), "--prompt", "hi"], ["convert", "to_hf", str(step), str(tmp_path / "hf")]):
+        with pytest.raises(SystemExit):
+            main(command)
+        assert hint in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+    main(["convert", "consolidate", str(step)])
+    assert {f.name for f in step.iterdir()} == {f.name for f in want.iterdir()} | {"sharded"}
+    same_tensors(step / "lora.safetensors", want / "lora.safetensors")
+    for name in ("lora.yaml", "base.yaml", "model_config.yaml", "tokenizer.json"):
+        assert (step / name).read_text() == (want / name).read_text(), name
+    assert (step / "sharded" / ".metadata").is_file() and (step / "state.pt").is_file()  # it still resumes
+    same_logits(step, want)
+    capsys.readouterr()
+    main(["generate", str(step), "--prompt", "Shout: hi\nAnswer:", "--max_new_tokens", "6", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    text = LLM.load(step, device="cpu").generate("Shout: hi\nAnswer:", max_new_tokens=6)
+    assert text and text in printed
+
+    with pytest.raises(SystemExit):
+        main(["convert", "consolidate", str(step)])
+    assert f"{step} already holds weights (lora.safetensors): it was consolidated before" in capsys.readouterr().err
+    main(["convert", "consolidate", str(step), "--overwrite", "true"])
+    same_tensors(step / "lora.safetensors", want / "lora.safetensors")
+    # the shards stayed as they were: the consolidated checkpoint resumes (1 process) with the reference's losses
+    litft(work, str(tmp_path / "run"), "--strategy", "fsdp", "--resume", str(step))
+    assert_close(losses(tmp_path / "run"), ref, [3, 4])
+
+
+def test_consolidate_full_fsdp_step_checkpoint(full_runs, tmp_path: Path) -> None:
+    """The full fine-tune's step checkpoint written by 2 FSDP processes (shard_grad_op), consolidated into a
+    standalone --out_dir: model.safetensors equal to the 1-process run's step 2, loadable and exportable."""
+    from litft import LLM
+    from litft.convert.consolidate import consolidate
+    from litft.convert.hf import convert_to_hf
+
+    one, two = (d / "checkpoints" / "step-2" for d in full_runs)
+    out = consolidate(two, tmp_path / "step-2")
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in one.iterdir() if f.name != "state.pt")
+    same_tensors(out / "model.safetensors", one / "model.safetensors")
+    assert not (two / "model.safetensors").exists()  # the step checkpoint itself is untouched
+    same_logits(out, one)
+    assert LLM.load(out, device="cpu").generate("Shout: hi", max_new_tokens=4)
+    assert (convert_to_hf(out, tmp_path / "hf") / "config.json").is_file()
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite true"):
+        consolidate(two, tmp_path / "step-2")
+
+
+def test_consolidate_refuses_what_is_not_an_fsdp_step_checkpoint(ref, work: Path, tmp_path: Path) -> None:
+    from litft.convert.consolidate import consolidate
+
+    with pytest.raises(ValueError, match=r"base is not an FSDP step checkpoint \(no sharded/ directory\): it holds "
+                                         r"its weights already \(model.safetensors\) and loads as it is"):
+        consolidate(work / "base", tmp_path / "a")
+    with pytest.raises(ValueError, match=r"step-2 is not an FSDP step checkpoint \(no sharded/ directory\): it "
+                                         r"holds its weights already \(lora.safetensors\)"):
+        consolidate(work / "ref" / "checkpoints" / "step-2", tmp_path / "b")
+    with pytest.raises(ValueError, match=r"ref is a run directory, not a step checkpoint: pass one of its "
+                                         r"checkpoints/step-N directories \(its step checkpoints: .*step-2"):
+        consolidate(work / "ref", tmp_path / "c")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty is not an FSDP step checkpoint \(no sharded/.metadata and no "
+                                         r"state.pt\)"):
+        consolidate(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        consolidate(tmp_path / "missing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 # ------------------------------------------------------------------------------------------ dead and stuck ranks

@@ -53,10 +53,11 @@ def checkpoint_method(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
     checked so that a missing one is named before anything is loaded."""
     from litft.peft.adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
     from litft.peft.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE
-    from litft.train.checkpoint import BASE_FILE, read_base
+    from litft.train.checkpoint import BASE_FILE, check_consolidated, read_base
     from litft.weights import weight_files
 
     checkpoint_dir = Path(checkpoint_dir)
+    check_consolidated(checkpoint_dir)
     base = read_base(checkpoint_dir)
     if base is None:
         if not any(f.name.startswith("model") for f in weight_files(checkpoint_dir)):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 import torch
 
 from litft.data import DataArgs
 from litft.finetune import run_config
 from litft.train.args import EvalArgs, TrainArgs
+
+if TYPE_CHECKING:
+    from litft.train.loop import Method
 
 
 def finetune_full(
@@ -48,18 +51,25 @@ def finetune_full(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.train.loop import Method, fit
-    from litft.weights import load_model, save_model
+    from litft.train.loop import fit
 
-    def load(model: torch.nn.Module, directory: Path) -> None:
-        state = load_model(directory, device="cpu").state_dict()
-        model.load_state_dict(state, strict=False)
-
-    method = Method(name="full", full=True, prepare=lambda model: model.requires_grad_(True), save=save_model,
-                    load=load)
+    method = full_method()
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
                         optimizer=optimizer, precision=precision, devices=devices, num_nodes=num_nodes,
                         strategy=strategy, accelerator=accelerator, resume=resume, overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
                overwrite=overwrite, run_config=config)
+
+
+def full_method() -> "Method":
+    """The full fine-tuning method for the training loop (and for ``litft convert consolidate``): every weight
+    trains; checkpoints hold the whole model (model.safetensors)."""
+    from litft.train.loop import Method
+    from litft.weights import load_model, save_model
+
+    def load(model: torch.nn.Module, directory: Path) -> None:
+        state = load_model(directory, device="cpu").state_dict()
+        model.load_state_dict(state, strict=False)
+
+    return Method(name="full", full=True, prepare=lambda model: model.requires_grad_(True), save=save_model, load=load)

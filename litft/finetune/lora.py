@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 import torch
 
@@ -11,6 +11,9 @@ from litft.data import DataArgs
 from litft.finetune import run_config
 from litft.peft import LoRAArgs
 from litft.train.args import EvalArgs, TrainArgs
+
+if TYPE_CHECKING:
+    from litft.train.loop import Method
 
 Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"]
 
@@ -62,13 +65,29 @@ def finetune_lora(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.peft import apply_lora, load_lora, merge_lora, save_lora
-    from litft.train.loop import Method, fit
+    from litft.train.loop import fit
 
     if quantize is not None:
         from litft.peft.quantize import import_bitsandbytes
 
         import_bitsandbytes(quantize)  # fail before anything is loaded; device support is probed by quantize_model
+
+    method = lora_method(lora, quantize, merge)
+    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval, lora=lora,
+                        quantize=quantize, merge=merge, optimizer=optimizer, precision=precision, devices=devices,
+                        num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
+                        overwrite=overwrite)
+    return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
+               num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
+               overwrite=overwrite, run_config=config)
+
+
+
+def lora_method(lora: LoRAArgs, quantize: Optional[Quantize] = None, merge: bool = False) -> "Method":
+    """The LoRA method for the training loop (and for ``litft convert consolidate``, which rebuilds it from a run's
+    run.yaml): LoRA layers on the (quantized) base; checkpoints hold lora.safetensors + lora.yaml."""
+    from litft.peft import apply_lora, load_lora, merge_lora, save_lora
+    from litft.train.loop import Method
 
     def prepare(model: torch.nn.Module) -> None:
         if quantize is not None:
@@ -90,13 +109,5 @@ def finetune_lora(
             save_model(merged, directory)
             merged.config.save(directory)  # merging a LoRA on a tied lm_head unties it
 
-    method = Method(name="lora", full=False, prepare=prepare, save=lambda model, d: save_lora(model, lora, d),
-                    load=load_lora, finalize=finalize, quantized=quantize is not None)
-    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval, lora=lora,
-                        quantize=quantize, merge=merge, optimizer=optimizer, precision=precision, devices=devices,
-                        num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
-                        overwrite=overwrite)
-    return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
-               num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
-
+    return Method(name="lora", full=False, prepare=prepare, save=lambda model, d: save_lora(model, lora, d),
+                  load=load_lora, finalize=finalize, quantized=quantize is not None)

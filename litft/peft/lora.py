@@ -393,16 +393,21 @@ def read_args_yaml(path: Path, cls: type) -> Any:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from e
+    return args_from_mapping(data, cls, str(path))
+
+
+def args_from_mapping(data: Any, cls: type, source: str) -> Any:
+    """A dataclass from YAML data (a mapping of its fields), with errors naming ``source`` and the bad field."""
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of {cls.__name__} fields")
+        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+        raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
     try:
         return cls(**data)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise ValueError(f"{source}: {e}") from e
 
 
 def write_args_yaml(path: Path, args: Any) -> None:

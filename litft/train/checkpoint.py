@@ -12,6 +12,10 @@ A loadable checkpoint is ``model_config.yaml`` + tokenizer files + either the fu
 ``adapter.safetensors`` + ``adapter.yaml``) with ``base.yaml`` naming the checkpoint they apply to.
 :func:`load_checkpoint` loads either kind. Every directory is written to a temp dir and renamed, so a kill
 during a save leaves the previous checkpoint intact.
+
+The step checkpoints of an FSDP run hold their weights in ``sharded/`` instead (torch.distributed.checkpoint: every
+rank writes its own shards, in parallel, with the optimizer state; they resume on any number of devices):
+``litft convert consolidate checkpoints/step-N`` writes the loadable files above into it.
 """
 
 from __future__ import annotations
@@ -177,6 +181,18 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def check_consolidated(checkpoint_dir: Path) -> None:
+    """Refuse, saying what to run, an FSDP step checkpoint whose weights are only in its ``sharded/`` directory
+    (shards for resuming with ``--strategy fsdp``): ``litft convert consolidate`` writes its loadable files."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / SHARDED).is_dir() and not weight_files(checkpoint_dir):
+        raise FileNotFoundError(
+            f"{checkpoint_dir} is an FSDP step checkpoint: its weights are only in {SHARDED}/ (torch.distributed"
+            ".checkpoint shards, which resume training with --strategy fsdp on any number of devices). Run "
+            f"`litft convert consolidate {checkpoint_dir}` to write its weights as a normal checkpoint (in place), "
+            "then use it")
+
+
 def read_base(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
     """``base.yaml`` of a checkpoint holding only a method's weights; None for a checkpoint with full weights."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -229,6 +245,7 @@ def load_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    check_consolidated(checkpoint_dir)
     base = read_base(checkpoint_dir)
     if base is None:
         model = load_model(checkpoint_dir, device=device, dtype=dtype)

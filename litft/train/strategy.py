@@ -41,9 +41,10 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
 import torch
 
@@ -420,6 +421,43 @@ def load_sharded(path: Path, model: Any, optimizer: Any) -> None:
     dcp.load(state, checkpoint_id=Path(path))
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))
+
+
+# save_sharded's keys: "model." (its state dict's entry) + "model." (CausalLMLoss.model, the GPT) + the GPT's own name
+_SHARDED_MODEL_PREFIX = "model.model."
+
+
+def sharded_model_shapes(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Names (the GPT's own, e.g. ``blocks.0.attn.q_proj.lora_A.weight``), shapes and dtypes of the model tensors in
+    a checkpoint written by :func:`save_sharded`, read from its metadata (no tensor is loaded)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable torch.distributed.checkpoint directory (its .metadata file is "
+                         f"missing or truncated): {e}") from e
+    return {k[len(_SHARDED_MODEL_PREFIX):]: (v.size, v.properties.dtype)
+            for k, v in metadata.state_dict_metadata.items()
+            if k.startswith(_SHARDED_MODEL_PREFIX) and isinstance(v, TensorStorageMetadata)}
+
+
+def read_sharded_model(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The model tensors ``names`` (as :func:`sharded_model_shapes` names them) of a checkpoint written by
+    :func:`save_sharded`, gathered whole on the CPU in this one process (no process group, no GPU), whatever the
+    number of processes that wrote it. The optimizer state is not read."""
+    import torch.distributed.checkpoint as dcp
+
+    names, shapes = list(names), sharded_model_shapes(path)
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise ValueError(f"{path}: no tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    state = {_SHARDED_MODEL_PREFIX + n: torch.empty(shapes[n][0], dtype=shapes[n][1]) for n in names}
+    with warnings.catch_warnings():  # it warns that it loads in one process even when asked to (no_dist)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=Path(path), no_dist=True)
+    return {k[len(_SHARDED_MODEL_PREFIX):]: v for k, v in state.items()}
 
 
 def plain_model(config: Any, prepare: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
