@@ -8,7 +8,6 @@ weights in HF layout, safetensors preferred. Duplicates that many repos also car
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence

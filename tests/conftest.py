@@ -43,3 +43,15 @@ def tiny_llama_native(tiny_llama_hf: Path, tmp_path_factory: pytest.TempPathFact
     from litft.convert.hf import convert_from_hf
 
     return convert_from_hf(tiny_llama_hf, tmp_path_factory.mktemp("tiny_llama_native") / "native")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny matrices on a shared 2-core machine (which also runs the tests' subprocesses): one torch thread in the
+    test process is far faster than several contending ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,15 +23,6 @@ from tests.hf_models import make_hf_model
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared CPU: one torch thread is far faster than several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     """variant -> native checkpoint dir of a tiny random model (3 layers, GQA 4 heads / 2 groups)."""

@@ -16,14 +16,6 @@ from tests.test_generate import make_tiny_checkpoint
 PROMPT = "The cat likes"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("api"))

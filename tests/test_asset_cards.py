@@ -12,8 +12,13 @@ import pytest
 import torch
 import yaml
 
-from litft.asset_cards import find_card, load_cards, resolve_checkpoint, resolve_tokenizer
-from litft.cli import main as litft_main
+from litft.asset_cards import (
+    find_card,
+    load_cards,
+    resolve_checkpoint,
+    resolve_tokenizer,
+)
+from tests.inprocess_cli import litft, litft_error
 
 ROWS = [{"instruction": f"Repeat {w}", "output": f"{w} {w}"} for w in ("cat", "dog", "the fence", "apples")]
 
@@ -24,29 +29,6 @@ def asset_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("LITFT_ASSET_DIR", str(d))
     return d
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def litft(*args: object) -> None:
-    """The real CLI, in-process."""
-    litft_main([str(a) for a in args])
-
-
-def litft_error(capsys: pytest.CaptureFixture, *args: object) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        litft(*args)
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def card(asset_dir: Path, file: str, **cards: Path) -> None:

@@ -18,8 +18,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from litft.cli import main as litft_main
 from litft.train.checkpoint import load_checkpoint
+from tests.inprocess_cli import litft, litft_error
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -34,34 +34,10 @@ ROWS = [{"instruction": f"Repeat {w}", "output": f"{w} {w}"} for w in
         ("cat", "dog", "the fence", "a red ball", "apples", "the river", "my friend", "the code")]
 
 
-def litft(*args: object) -> None:
-    """The real CLI, in-process (no interpreter start-up per call)."""
-    litft_main([str(a) for a in args])
-
-
-def litft_error(capsys: pytest.CaptureFixture, *args: object) -> str:
-    """Run a CLI call that must fail cleanly; returns its one-line error."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        litft(*args)
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
 def no_leftovers(path: Path) -> None:
     """``path`` was not created and no temp dir is left beside it."""
     assert not path.exists()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -42,15 +42,6 @@ peft = pytest.importorskip("peft")
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared CPU: one torch thread is far faster than several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """variant -> (HF model, native checkpoint dir); built once per variant."""

@@ -43,15 +43,6 @@ TOL = 1e-5
 FP32_REL_RMS = {"bnb.nf4": 0.5, "bnb.nf4-dq": 0.5, "bnb.fp4": 0.6, "bnb.int8": 0.05}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared CPU: one torch thread is far faster than several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")

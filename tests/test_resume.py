@@ -4,7 +4,6 @@ uninterrupted run; a kill during a checkpoint write leaves the previous checkpoi
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

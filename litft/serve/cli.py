@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -51,7 +52,6 @@ def serve(
         log_level: uvicorn's log level (info logs every request).
     """
     import signal
-    import socket
 
     import uvicorn
 
@@ -104,8 +104,6 @@ def serve(
 
 
 def _listen(host: str, port: int) -> "socket.socket":
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:

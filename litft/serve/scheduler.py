@@ -185,7 +185,6 @@ class Scheduler:
     # ------------------------------------------------------------------ the thread
 
     def _loop(self) -> None:
-        engine = self.engine
         while True:
             with self._lock:
                 while not (self._stopping or self._waiting or self._running or self._cancelled):

@@ -9,7 +9,6 @@ stopping, logging, atomic checkpoints and step-exact resume, and the final check
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
