@@ -25,14 +25,16 @@ COMMANDS: Table = {
     "assets": {
         "ls": ("litft.asset_cards:ls", "List the asset cards (local checkpoints and tokenizers by name)."),
     },
-    "generate": ("litft.generate.cli:generate", "Generate text for a prompt or every row of a JSONL file."),
+    "generate": ("litft.generate.cli:generate", "Generate text for a prompt or every row of a JSONL/.txt file."),
     "chat": ("litft.generate.cli:chat", "Chat with a model in the terminal (chat template, history, streaming)."),
     "serve": ("litft.serve.cli:serve", "Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."),
     "convert": {
         "from_hf": ("litft.convert.hf:convert_from_hf", "Hugging Face checkpoint folder → litft checkpoint."),
         "to_hf": ("litft.convert.hf:convert_to_hf", "litft checkpoint → Hugging Face folder (transformers, vLLM)."),
-        "to_peft": ("litft.convert.peft:to_peft", "LoRA/DoRA run → PEFT adapter folder (adapter_config.json)."),
-        "from_peft": ("litft.convert.peft:from_peft", "PEFT LoRA/DoRA adapter + --base → litft LoRA checkpoint."),
+        "to_peft": ("litft.convert.peft:to_peft", "LoRA/DoRA or prompt-tuning run → PEFT adapter folder "
+                                                  "(adapter_config.json)."),
+        "from_peft": ("litft.convert.peft:from_peft", "PEFT LoRA/DoRA or prompt-tuning adapter + --base → litft "
+                                                      "checkpoint."),
         "merge_lora": ("litft.convert.merge:merge_lora", "Merge a LoRA/DoRA/QLoRA run into plain native weights."),
         "consolidate": ("litft.convert.consolidate:consolidate", "FSDP step checkpoint (sharded/) → loadable "
                                                                  "checkpoint files (generate, to_hf, LLM.load)."),
@@ -48,6 +50,8 @@ COMMANDS: Table = {
         "full": ("litft.finetune.full:finetune_full", "Fine-tune all weights of a checkpoint."),
         "lora": ("litft.finetune.lora:finetune_lora", "Fine-tune LoRA/DoRA weights (QLoRA with --quantize bnb.nf4)."),
         "adapter": ("litft.finetune.adapter:finetune_adapter", "Fine-tune a LLaMA-Adapter on a frozen checkpoint."),
+        "prompt": ("litft.finetune.prompt:finetune_prompt", "Prompt tuning: learn virtual tokens before every "
+                                                            "sequence of a frozen checkpoint."),
     },
     "configs": {
         "ls": ("litft.configs:ls", "List the fine-tuning recipes in config_hub/finetune."),

@@ -8,12 +8,19 @@ use the names users already know.
 Attention is computed over *slots*: positions in the sequence (or in the KV cache when one is
 set). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
 sliding layers, and both slots carry the same segment id (packing and left padding).
+
+Prompt tuning (:mod:`litft.peft.prompt`) sets ``GPT.virtual_prompt``: N learned embeddings that act as N tokens in
+front of every sequence, at positions 0..N-1 (the real tokens then start at position N), as PEFT's prompt tuning
+computes it. They never attend to real tokens, so their keys and values in every layer depend only on the
+parameters: :meth:`GPT.virtual_kv` computes them once per forward (once per parameter version under no_grad) and
+every attention layer puts them in front of its keys and values. Every query sees them (within the sliding window,
+by position), so each packed sample and each row of a batch sees its own copy; the KV cache never holds them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -34,6 +41,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.max_cache_length = 0
+        # prompt tuning: a litft.peft.prompt.VirtualPrompt (N learned input embeddings before every sequence)
+        self.virtual_prompt: Optional[nn.Module] = None
         # "sdpa" (dense boolean masks) or "flex" (FlexAttention block masks for the uncached forward: packing and
         # sliding windows without a (T, T) mask; see litft/attention.py). Set by the training loop.
         self.attention_backend = "sdpa"
@@ -61,6 +70,18 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Virtual tokens prompt tuning puts before every sequence (they take that many positions of the context)."""
+        return 0 if self.virtual_prompt is None else self.virtual_prompt.num_tokens
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of token ids, as they enter the first block (scaled where the family scales)."""
+        x = self.embed(idx)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        return x
 
     # ------------------------------------------------------------------ KV cache
 
@@ -95,7 +116,8 @@ class GPT(nn.Module):
         """Logits (or final hidden states) for token ids ``idx`` of shape (B, T).
 
         input_pos: (T,) cache slots to write this chunk to; requires :meth:`set_kv_cache`.
-        positions: (T,) or (B, T) RoPE positions; default = the slots (``input_pos`` or ``arange(T)``).
+        positions: (T,) or (B, T) RoPE positions; default = the slots (``input_pos`` or ``arange(T)``). With a
+            virtual prompt they count from the first real token: the model adds ``num_virtual_tokens``.
         segment_ids: (B, S) segment of every slot (S = T without a cache, the cache length with one);
             attention never crosses segments. Used for packing and for left padding.
         """
@@ -109,11 +131,19 @@ class GPT(nn.Module):
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, T)
         kv_len = self.max_cache_length if cached else T
+        x = self.embed_tokens(idx)
+        n_virtual = self.num_virtual_tokens
+        virtual_kv: list = [None] * len(self.blocks)
+        if n_virtual:
+            virtual_kv = self.virtual_kv(x.dtype)
+            positions = positions + n_virtual  # the real tokens come after the virtual ones
 
         masks = {}
-        flex = self.attention_backend == "flex" and not cached
+        # FlexAttention block masks have no virtual-token columns: with a virtual prompt, dense SDPA masks
+        flex = self.attention_backend == "flex" and not cached and not n_virtual
         for kind in set(self.config.layer_types):
-            window = self.config.sliding_window if kind == "sliding" else None
+            full_window = self.config.sliding_window if kind == "sliding" else None
+            window = full_window
             if window is not None and not cached and T <= window:
                 window = None  # the window cannot bind: plain causal (SDPA's fused causal kernel, no mask)
             if flex and (window is not None or segment_ids is not None or self.config.attn_logit_softcapping):
@@ -122,17 +152,47 @@ class GPT(nn.Module):
                 masks[kind] = block_mask(T, window, segment_ids, idx.device)
             else:
                 masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached)
+            if n_virtual:
+                masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len)
 
-        x = self.embed(idx)
-        if self.config.scale_embeddings:
-            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
-        for block, kind in zip(self.blocks, self.config.layer_types):
-            x = block(x, rope[kind], masks[kind], input_pos)
+        for block, kind, layer_kv in zip(self.blocks, self.config.layer_types, virtual_kv):
+            x = block(x, rope[kind], masks[kind], input_pos, layer_kv)
         x = self.norm(x)
         if return_hidden:
             return x
         return self.head(x)
+
+    def virtual_kv(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's keys and values (1, n_query_groups, N, head_size) of the virtual tokens, at positions
+        0..N-1: the prompt embeddings run through the blocks alone (they attend only to each other). Computed on
+        every call while gradients are recorded; otherwise reused until a parameter changes."""
+        vp = self.virtual_prompt
+        key = None
+        if not torch.is_grad_enabled():
+            try:
+                key = (dtype, vp.embeddings.device, torch.is_inference_mode_enabled(),
+                       tuple((id(p), p._version) for p in self.parameters()))
+            except RuntimeError:  # inference tensors have no version counter: no reuse
+                key = None
+            if key is not None and vp.cached_kv is not None and vp.cached_kv[0] == key:
+                return vp.cached_kv[1]
+        n = vp.num_tokens
+        x = vp.embeddings.to(dtype).unsqueeze(0)  # (1, N, C): already in the residual stream's scale
+        positions = torch.arange(n, device=x.device).unsqueeze(0)
+        rope, masks = {}, {}
+        for kind in set(self.config.layer_types):
+            window = self.config.sliding_window if kind == "sliding" else None
+            rope[kind] = self.rope(positions, kind, dtype)
+            masks[kind] = build_attention_mask(positions[0], n, window if window is not None and n > window
+                                               else None, None, False)
+        kv = []
+        for block, kind in zip(self.blocks, self.config.layer_types):
+            x, layer_kv = block(x, rope[kind], masks[kind], None, None, True)
+            kv.append(layer_kv)
+        if key is not None:
+            vp.cached_kv = (key, kv)
+        return kv
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final (normed) hidden states, with the final softcap where the family has one."""
@@ -157,15 +217,19 @@ class Block(nn.Module):
             self.post_attn_norm = self.post_mlp_norm = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
-                input_pos: Optional[torch.Tensor]) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, mask, input_pos)
+                input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                return_kv: bool = False) -> Any:
+        """The block's output; with ``return_kv``, also this layer's keys and values of ``x`` (see attention)."""
+        h = self.attn(self.attn_norm(x), rope, mask, input_pos, virtual_kv, return_kv)
+        if return_kv:
+            h, kv = h
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + h
+        return (x + h, kv) if return_kv else x + h
 
 
 class CausalSelfAttention(nn.Module):
@@ -188,7 +252,11 @@ class CausalSelfAttention(nn.Module):
         self.adapter: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
-                input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                return_kv: bool = False) -> Any:
+        """Attention output for ``x`` (B, T, C). ``virtual_kv``: keys and values (1, ng, N, hs) of virtual tokens
+        put in front of the keys (``mask`` then has N more columns). ``return_kv``: also return ``x``'s own keys
+        and values (after RoPE), as :meth:`GPT.virtual_kv` collects them."""
         B, T, _ = x.shape
         hs = self.config.head_size
         q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -197,12 +265,18 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        own_kv = (k, v) if return_kv else None
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+        if virtual_kv is not None:
+            vk, vv = virtual_kv
+            k = torch.cat((vk.to(k.dtype).expand(k.shape[0], -1, -1, -1), k), dim=2)
+            v = torch.cat((vv.to(v.dtype).expand(v.shape[0], -1, -1, -1), v), dim=2)
         y = self.attend(q, k, v, mask)
         if self.adapter is not None:
             y = y + self.adapter(self, q)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return (out, own_kv) if return_kv else out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         cap = self.config.attn_logit_softcapping
@@ -247,6 +321,22 @@ def build_attention_mask(
         q_seg = segment_ids.index_select(1, q_slots)  # (B, T)
         mask = mask & (q_seg.unsqueeze(-1) == segment_ids.unsqueeze(1))
     return mask.unsqueeze(1)
+
+
+def with_virtual_columns(mask: Optional[torch.Tensor], positions: torch.Tensor, n_virtual: int,
+                         window: Optional[int], T: int, kv_len: int) -> torch.Tensor:
+    """``mask`` (None = plain causal over T slots) with ``n_virtual`` columns in front for the virtual tokens at
+    positions 0..n-1: every query sees them, on sliding layers only within ``window`` of its position (``positions``:
+    the queries' positions, virtual tokens counted)."""
+    device = positions.device
+    if mask is None:
+        mask = torch.ones(T, kv_len, dtype=torch.bool, device=device).tril().view(1, 1, T, kv_len)
+    if window is None:
+        seen = torch.ones(1, 1, T, n_virtual, dtype=torch.bool, device=device)
+    else:
+        seen = (positions.unsqueeze(-1) - torch.arange(n_virtual, device=device) < window).unsqueeze(1)
+    b = max(mask.shape[0], seen.shape[0])
+    return torch.cat((seen.expand(b, 1, T, n_virtual), mask.expand(b, 1, T, kv_len)), dim=-1)
 
 
 class KVCache(nn.Module):

@@ -5,7 +5,8 @@ Safetensors tensors are memory-mapped (file pages the kernel can drop at any tim
 really needs is its *anonymous* memory: the tensors it creates (dtype casts, fused/split tensors) and the shard being
 serialised. Each conversion here casts every tensor (float32 ↔ bfloat16), so a converter that gathered all tensors
 before writing would hold the whole output in anonymous memory. A child process samples its own ``RssAnon``
-(/proc/self/status) while it converts, and first checks that the measurement does see tensors held in memory.
+(/proc/self/status; tests/memory.py) while it converts, and first checks that the measurement does see tensors held
+in memory.
 """
 
 from __future__ import annotations
@@ -64,30 +65,10 @@ def write_hf_checkpoint(directory: Path, shard_bytes: int) -> int:
 
 
 CHILD = r"""
-import json, re, sys, threading, time
+import json, sys
 from pathlib import Path
 
-def anon():
-    return int(re.search(r"RssAnon:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-
-class Peak:
-    def __enter__(self):
-        self.base = self.peak = anon()
-        self.running = True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, anon())
-            time.sleep(0.001)
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, anon())
-    @property
-    def delta(self):
-        return self.peak - self.base
+from tests.memory import Peak  # (the child runs in the repository root)
 
 import torch
 from litft.convert.hf import convert_from_hf, convert_to_hf

@@ -1,8 +1,9 @@
 """DDP and FSDP on CPU with gloo, against one process with the same global batch: every FSDP sharding, each with
 another method (LoRA full_shard; full fine-tune shard_grad_op with activation checkpointing, its final/ exported and
-checked in transformers; adapter no_shard; LoRA hybrid_shard on two torchrun "nodes" of this machine), QLoRA with
-DDP; FSDP step checkpoints that hold only the trainable weights and resume on another world size; bad launch
-settings refused before any process waits; a dead or a stuck rank ends the run with a message instead of a hang.
+checked in transformers; adapter no_shard; prompt tuning full_shard; LoRA hybrid_shard on two torchrun "nodes" of
+this machine), QLoRA with DDP; FSDP step checkpoints that hold only the trainable weights and resume on another
+world size; bad launch settings refused before any process waits; a dead or a stuck rank ends the run with a message
+instead of a hang.
 
 The 1-process references run in this process (`litft.cli.main`, the same parser and code as the CLI); the
 2-process runs are real launches: torchrun (its workers start in parallel, which halves the start-up time), and
@@ -158,10 +159,10 @@ def test_lora_fsdp_full_shard_matches_one_process(fsdp2: Path, ref, work: Path) 
 
 @pytest.fixture(scope="module")
 def full_runs(work: Path) -> tuple[Path, Path]:
-    """`finetune full` in 1 process and with FSDP shard_grad_op + activation checkpointing on 2 (torchrun), both
-    saving a step checkpoint at step 2."""
-    in_process(work, "full1", "--train.save_interval", "2", method="full")
-    torchrun2(work, "full2", "--strategy", "fsdp", "--train.sharding", "shard_grad_op",
+    """`finetune full --freeze_layers 1` in 1 process and with FSDP shard_grad_op + activation checkpointing on 2
+    (torchrun), both saving a step checkpoint at step 2."""
+    in_process(work, "full1", "--train.save_interval", "2", "--freeze_layers", "1", method="full")
+    torchrun2(work, "full2", "--strategy", "fsdp", "--train.sharding", "shard_grad_op", "--freeze_layers", "1",
               "--train.activation_checkpointing", "true", "--train.save_interval", "2", method="full")
     return work / "full1", work / "full2"
 
@@ -188,6 +189,11 @@ def test_full_fsdp_shard_grad_op_with_activation_checkpointing(full_runs, work: 
     assert (ours - theirs).abs().max() < 1e-4
     assert (ours - single).abs().max() < 1e-3  # the same training on 1 and 2 processes: the same weights
     assert (ours - base).abs().max() > 1e-2  # and they did train
+    from safetensors.torch import load_file
+
+    trained, initial = load_file(final / "model.safetensors"), load_file(work / "base" / "model.safetensors")
+    assert all(trained[k].equal(v) for k, v in initial.items() if k.startswith("blocks.0."))  # --freeze_layers 1
+    assert not trained["blocks.1.attn.q_proj.weight"].equal(initial["blocks.1.attn.q_proj.weight"])
 
 
 def test_adapter_fsdp_no_shard_matches_one_process(work: Path, tmp_path: Path) -> None:
@@ -209,6 +215,26 @@ def test_adapter_fsdp_no_shard_matches_one_process(work: Path, tmp_path: Path) -
     assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in one.iterdir() if f.name != "state.pt")
     same_tensors(out / "adapter.safetensors", one / "adapter.safetensors")
     same_logits(out, one)
+
+
+def test_prompt_tuning_fsdp_matches_one_process(work: Path, tmp_path: Path) -> None:
+    """Prompt tuning (text init, packing), full_shard: the virtual tokens run through every sharded block before the
+    sequence does, so each block is called twice per forward; the 1-process losses all the same (lr 0.1: the prompt
+    moves), and the step checkpoint, consolidated, holds the 1-process run's step-2 prompt. (DDP was checked the same
+    way by hand: same losses and final prompt.)"""
+    from litft.convert.consolidate import consolidate
+
+    extra = ["--prompt.num_virtual_tokens", "3", "--prompt.init", "text", "--prompt.init_text", "Shout:",
+             "--data.packing", "true", "--train.lr", "0.1", "--train.warmup_steps", "0", "--train.save_interval", "2"]
+    want = in_process(work, "prompt1", *extra, method="prompt")
+    torchrun2(work, "prompt2", *extra, "--strategy", "fsdp", method="prompt")
+    assert_close(losses(work / "prompt2"), want, STEPS)
+    same_tensors(work / "prompt2" / "final" / "prompt.safetensors", work / "prompt1" / "final" / "prompt.safetensors",
+                 atol=1e-6)
+    out = consolidate(work / "prompt2" / "checkpoints" / "step-2", tmp_path / "step-2")
+    same_tensors(out / "prompt.safetensors", work / "prompt1" / "checkpoints" / "step-2" / "prompt.safetensors",
+                 atol=1e-6)
+    same_logits(out, work / "prompt1" / "checkpoints" / "step-2")
 
 
 def free_port() -> int:

@@ -649,7 +649,7 @@ def test_chat_data_without_a_chat_template_is_refused_before_anything_is_written
 # advertised flag is refused at run time. A new option fails test_every_help_option_has_a_value until it gets one.
 # Non-default values where the machine allows (CUDA-only settings get their CPU value; compile=true would spend
 # a minute compiling on CPU: it has its own tests).
-GROUP_FILES = ("--data", "--train", "--eval", "--lora", "--adapter")  # `--data FILE`: a YAML for the whole group
+GROUP_FILES = ("--data", "--train", "--eval", "--lora", "--adapter", "--prompt")  # `--data FILE`: a YAML for the group
 HELP_VALUES = {
     "--config": "{config}", "--out_dir": "{out}",
     "--data.train_path": "{data}/train.jsonl", "--data.val_path": "{data}/val.jsonl", "--data.format": "template",
@@ -666,6 +666,9 @@ HELP_VALUES = {
     "--train.attention": "sdpa", "--train.compile": "false", "--train.fused_optimizer": "true",
     "--train.peak_tflops": "1.5", "--train.log_interval": "1", "--train.save_interval": "1", "--train.keep_last": "1",
     "--train.sharding": "shard_grad_op", "--train.timeout": "10m",
+    "--train.profile": "true", "--train.profile_wait": "0", "--train.profile_warmup": "1", "--train.profile_active": "1",
+    "--train.trackers": "[]",  # [wandb] runs (offline) in tests/test_run_tools.py
+    "--train.wandb_project": "litft-help", "--train.wandb_run_name": "help", "--freeze_layers": "1",
     "--eval.interval": "1", "--eval.max_batches": "1", "--eval.initial_validation": "true",
     "--eval.final_validation": "true", "--eval.early_stopping_patience": "5",
     "--eval.early_stopping_min_delta": "0.001",
@@ -673,6 +676,7 @@ HELP_VALUES = {
     "--lora.r": "2", "--lora.alpha": "4", "--lora.dropout": "0.1", "--lora.targets": "[all-linear,lm_head]",
     "--lora.use_dora": "true", "--lora.use_rslora": "true", "--quantize": "bnb.nf4", "--merge": "true",
     "--adapter.prompt_length": "3", "--adapter.start_layer": "1",
+    "--prompt.num_virtual_tokens": "3", "--prompt.init": "text", "--prompt.init_text": "Shout it:",
     "--optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"betas": [0.9, 0.95], "eps": 1e-6}}',
     "--precision": "bf16-mixed", "--devices": "1", "--num_nodes": "1", "--strategy": "auto", "--accelerator": "cpu",
     "--resume": "auto", "--overwrite": "false",
@@ -691,7 +695,7 @@ def help_options(method: str, capsys) -> list[str]:
     return sorted(set(re.findall(r"\[(--?[\w.]+)", usage)) | {m for m in re.findall(r"^\s+(--[\w.]+)", text, re.M)})
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+@pytest.mark.parametrize("method", ["full", "lora", "adapter", "prompt"])
 def test_every_help_option_has_a_value(method, capsys):
     options = set(help_options(method, capsys)) - NOT_RUN - set(GROUP_FILES)
     missing = sorted(options - set(HELP_VALUES))
@@ -699,7 +703,7 @@ def test_every_help_option_has_a_value(method, capsys):
     assert "--print_config" in help_options(method, capsys)
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+@pytest.mark.parametrize("method", ["full", "lora", "adapter", "prompt"])
 def test_every_advertised_flag_is_accepted_at_run_time(method, ckpt, data_dir, tmp_path, capsys):
     if method == "lora":
         pytest.importorskip("bitsandbytes")

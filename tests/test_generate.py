@@ -495,6 +495,28 @@ def test_cli_generate_file_is_batched_and_resumable(tiny, llm, tmp_path: Path) -
     assert out.read_text() == "".join(text)
 
 
+def test_cli_generate_text_file_of_prompts(tiny, llm, tmp_path: Path, capsys) -> None:
+    """``--input prompts.txt`` (fms-hf-tuning's ``--text_file``): one prompt per line, blank lines skipped, ids = the
+    line numbers; resumable like a JSONL input; an empty file is a clear error."""
+    src = tmp_path / "prompts.txt"
+    src.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\r\n   \n{PROMPTS[2]}")  # blank lines, CRLF, no final newline
+    out = tmp_path / "out.jsonl"
+    args = [tiny["native"], "--input", src, "--output", out, "--max_new_tokens", "8", "--device", "cpu",
+            "--chat_template", "false"]
+    _run_cli(*args)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 3, 5]
+    assert [r["generation"] for r in rows] == [llm.generate(p, max_new_tokens=8) for p in PROMPTS]
+    text = out.read_text()
+    out.write_text("".join(text.splitlines(keepends=True)[:1]))  # interrupted after the first row
+    _run_cli(*args)
+    assert out.read_text() == text and "resuming: 1 of 3 rows" in capsys.readouterr().err
+    src.write_text("\n \n")
+    with pytest.raises(SystemExit):
+        _run_cli(tiny["native"], "--input", src, "--output", tmp_path / "o.jsonl", "--device", "cpu")
+    assert "prompts.txt: no prompts (expected one prompt per line)" in capsys.readouterr().err
+
+
 def test_cli_generate_quantized(tiny, capsys) -> None:
     """``litft generate --quantize bnb.nf4`` streams what ``LLM.load(quantize="bnb.nf4")`` generates."""
     pytest.importorskip("bitsandbytes")

@@ -120,8 +120,9 @@ def _method(name: Any, step_dir: Path) -> Any:
         from litft.finetune.full import full_method
 
         return full_method()
-    if name not in ("lora", "adapter"):
-        raise ValueError(f"{step_dir / ckpt.STATE_FILE}: unknown method {name!r} (expected full, lora or adapter)")
+    if name not in ("lora", "adapter", "prompt"):
+        raise ValueError(f"{step_dir / ckpt.STATE_FILE}: unknown method {name!r} (expected full, lora, adapter or "
+                         "prompt)")
     run_file = step_dir.resolve().parent.parent / ckpt.RUN_FILE
     if not run_file.is_file():
         raise FileNotFoundError(f"{run_file}: not found; consolidating a {name} step checkpoint needs the run's "
@@ -139,6 +140,11 @@ def _method(name: Any, step_dir: Path) -> Any:
         from litft.peft import LoRAArgs
 
         return lora_method(args_from_mapping(run[name], LoRAArgs, source))
+    if name == "prompt":
+        from litft.finetune.prompt import prompt_method
+        from litft.peft.prompt import PromptTuningArgs
+
+        return prompt_method(args_from_mapping(run[name], PromptTuningArgs, source))
     from litft.finetune.adapter import adapter_method
     from litft.peft import AdapterArgs
 

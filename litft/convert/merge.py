@@ -27,6 +27,16 @@ ADAPTER_REFUSAL = (
 )
 
 
+PROMPT_REFUSAL = (
+    "it is a prompt-tuning run (prompt.safetensors): its learned virtual tokens are extra inputs in front of every "
+    "sequence, not an update of existing weights, so they cannot be merged into the model's weights (a Hugging Face "
+    "model folder has no place for them). Export it as a PEFT prompt-tuning adapter with `litft convert to_peft "
+    "<run> <adapter dir>` (load it with peft.PeftModel.from_pretrained on the base model, e.g. the output of `litft "
+    "convert to_hf <base checkpoint>`), or use the run with litft itself (litft generate / chat / serve / evaluate, "
+    "LLM.load)"
+)
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """The checkpoint a user means: ``path`` itself, ``path/final`` when ``path`` is a run's out_dir, or the
     checkpoint of the asset card named ``path`` (``litft assets ls``)."""
@@ -53,6 +63,7 @@ def checkpoint_method(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
     checked so that a missing one is named before anything is loaded."""
     from litft.peft.adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
     from litft.peft.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE
+    from litft.peft.prompt import PROMPT_CONFIG_FILE, PROMPT_WEIGHTS_FILE
     from litft.train.checkpoint import BASE_FILE, check_consolidated, read_base
     from litft.weights import weight_files
 
@@ -61,13 +72,15 @@ def checkpoint_method(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
     base = read_base(checkpoint_dir)
     if base is None:
         if not any(f.name.startswith("model") for f in weight_files(checkpoint_dir)):
-            found = [n for n in (LORA_WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE) if (checkpoint_dir / n).is_file()]
+            found = [n for n in (LORA_WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE, PROMPT_WEIGHTS_FILE)
+                     if (checkpoint_dir / n).is_file()]
             extra = f" ({', '.join(found)} is there but {BASE_FILE}, naming the base checkpoint, is missing)" \
                 if found else ""
             raise FileNotFoundError(f"{checkpoint_dir}: no weights: expected model.safetensors (full weights) or "
                                     f"{LORA_WEIGHTS_FILE} + {LORA_CONFIG_FILE} + {BASE_FILE}{extra}")
         return None
-    files = {"lora": (LORA_WEIGHTS_FILE, LORA_CONFIG_FILE), "adapter": (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)}
+    files = {"lora": (LORA_WEIGHTS_FILE, LORA_CONFIG_FILE), "adapter": (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE),
+             "prompt": (PROMPT_WEIGHTS_FILE, PROMPT_CONFIG_FILE)}
     for name in files.get(base["method"], ()):
         if not (checkpoint_dir / name).is_file():
             raise FileNotFoundError(f"{checkpoint_dir / name}: not found ({checkpoint_dir / BASE_FILE} says this is a "
@@ -83,7 +96,7 @@ def load_merged(
     checkpoint_dir: Path, dtype: Optional[torch.dtype] = None, purpose: str = "merge",
 ) -> Optional[torch.nn.Module]:
     """A LoRA/DoRA/QLoRA checkpoint loaded and merged into a plain GPT on the CPU; None when the checkpoint
-    already holds full weights. An adapter checkpoint is refused with what to do instead."""
+    already holds full weights. An adapter or prompt-tuning checkpoint is refused with what to do instead."""
     from litft.train.checkpoint import load_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -92,8 +105,11 @@ def load_merged(
         return None
     if base["method"] == "adapter":
         raise ValueError(f"{purpose}: {checkpoint_dir} cannot be merged: {ADAPTER_REFUSAL}")
+    if base["method"] == "prompt":
+        raise ValueError(f"{purpose}: {checkpoint_dir} cannot be merged: {PROMPT_REFUSAL}")
     if base["method"] != "lora":
-        raise ValueError(f"{checkpoint_dir}: unknown method {base['method']!r} in base.yaml (expected lora or adapter)")
+        raise ValueError(f"{checkpoint_dir}: unknown method {base['method']!r} in base.yaml (expected lora, adapter "
+                         "or prompt)")
     # a QLoRA run's base is quantized as in training, then dequantized by the merge: the model that was trained
     model = load_checkpoint(checkpoint_dir, device="cpu", dtype=dtype)
     return model.eval()

@@ -1,9 +1,10 @@
-"""LoRA runs ↔ PEFT adapters: ``litft convert to_peft`` and ``litft convert from_peft``.
+"""LoRA and prompt-tuning runs ↔ PEFT adapters: ``litft convert to_peft`` and ``litft convert from_peft``.
 
 A PEFT adapter folder is ``adapter_config.json`` + ``adapter_model.safetensors`` with transformers' module names
 (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). The names come from the family's one
 weight table (:func:`litft.peft.lora.lora_name_to_peft`) and the config from :func:`litft.peft.lora.peft_config_dict`,
-so that ``PeftModel.from_pretrained(base, folder)`` computes what litft computes (LoRA, DoRA, rsLoRA).
+so that ``PeftModel.from_pretrained(base, folder)`` computes what litft computes (LoRA, DoRA, rsLoRA). A prompt-tuning
+run is PEFT's PROMPT_TUNING adapter: one tensor, ``prompt_embeddings`` (num_virtual_tokens × hidden size).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from litft.convert.merge import ADAPTER_REFUSAL, checkpoint_method, resolve_checkpoint
 from litft.train.checkpoint import run_quantize
+from litft.weights import atomic_directory
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -28,13 +30,14 @@ def to_peft(
     base_model_name_or_path: Optional[str] = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the LoRA/DoRA weights of a run as a PEFT adapter folder (adapter_config.json + safetensors).
+    """Write the LoRA/DoRA weights (or the virtual prompt of a prompt-tuning run) of a run as a PEFT adapter folder
+    (adapter_config.json + safetensors).
 
     ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads it onto the Hugging Face version of the base
     model (``litft convert to_hf <base checkpoint>``, or the original Hub model).
 
     Args:
-        checkpoint_dir: a LoRA run's ``final/`` (or ``checkpoints/step-N``), or the run's out_dir.
+        checkpoint_dir: a LoRA or prompt-tuning run's ``final/`` (or ``checkpoints/step-N``), or the run's out_dir.
         out_dir: the adapter folder to create.
         base_model_name_or_path: recorded in adapter_config.json for ``AutoPeftModelForCausalLM``; default the
             base model's Hub id when litft knows it (``hf_id`` in model_config.yaml), else empty.
@@ -48,16 +51,19 @@ def to_peft(
         read_lora_args,
         to_peft_state_dict,
     )
-    from litft.weights import SafetensorsReader, atomic_directory
+    from litft.weights import SafetensorsReader
 
     checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
     base = checkpoint_method(checkpoint_dir)
     if base is None:
         raise ValueError(f"to_peft: {checkpoint_dir} holds full weights (model.safetensors), not LoRA weights; a PEFT "
-                         "adapter can only be made from a `litft finetune lora` run. To export the full model, use "
-                         f"`litft convert to_hf {checkpoint_dir} <out_dir>`")
+                         "adapter can only be made from a `litft finetune lora` or `litft finetune prompt` run. To "
+                         f"export the full model, use `litft convert to_hf {checkpoint_dir} <out_dir>`")
     if base["method"] == "adapter":
         raise ValueError(f"to_peft: {checkpoint_dir} cannot be written as a PEFT adapter: {ADAPTER_REFUSAL}")
+    if base["method"] == "prompt":
+        return _prompt_to_peft(checkpoint_dir, Path(base["base_checkpoint"]), Path(out_dir), base_model_name_or_path,
+                               overwrite)
     if base["method"] != "lora":
         raise ValueError(f"to_peft: {checkpoint_dir}: unknown method {base['method']!r} in base.yaml")
     config = Config.from_checkpoint(checkpoint_dir)
@@ -94,6 +100,51 @@ def to_peft(
     return Path(out_dir)
 
 
+def _prompt_to_peft(checkpoint_dir: Path, base_dir: Path, out_dir: Path, base_model_name_or_path: Optional[str],
+                    overwrite: bool) -> Path:
+    """A prompt-tuning run's virtual prompt (trained on the checkpoint ``base_dir``) as PEFT's PROMPT_TUNING adapter
+    (``prompt_embeddings``, float32 as PEFT keeps it)."""
+    from safetensors.torch import save_file
+
+    from litft.config import Config
+    from litft.peft.prompt import PROMPT_TENSOR, PROMPT_WEIGHTS_FILE, peft_prompt_config_dict, read_prompt_args
+    from litft.train.checkpoint import read_base
+    from litft.weights import SafetensorsReader
+
+    config = Config.from_checkpoint(checkpoint_dir)
+    args = read_prompt_args(checkpoint_dir)
+    reader = SafetensorsReader([checkpoint_dir / PROMPT_WEIGHTS_FILE])
+    if set(reader.keys()) != {PROMPT_TENSOR}:
+        raise ValueError(f"to_peft: {checkpoint_dir / PROMPT_WEIGHTS_FILE}: expected one tensor {PROMPT_TENSOR!r}, "
+                         f"found {', '.join(sorted(reader.keys())[:5]) or 'none'}")
+    embeddings = reader.get(PROMPT_TENSOR).float()
+    if base_model_name_or_path is None:
+        base_model_name_or_path = config.hf_id or ""
+    peft_config = peft_prompt_config_dict(args, config, base_model_name_or_path)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file({"prompt_embeddings": embeddings.contiguous()}, str(tmp / PEFT_WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+        header = "---\nlibrary_name: peft\n" + (f"base_model: {base_model_name_or_path}\n"
+                                                 if base_model_name_or_path else "") + "---\n\n"
+        init = f"from the text {args.init_text!r}" if args.init == "text" else "at random"
+        (tmp / "README.md").write_text(
+            header + f"# Prompt-tuning adapter\n\nTrained with litft: {args.num_virtual_tokens} virtual tokens, "
+            f"initialised {init}.\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained("
+            "base_model, \"path/to/this/folder\")\n```\n")
+    print(f"PEFT prompt-tuning adapter written to {out_dir} (num_virtual_tokens={args.num_virtual_tokens})", flush=True)
+    inner = read_base(base_dir)
+    if inner is not None:
+        print(f"note: the prompt was trained on {base_dir}, itself a {inner['method']} run: load the adapter onto that "
+              "model (for a LoRA run: `litft convert to_hf` of it, which merges the LoRA weights), not onto its base",
+              flush=True)
+    if not base_model_name_or_path:
+        print("note: base_model_name_or_path is empty: pass --base_model_name_or_path <hub id or HF folder> for "
+              "AutoPeftModelForCausalLM, or load the base yourself and call PeftModel.from_pretrained(base, dir)",
+              flush=True)
+    return out_dir
+
+
 def _model_card(base_model: str, args: Any, targets: list[str]) -> str:
     header = "---\nlibrary_name: peft\n" + (f"base_model: {base_model}\n" if base_model else "") + "---\n\n"
     method = "DoRA" if args.use_dora else "LoRA"
@@ -116,7 +167,16 @@ def read_peft_adapter(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.T
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON: {e}") from e
-    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object (a PEFT adapter config)")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type not in ("LORA", "PROMPT_TUNING"):
+        raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported: litft imports LORA (LoRA, DoRA, "
+                         "rsLoRA) and PROMPT_TUNING adapters")
+    if peft_type == "PROMPT_TUNING":
+        if not isinstance(config.get("num_virtual_tokens"), int):
+            raise ValueError(f"{config_path}: a PROMPT_TUNING config needs an integer num_virtual_tokens")
+    elif "r" not in config or "lora_alpha" not in config:
         raise ValueError(f"{config_path}: expected a PEFT LoRA config (a JSON object with peft_type, r, lora_alpha)")
     if config.get("layers_to_transform") is not None:
         raise ValueError(f"{config_path}: layers_to_transform={config['layers_to_transform']} (LoRA on some layers "
@@ -146,10 +206,12 @@ def from_peft(
     out_dir: Optional[Path] = None,
     overwrite: bool = False,
 ) -> Path:
-    """Import a PEFT LoRA/DoRA adapter as a litft LoRA checkpoint on top of the --base checkpoint.
+    """Import a PEFT LoRA/DoRA adapter as a litft LoRA checkpoint (a PEFT prompt-tuning adapter as a prompt-tuning
+    checkpoint) on top of the --base checkpoint.
 
     The result loads, generates, evaluates and fine-tunes further like the ``final/`` of a ``litft finetune lora``
-    run (``lora.safetensors`` + ``lora.yaml`` + ``base.yaml``).
+    run (``lora.safetensors`` + ``lora.yaml`` + ``base.yaml``; prompt tuning: ``prompt.safetensors`` +
+    ``prompt.yaml`` + ``base.yaml``).
 
     Args:
         peft_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``adapter_model.bin``).
@@ -173,7 +235,7 @@ def from_peft(
         write_args_yaml,
     )
     from litft.train.checkpoint import BASE_FILE
-    from litft.weights import atomic_directory, copy_tokenizer_files
+    from litft.weights import copy_tokenizer_files
 
     if base is None:
         raise ValueError("from_peft: --base is required: the litft checkpoint of the model the adapter was trained "
@@ -183,6 +245,9 @@ def from_peft(
     base = resolve_checkpoint(Path(base))
     config = Config.from_checkpoint(base)
     source = str(weights)
+    out_dir = Path(out_dir) if out_dir is not None else peft_dir.parent / f"{peft_dir.name}-litft"
+    if peft_config.get("peft_type") == "PROMPT_TUNING":
+        return _prompt_from_peft(peft_config, peft_state, config, base, out_dir, overwrite, peft_dir)
     try:
         state = from_peft_state_dict(peft_state, config.hf_model_type)
     except ValueError as e:
@@ -202,7 +267,6 @@ def from_peft(
     if declared and config.hf_id and declared != config.hf_id:
         print(f"note: the adapter says it was trained on {declared!r}, --base is {config.hf_id!r} (names and shapes "
               "match, so it loads; check that this is the model you mean)", flush=True)
-    out_dir = Path(out_dir) if out_dir is not None else peft_dir.parent / f"{peft_dir.name}-litft"
     with atomic_directory(out_dir, overwrite) as tmp:
         from safetensors.torch import save_file
 
@@ -215,4 +279,37 @@ def from_peft(
         copy_tokenizer_files(base, tmp)
     print(f"LoRA checkpoint written to {out_dir} (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
           f"{', DoRA' if args.use_dora else ''}) on base {base}", flush=True)
+    return out_dir
+
+
+def _prompt_from_peft(peft_config: dict[str, Any], peft_state: dict[str, torch.Tensor], config: Any, base: Path,
+                      out_dir: Path, overwrite: bool, peft_dir: Path) -> Path:
+    """A PEFT prompt-tuning adapter as a litft prompt-tuning checkpoint (prompt.safetensors + prompt.yaml +
+    base.yaml) on ``base``."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from litft.peft.lora import write_args_yaml
+    from litft.peft.prompt import PROMPT_CONFIG_FILE, PROMPT_WEIGHTS_FILE, prompt_from_peft
+    from litft.train.checkpoint import BASE_FILE
+    from litft.weights import copy_tokenizer_files
+
+    args, state = prompt_from_peft(peft_config, peft_state, config, str(peft_dir))
+    if args.num_virtual_tokens >= config.block_size:
+        raise ValueError(f"{peft_dir / PEFT_CONFIG_FILE}: num_virtual_tokens={args.num_virtual_tokens} leaves no room "
+                         f"in --base {base}'s context (block_size={config.block_size})")
+    declared = peft_config.get("base_model_name_or_path") or ""
+    if declared and config.hf_id and declared != config.hf_id:
+        print(f"note: the adapter says it was trained on {declared!r}, --base is {config.hf_id!r} (the shape "
+              "matches, so it loads; check that this is the model you mean)", flush=True)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / PROMPT_WEIGHTS_FILE),
+                  metadata={"format": "pt", "litft": "prompt"})
+        write_args_yaml(tmp / PROMPT_CONFIG_FILE, args)
+        (tmp / BASE_FILE).write_text(yaml.safe_dump(
+            {"method": "prompt", "base_checkpoint": str(base.resolve())}, sort_keys=False))
+        config.save(tmp)
+        copy_tokenizer_files(base, tmp)
+    print(f"prompt-tuning checkpoint written to {out_dir} (num_virtual_tokens={args.num_virtual_tokens}) on base "
+          f"{base}", flush=True)
     return out_dir

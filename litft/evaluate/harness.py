@@ -98,7 +98,7 @@ def _lm_class() -> type:
                                  f"(automatic batch sizes are not supported)") from None
             if self._batch_size < 1:
                 raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
-            context = self.model.config.block_size
+            context = self.model.config.block_size - self.model.num_virtual_tokens  # prompt tuning's come first
             self._max_length = int(max_length) if max_length else context
             if not 2 <= self._max_length <= context:
                 raise ValueError(f"max_length={max_length} is invalid: expected 2..{context} (the model's context)")
@@ -385,7 +385,8 @@ def evaluate(
         out: Write the results JSON here (lm-eval's results, configs and versions).
         include_path: Comma-separated folders (or YAML files) with extra task definitions.
         include_defaults: Also index lm-eval's built-in tasks (false: only --include_path ones; faster start).
-        max_length: Longest context in tokens (default: the model's ``block_size``).
+        max_length: Longest context in tokens (default: the model's ``block_size``, less the virtual tokens of a
+            prompt-tuned model).
         max_gen_toks: Default most new tokens for generation tasks that do not set their own.
         apply_chat_template: Format prompts with the tokenizer's chat template (instruction-tuned models).
         log_samples: Also write every request and response into the results JSON.

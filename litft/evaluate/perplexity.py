@@ -113,7 +113,8 @@ def perplexity(
         checkpoint_dir: A litft checkpoint, a Hugging Face model folder or a fine-tune run's ``final/``.
         data: A ``.txt`` file (one document) or a ``.jsonl``/``.json`` file (one document per row).
         text_field: Field of each JSONL row holding the document's text.
-        max_seq_length: Tokens per window; default the model's context length (``block_size``).
+        max_seq_length: Tokens per window; default the model's context length (``block_size``, less the virtual
+            tokens of a prompt-tuned model).
         stride: New tokens scored per window after the first (each sees >= max_seq_length - stride tokens of
             context); default max_seq_length // 2.
         batch_size: Windows per forward pass.
@@ -129,7 +130,7 @@ def perplexity(
     documents = read_documents(Path(data), text_field)
     llm = load_llm(checkpoint_dir, device=device, precision=precision)
     model, tokenizer = llm.model, llm.tokenizer
-    context = model.config.block_size
+    context = model.config.block_size - model.num_virtual_tokens  # prompt tuning's virtual tokens come first
     max_seq_length = max_seq_length or context
     if not 2 <= max_seq_length <= context:
         raise ValueError(f"max_seq_length={max_seq_length} is invalid: expected 2..{context} (the model's context)")

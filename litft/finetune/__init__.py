@@ -1,4 +1,4 @@
-"""Fine-tuning entry points: ``litft finetune full|lora|adapter``.
+"""Fine-tuning entry points: ``litft finetune full|lora|adapter|prompt``.
 
 Each entry function's signature *is* its CLI and its YAML (``--config``): jsonargparse turns the
 dataclass arguments into ``--train.lr``, ``--lora.r``, ``--data.packing`` and so on. The functions only
@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_config", "finetune_full", "finetune_lora", "finetune_adapter"]
+__all__ = ["run_config", "finetune_full", "finetune_lora", "finetune_adapter", "finetune_prompt"]
 
 
 def run_config(**values: Any) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def run_config(**values: Any) -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("finetune_full", "finetune_lora", "finetune_adapter"):
+    if name in ("finetune_full", "finetune_lora", "finetune_adapter", "finetune_prompt"):
         import importlib
 
         return getattr(importlib.import_module(f"litft.finetune.{name.split('_')[1]}"), name)

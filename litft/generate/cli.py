@@ -35,16 +35,17 @@ def generate(
     device: str = "auto",
     compile: bool = False,
 ) -> None:
-    """Generate text for one prompt (streamed to stdout) or for every row of a JSONL file.
+    """Generate text for one prompt (streamed to stdout) or for every row of a JSONL or plain-text file.
 
     Args:
         checkpoint: checkpoint folder (litft, Hugging Face, or a fine-tune run's final/).
         prompt: the prompt; its completion is streamed to stdout.
-        input: JSONL (or JSON list) file of prompts, one object per row, instead of --prompt.
+        input: file of prompts, instead of --prompt: JSONL (or a JSON list), one object per row; or a ``.txt`` file,
+            one prompt per line (blank lines are skipped; a row's id is its line number, from 1).
         output: with --input: JSONL file to append {"id", "generation", "finish_reason", ...} rows to; rows whose
             id is already there are skipped, so an interrupted run resumes where it stopped.
-        prompt_field: field of each input row holding the prompt (a string, or a list of chat messages).
-        id_field: field of each input row holding its id; rows without one are numbered from 0 in file order.
+        prompt_field: field of each JSONL row holding the prompt (a string, or a list of chat messages).
+        id_field: field of each JSONL row holding its id; rows without one are numbered from 0 in file order.
         batch_size: how many rows decode together (finished rows are replaced at once by waiting ones).
         max_new_tokens: the most tokens to generate per prompt.
         temperature: 0 = greedy decoding; higher = more random.
@@ -66,7 +67,7 @@ def generate(
     from litft.api import LLM
 
     if (prompt is None) == (input is None):
-        raise ValueError("give exactly one of --prompt \"...\" or --input file.jsonl")
+        raise ValueError("give exactly one of --prompt \"...\" or --input file.jsonl (or prompts.txt)")
     if input is not None and output is None:
         raise ValueError("--input needs --output (the JSONL file generations are written to)")
     if output is not None and input is None:
@@ -122,6 +123,8 @@ def _read_input(path: Path, prompt_field: str, id_field: str) -> list[tuple[Any,
     """[(id, prompt, source)] of the input file, with clear errors for missing fields and duplicate ids."""
     from litft.data.loader import read_records
 
+    if path.suffix.lower() == ".txt":
+        return _read_text_prompts(path)
     records = read_records(path)
     rows, seen = [], {}
     for index, r in enumerate(records):
@@ -135,6 +138,23 @@ def _read_input(path: Path, prompt_field: str, id_field: str) -> list[tuple[Any,
             raise ValueError(f"{r.source}: duplicate {id_field} {key!r} (first at {seen[str(key)]})")
         seen[str(key)] = r.source
         rows.append((key, r.data[prompt_field], r.source))
+    return rows
+
+
+def _read_text_prompts(path: Path) -> list[tuple[int, str, str]]:
+    """[(line number, prompt, source)] of a plain-text file with one prompt per line; blank lines are skipped (so the
+    ids, the line numbers, stay those of the file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {str(path)!r} does not exist" if not path.exists()
+                                else f"--input {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not part of the first prompt)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = (line.removesuffix("\r") for line in text.split("\n"))  # \n ends a line (not splitlines' \f, \x1c...)
+    rows = [(n, line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no prompts (expected one prompt per line)")
     return rows
 
 

@@ -129,7 +129,8 @@ class Engine:
         model: the model (any device/dtype; put into eval mode).
         tokenizer: a :class:`~litft.tokenizer.Tokenizer` for text, stop strings and default stop tokens;
             without one, results hold token ids only.
-        max_seq_length: longest prompt + generation allowed; default the model's context (``block_size``).
+        max_seq_length: longest prompt + generation allowed; default the model's context (``block_size``, less the
+            virtual tokens of a prompt-tuned model).
         compile: compile the decode step with ``torch.compile`` ("reduce-overhead", i.e. CUDA graphs, on CUDA).
         prefill_chunk_size: prefill long prompts this many tokens at a time (bounds attention memory).
         sync_every: decode steps between host syncs in :meth:`generate` when nothing streams; default
@@ -143,7 +144,7 @@ class Engine:
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
-        context = self.config.block_size
+        context = self.config.block_size - model.num_virtual_tokens  # prompt tuning's virtual tokens come first
         if max_seq_length is not None and max_seq_length < 2:
             raise ValueError(f"max_seq_length={max_seq_length} is invalid: expected an integer >= 2")
         self.max_seq_length = min(max_seq_length, context) if max_seq_length else context

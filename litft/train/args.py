@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
+
+TRACKERS = ("wandb",)
 
 
 @dataclass
@@ -70,6 +72,23 @@ class TrainArgs:
             (shard within a node, replicate across nodes) or "no_shard" (replicate, like DDP).
         timeout: How long a collective (all-reduce, barrier) waits for the other processes before the run stops
             with an error, e.g. when a rank died: seconds, "90s", "30m", "HH:MM:SS".
+        profile: Record a window of optimizer steps with the PyTorch profiler (CPU and CUDA operators, shapes,
+            memory) and write one trace per process to ``out_dir/logs/profile/rank<N>.<time>.pt.trace.json``: open it
+            in TensorBoard's profiler plugin (``tensorboard --logdir out_dir/logs`` with torch-tb-profiler), in
+            https://ui.perfetto.dev or in chrome://tracing. The window: skip ``profile_wait`` steps, trace
+            ``profile_warmup`` steps without keeping them, then keep ``profile_active`` steps (counted from the
+            first step this run trains; it must fit in the steps the run trains). Model FLOPs are not counted by the
+            profiler: they are logged every step as ``model_tflops`` (and ``mfu``) in ``logs/metrics.jsonl``.
+        profile_wait: Steps the profiler skips before its warm-up.
+        profile_warmup: Steps the profiler traces but discards (the first steps it sees carry its own overhead).
+        profile_active: Steps the profiler records into the trace.
+        trackers: Experiment trackers the metrics also go to, besides ``logs/metrics.jsonl`` and TensorBoard
+            (always written): ``[wandb]`` = Weights & Biases (needs the ``wandb`` extra and ``wandb login``, or
+            WANDB_MODE=offline to keep the run on disk and ``wandb sync`` it later). The run's settings (run.yaml)
+            become the W&B run config; a resumed run continues the same W&B run.
+        wandb_project: The W&B project the run is logged to (WANDB_ENTITY chooses the team; WANDB_DIR the
+            folder of W&B's files, by default ``out_dir/logs``).
+        wandb_run_name: The W&B run's name (None = the name of ``out_dir``).
     """
 
     global_batch_size: int = 16
@@ -99,6 +118,13 @@ class TrainArgs:
     keep_last: Optional[int] = 2
     sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = "full_shard"
     timeout: Union[float, str] = "30m"
+    profile: bool = False
+    profile_wait: int = 1
+    profile_warmup: int = 2
+    profile_active: int = 3
+    trackers: list[Literal["wandb"]] = field(default_factory=list)
+    wandb_project: str = "litft"
+    wandb_run_name: Optional[str] = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
@@ -140,6 +166,36 @@ class TrainArgs:
         except ValueError:
             raise ValueError(f"train.timeout={self.timeout!r} is invalid: expected seconds, '90s', '30m' or "
                              "'HH:MM:SS'") from None
+        for name in ("profile_wait", "profile_warmup", "profile_active"):
+            value = getattr(self, name)
+            least = 1 if name == "profile_active" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"train.{name}={value!r} is invalid: expected an integer >= {least}")
+        if self.profile and self.max_steps is not None:
+            self.check_profile_window(self.max_steps, f"train.max_steps={self.max_steps}")
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown:
+            raise ValueError(f"train.trackers={self.trackers!r} is invalid: {', '.join(map(repr, unknown))} is not a "
+                             f"tracker litft knows (expected a list of: {', '.join(TRACKERS)})")
+        if not self.wandb_project:
+            raise ValueError("train.wandb_project is empty: expected a W&B project name")
+
+    def profile_steps(self) -> int:
+        """Optimizer steps the profiling window spans (``profile_wait + profile_warmup + profile_active``)."""
+        return self.profile_wait + self.profile_warmup + self.profile_active
+
+    def check_profile_window(self, steps: int, what: str) -> None:
+        """Raise ValueError when the profiling window does not fit in the ``steps`` a run trains (``what`` says
+        where that number comes from)."""
+        if self.profile_steps() > steps:
+            warmup = 1 if steps > 1 else 0
+            raise ValueError(
+                f"train.profile: the profiling window needs {self.profile_steps()} optimizer steps (profile_wait "
+                f"{self.profile_wait} + profile_warmup {self.profile_warmup} + profile_active {self.profile_active}) "
+                f"but the run trains {steps} ({what}): train longer or shorten the window, e.g. "
+                f"--train.profile_wait 0 --train.profile_warmup {warmup} --train.profile_active "
+                f"{min(3, steps - warmup)}"
+            )
 
     def checkpointing_mode(self) -> str:
         """``activation_checkpointing`` as "none", "full" or "selective" (true/false are "full"/"none")."""

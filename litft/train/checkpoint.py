@@ -9,7 +9,7 @@ Layout of ``out_dir``::
 
 A loadable checkpoint is ``model_config.yaml`` + tokenizer files + either the full weights
 (``model.safetensors``) or a method's trainable weights (``lora.safetensors`` + ``lora.yaml``,
-``adapter.safetensors`` + ``adapter.yaml``) with ``base.yaml`` naming the checkpoint they apply to.
+``adapter.safetensors`` + ``adapter.yaml``, ``prompt.safetensors`` + ``prompt.yaml``) with ``base.yaml`` naming the checkpoint they apply to.
 :func:`load_checkpoint` loads either kind. Every directory is written to a temp dir and renamed, so a kill
 during a save leaves the previous checkpoint intact.
 
@@ -236,7 +236,7 @@ def load_checkpoint(
     A QLoRA run's base is quantized as the run quantized it (``quantize`` in base.yaml or run.yaml) before its
     LoRA weights apply, so the result is the trained model, not the unquantized base plus an update learned
     against another one. LoRA weights are then merged (into the *dequantized* base for QLoRA: a plain float
-    model) unless ``merge=False``; adapter weights stay separate modules.
+    model) unless ``merge=False``; adapter weights and a prompt-tuning run's virtual prompt stay separate modules.
 
     ``quantize`` (e.g. ``"bnb.nf4"``): quantize the base's linear layers with this mode instead (quantized
     inference); LoRA layers then stay unmerged over the quantized base, so their update keeps full precision
@@ -269,8 +269,13 @@ def load_checkpoint(
         from litft.peft import load_adapter
 
         load_adapter(model, checkpoint_dir)
+    elif method == "prompt":
+        from litft.peft.prompt import load_prompt
+
+        load_prompt(model, checkpoint_dir)
     else:
-        raise ValueError(f"{checkpoint_dir / BASE_FILE}: unknown method {method!r} (expected lora or adapter)")
+        raise ValueError(f"{checkpoint_dir / BASE_FILE}: unknown method {method!r} (expected lora, adapter or "
+                         "prompt)")
     return model
 
 

@@ -28,7 +28,8 @@ from litft.config import Config
 from litft.peft.lora import check_trainable, count_parameters
 from litft.train import checkpoint as ckpt
 from litft.train.args import EvalArgs, TrainArgs, parse_duration
-from litft.train.metrics import RunLogger, flops_per_token, matmul_params, peak_flops, peak_memory
+from litft.train.metrics import (RunLogger, flops_per_token, import_wandb, matmul_params, open_trackers, peak_flops,
+                                 peak_memory, start_profiler)
 from litft.train.schedule import build_optimizer, lr_at, resolve_optimizer
 from litft.train.strategy import reports_distributed_failures
 
@@ -52,6 +53,8 @@ class Method:
         finalize: Optional extra step for ``final/`` (e.g. writing merged weights), called after ``save``.
         quantized: ``prepare`` quantizes the base (QLoRA): known before any process starts, so that a strategy
             that cannot shard it (FSDP) is refused at once.
+        virtual_tokens: Positions of the model's context the method puts before every sequence (prompt tuning's
+            virtual tokens): the longest sample is the context less these.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Method:
     load: Callable[[nn.Module, Path], None]
     finalize: Optional[Callable[[nn.Module, Path], None]] = None
     quantized: bool = False
+    virtual_tokens: int = 0
 
 
 class CausalLMLoss(nn.Module):
@@ -363,14 +367,18 @@ def fit(
     precision = resolve_precision(precision, accelerator)
     max_time = parse_duration(train.max_time)
     resolve_optimizer(optimizer)
+    if "wandb" in train.trackers:
+        import_wandb()  # a missing extra fails before anything is loaded
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint_dir {str(checkpoint_dir)!r} does not exist (download or convert a "
                                 "model first: litft download <repo_id>)")
     config = Config.from_checkpoint(checkpoint_dir)
-    max_seq_length = train.max_seq_length or config.block_size
-    if max_seq_length > config.block_size:
+    context = config.block_size - method.virtual_tokens
+    max_seq_length = train.max_seq_length or context
+    if max_seq_length > context:
+        virtual = f" less the {method.virtual_tokens} virtual tokens of prompt tuning" if method.virtual_tokens else ""
         raise ValueError(f"train.max_seq_length={max_seq_length} is larger than the model's context: "
-                         f"block_size={config.block_size} in {checkpoint_dir / 'model_config.yaml'}")
+                         f"block_size={config.block_size} in {checkpoint_dir / 'model_config.yaml'}{virtual}")
     resume_from = resolve_resume(resume, out_dir, overwrite)
     if (resume is True or resume == "auto") and (out_dir / ckpt.FINAL).is_dir():
         print(f"{out_dir} holds a finished run (final/): nothing to resume. Pass --resume <a checkpoints/step-N "
@@ -416,6 +424,11 @@ def fit(
         state = ckpt.load_training_state(resume_from)
         if state.get("method") != method.name:
             raise ValueError(f"{resume_from} was written by a {state.get('method')!r} run, not {method.name!r}")
+    if train.profile:
+        done = int(state["step"]) if state is not None else 0
+        what = (f"train.max_steps={train.max_steps}" if train.max_steps else
+                f"{total_steps} steps for train.epochs={train.epochs}") + (f", resumed at step {done}" if done else "")
+        train.check_profile_window(total_steps - done, what)
     sharded = resume_from is not None and (resume_from / ckpt.SHARDED).is_dir()
     if sharded and not fsdp:
         raise ValueError(f"{resume_from} is a sharded (FSDP) checkpoint: resume it with --strategy fsdp (any number "
@@ -466,7 +479,17 @@ def fit(
         if isinstance(resolved.get("train"), dict):
             resolved["train"]["max_seq_length"] = max_seq_length
         _write_yaml_atomic(out_dir / ckpt.RUN_FILE, resolved)
-    logger = RunLogger(out_dir / ckpt.LOGS, enabled=rank_zero, resume_step=step if state is not None else None)
+    try:
+        trackers = open_trackers(train.trackers, out_dir / ckpt.LOGS, train.wandb_project,
+                                 train.wandb_run_name or out_dir.resolve().name, resolved,
+                                 resume=state is not None) if rank_zero else []
+    except BaseException:
+        if state is None:  # a fresh run leaves no run behind (only run.yaml and logs/ were written)
+            (out_dir / ckpt.RUN_FILE).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / ckpt.LOGS, ignore_errors=True)
+        raise
+    logger = RunLogger(out_dir / ckpt.LOGS, enabled=rank_zero, resume_step=step if state is not None else None,
+                       trackers=trackers)
     if rank_zero:
         where = f"resuming from {resume_from} at step {step}" if state else "starting"
         print(f"{method.name}: {n_trainable:,} of {n_params:,} parameters train ({100 * n_trainable / n_params:.2f}%); "
@@ -512,7 +535,8 @@ def fit(
             if rank_zero and staging.exists():
                 shutil.rmtree(staging)
             fabric.barrier()
-            dist.save_sharded(staging, loss_model, opt)  # trainable weights + optimizer state only
+            # trainable weights + optimizer state (full fine-tuning: also the layers freeze_layers froze)
+            dist.save_sharded(staging, loss_model, opt, include_frozen=method.full)
             fabric.barrier()
         if rank_zero:
             train_state = {
@@ -548,6 +572,9 @@ def fit(
     t0 = time.perf_counter()
     window_tokens, window_flops, window_t0 = 0, 0.0, time.perf_counter()
     last_val = None
+    profile_dir = out_dir / ckpt.LOGS / "profile"
+    profiler = start_profiler(profile_dir, fabric.global_rank, fabric.device, train.profile_wait,
+                              train.profile_warmup, train.profile_active) if train.profile else None
     try:
         while step < total_steps:
             n_micro = accumulation if budget is None else min(accumulation, (budget - micro_done) // world_size)
@@ -613,6 +640,8 @@ def fit(
                                          mfu=f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a")
             if progress is not None:
                 progress.update(1)
+            if profiler is not None:
+                profiler.step()
 
             stop_early = False
             if eval.interval and step % eval.interval == 0 and step < total_steps:
@@ -637,9 +666,17 @@ def fit(
                 save(step)
             if stop_early or out_of_time:
                 break
+    except BaseException:
+        logger.close(failed=True)
+        raise
     finally:
         if progress is not None:
             progress.close()
+        if profiler is not None:
+            profiler.stop()  # writes the trace if the window was cut short
+    if profiler is not None and rank_zero:
+        print(f"profiler trace(s), one per process: {profile_dir}/rank<N>.*.pt.trace.json (open them in "
+              "TensorBoard's profiler plugin, https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
 
     # ---- the end: validation, generations, final/
     final_val = validate() if eval.final_validation else None
@@ -663,6 +700,7 @@ def fit(
         if final_val is not None:
             summary["final_val_loss"] = final_val
         logger.log(summary, step)
+        _plot_losses(out_dir)
         print(f"done after step {step} ({stop_reason}); " + (f"val_loss {final_val:.4f}; " if final_val is not None
                                                                 else "")
               + f"{tokens_total:,} tokens in {elapsed:.0f}s; peak memory ({mem_kind}) {mem:.2f} GB; "
@@ -679,6 +717,22 @@ def _atomic_overwrite(target: Path) -> Iterator[Path]:
 
     with atomic_directory(target, overwrite=True) as tmp:
         yield tmp
+
+
+def _plot_losses(out_dir: Path) -> None:
+    """``out_dir/logs/loss.png`` (:mod:`litft.plot`) when matplotlib is installed; a failure to plot is one line on
+    stderr, never a failed run."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    try:
+        from litft.plot import plot
+
+        with contextlib.redirect_stdout(sys.stderr):
+            plot(out_dir)
+    except Exception as e:  # the run itself has succeeded: final/ and the logs are written
+        print(f"could not plot {out_dir / ckpt.LOGS / 'loss.png'}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _seed(seed: int) -> None:

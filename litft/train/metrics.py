@@ -1,4 +1,5 @@
-"""Throughput, model FLOPs utilisation, peak memory, and the run's logs (``metrics.jsonl`` + TensorBoard)."""
+"""Throughput, model FLOPs utilisation, peak memory, the run's logs (``metrics.jsonl`` + TensorBoard, and the
+experiment trackers of ``train.trackers``: W&B) and the PyTorch profiler of ``train.profile``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -104,12 +105,15 @@ def peak_memory(device: torch.device) -> tuple[str, float]:
 
 
 class RunLogger:
-    """Appends one JSON object per event to ``logs/metrics.jsonl`` and mirrors numbers to TensorBoard."""
+    """Appends one JSON object per event to ``logs/metrics.jsonl``, mirrors numbers to TensorBoard and passes every
+    record on to the experiment ``trackers`` (e.g. :class:`WandbTracker`)."""
 
-    def __init__(self, log_dir: Path, enabled: bool = True, resume_step: Optional[int] = None) -> None:
+    def __init__(self, log_dir: Path, enabled: bool = True, resume_step: Optional[int] = None,
+                 trackers: Sequence[Any] = ()) -> None:
         self.enabled = enabled
         self.path = Path(log_dir) / "metrics.jsonl"
         self._tb = None
+        self.trackers = list(trackers) if enabled else []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,12 +153,92 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close TensorBoard and the trackers (``failed``: the run stopped with an error)."""
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def import_wandb() -> Any:
+    """The ``wandb`` module, or a clear error naming the extra that installs it."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError(f"train.trackers=[wandb] needs the wandb package: pip install 'litft[wandb]' "
+                           f"({e})") from None
+    return wandb
+
+
+class WandbTracker:
+    """Logs the run to Weights & Biases: the records of ``metrics.jsonl`` as its history (at the same steps), the
+    run's settings as its config. ``wandb.init`` reads the usual environment (WANDB_MODE=offline, WANDB_ENTITY,
+    WANDB_API_KEY, WANDB_DIR); W&B's files go to ``log_dir`` unless WANDB_DIR is set. The run's id is kept in
+    ``log_dir/wandb_run_id``, so a resumed run (``resume``) continues the same W&B run."""
+
+    def __init__(self, log_dir: Path, project: str, name: str, config: dict[str, Any], resume: bool) -> None:
+        wandb = import_wandb()
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        id_file = log_dir / WANDB_ID_FILE
+        run_id = (id_file.read_text().strip() or None) if resume and id_file.is_file() else None
+        try:
+            self.run = wandb.init(project=project, name=name, config=config, id=run_id,
+                                  resume="allow" if run_id else None,
+                                  dir=None if os.environ.get("WANDB_DIR") else str(log_dir))
+        except Exception as e:  # no API key, no network, a project the account cannot write to
+            raise RuntimeError(f"train.trackers=[wandb]: W&B could not start the run ({type(e).__name__}: {e}); log "
+                               "in (`wandb login` or WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on "
+                               "disk and `wandb sync` it later") from e
+        tmp = id_file.with_name(f".{id_file.name}.tmp")
+        tmp.write_text(self.run.id + "\n")
+        os.replace(tmp, id_file)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def open_trackers(names: Sequence[str], log_dir: Path, project: str, run_name: str, config: dict[str, Any],
+                  resume: bool) -> list[Any]:
+    """The experiment trackers ``train.trackers`` names (rank 0 only)."""
+    trackers = []
+    for name in names:
+        if name == "wandb":
+            trackers.append(WandbTracker(log_dir, project, run_name, config, resume))
+        else:  # TrainArgs.validate refuses unknown names first
+            raise ValueError(f"unknown tracker {name!r}")
+    return trackers
+
+
+def start_profiler(log_dir: Path, rank: int, device: torch.device, wait: int, warmup: int,
+                   active: int) -> Any:
+    """A started :class:`torch.profiler.profile` over one window (``wait`` skipped steps, ``warmup`` discarded,
+    ``active`` recorded) that writes ``log_dir/rank<rank>.<time>.pt.trace.json`` (TensorBoard's profiler plugin,
+    Perfetto, chrome://tracing) when the window ends; call ``.step()`` after every optimizer step and ``.stop()`` at
+    the end (a window cut short by the end of training is written then)."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    profiler = profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(str(log_dir), worker_name=f"rank{rank}"),
+                       record_shapes=True, profile_memory=True, with_stack=False)
+    profiler.start()
+    return profiler
 
 
 def _jsonable(v: Any) -> Any:

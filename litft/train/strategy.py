@@ -391,21 +391,25 @@ def _unwrapped(model: Any, optimizer: Any) -> tuple[torch.nn.Module, torch.optim
     return getattr(model, "module", model), getattr(optimizer, "optimizer", optimizer)
 
 
-def _sharded_state(model: Any, optimizer: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+def _sharded_state(model: Any, optimizer: Any, include_frozen: bool = False,
+                   ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     module, opt = _unwrapped(model, optimizer)
-    model_state, optim_state = get_state_dict(module, opt, options=StateDictOptions(ignore_frozen_params=True))
+    model_state, optim_state = get_state_dict(module, opt,
+                                              options=StateDictOptions(ignore_frozen_params=not include_frozen))
     return module, opt, {"model": model_state, "optimizer": optim_state}
 
 
-def save_sharded(path: Path, model: Any, optimizer: Any) -> None:
+def save_sharded(path: Path, model: Any, optimizer: Any, include_frozen: bool = False) -> None:
     """Write an FSDP step checkpoint to the directory ``path`` (torch.distributed.checkpoint; a collective: every
     rank writes its own shards, in parallel). It holds the trainable parameters and the optimizer state only: the
-    frozen base of LoRA/adapter is not copied into every checkpoint (it is in the base checkpoint already)."""
+    frozen base of LoRA/adapter is not copied into every checkpoint (it is in the base checkpoint already).
+    ``include_frozen``: the frozen parameters too (a full fine-tune with ``freeze_layers``: its checkpoints hold the
+    whole model)."""
     import torch.distributed.checkpoint as dcp
 
-    _, _, state = _sharded_state(model, optimizer)
+    _, _, state = _sharded_state(model, optimizer, include_frozen)
     dcp.save(state, checkpoint_id=Path(path))
 
 
