@@ -177,6 +177,20 @@ def test_adapter_end_to_end_with_packing_and_activation_checkpointing(ckpt, data
     check_loads_and_generates(final)
 
 
+def test_full_finetune_cannot_start_from_an_adapter_run(ckpt, data_dir, tmp_path, capsys):
+    """Full fine-tuning saves plain model weights, which have no place for an adapter's learned prompts: starting it
+    from an adapter run's final/ is refused before anything is written, saying what to do instead."""
+    from litft.finetune.adapter import finetune_adapter
+    from litft.peft import AdapterArgs
+
+    final = finetune_adapter(ckpt, tmp_path / "adapter", data=data_args(data_dir), train=train_args(max_steps=1),
+                             adapter=AdapterArgs(prompt_length=2, start_layer=1), **COMMON)
+    out = tmp_path / "full"
+    args = ["finetune", "full", *_cli(final, data_dir, out)[2:]]
+    _fails(args, capsys, "LLaMA-Adapter run", "litft finetune adapter", str(ckpt))
+    assert not out.exists()
+
+
 def test_generate_samples_prints_accuracy_before_and_after(ckpt, data_dir, tmp_path, capsys):
     from litft.finetune.full import finetune_full
 

@@ -207,6 +207,23 @@ def read_base(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
     return data
 
 
+def check_mergeable_chain(checkpoint_dir: Path, purpose: str) -> None:
+    """Refuse a checkpoint whose chain of ``base.yaml`` runs holds a method that cannot become plain model weights
+    (adapter, prompt tuning): what full fine-tuning starts from must be a whole model it can save again."""
+    checkpoint_dir = Path(checkpoint_dir)
+    base = read_base(checkpoint_dir)
+    while base is not None:
+        if base["method"] in ("adapter", "prompt"):
+            kind = {"adapter": "a LLaMA-Adapter", "prompt": "a prompt-tuning"}[base["method"]]
+            raise ValueError(
+                f"{purpose}: {checkpoint_dir} is {kind} run: its learned {base['method']} weights are not part of "
+                "the model's own weights, so full fine-tuning (which saves plain model weights) cannot start from "
+                f"it. Continue it with `litft finetune {base['method']} {checkpoint_dir} ...` (new data, new lr), or "
+                f"fully fine-tune its base, {base['base_checkpoint']}")
+        checkpoint_dir = Path(base["base_checkpoint"])
+        base = read_base(checkpoint_dir) if checkpoint_dir.is_dir() else None
+
+
 def run_quantize(checkpoint_dir: Path, base: dict[str, Any]) -> Optional[str]:
     """The ``--quantize`` mode the method's weights were trained with (QLoRA), or None.
 

@@ -373,6 +373,8 @@ def fit(
         raise FileNotFoundError(f"checkpoint_dir {str(checkpoint_dir)!r} does not exist (download or convert a "
                                 "model first: litft download <repo_id>)")
     config = Config.from_checkpoint(checkpoint_dir)
+    if method.full:
+        ckpt.check_mergeable_chain(checkpoint_dir, "finetune full")
     context = config.block_size - method.virtual_tokens
     max_seq_length = train.max_seq_length or context
     if max_seq_length > context:
