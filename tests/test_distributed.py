@@ -276,6 +276,19 @@ def test_qlora_with_ddp_matches_one_process(work: Path) -> None:
     assert (work / "qlora2" / "final" / "lora.safetensors").is_file()
 
 
+def test_a_controller_stops_both_ranks_at_the_same_step(ref, work: Path) -> None:
+    """A `train.controllers` rule reads the all-reduced loss and gradient norm, so both ranks stop at the step the
+    1-process run shows it first holds (ranks that disagreed would hang in the next all-reduce, not finish)."""
+    k = next(s for s in STEPS[1:] if ref[s] < min(ref[j] for j in STEPS if j < s))  # a new lowest loss
+    low = min(ref[j] for j in STEPS if j < k)
+    assert low - ref[k] > 1e-4 * low, ref  # a margin far above the 1e-7 by which the 2-process losses differ
+    rule = f"loss < {(ref[k] + low) / 2!r} and grad_norm > 0"
+    torchrun2(work, "ctl2", "--strategy", "ddp", "--train.controllers", f'[{{"rule": "{rule}"}}]')
+    summary = list(read_metrics(work / "ctl2"))[-1]
+    assert summary["final_step"] == k and summary["stop_reason"].startswith("train.controllers[0]")
+    assert_close(losses(work / "ctl2"), ref, list(range(1, k + 1)))
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 

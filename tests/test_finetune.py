@@ -683,6 +683,8 @@ HELP_VALUES = {
     "--train.profile": "true", "--train.profile_wait": "0", "--train.profile_warmup": "1", "--train.profile_active": "1",
     "--train.trackers": "[]",  # [wandb] runs (offline) in tests/test_run_tools.py
     "--train.wandb_project": "litft-help", "--train.wandb_run_name": "help", "--freeze_layers": "1",
+    "--train.controllers": '[{"rule": "step > 99 or grad_norm < 0", "action": "save"}, '
+                           '{"rule": "val_loss > prev_val_loss + 1000", "when": "eval", "patience": 2}]',
     "--eval.interval": "1", "--eval.max_batches": "1", "--eval.initial_validation": "true",
     "--eval.final_validation": "true", "--eval.early_stopping_patience": "5",
     "--eval.early_stopping_min_delta": "0.001",
@@ -695,7 +697,8 @@ HELP_VALUES = {
     "--precision": "bf16-mixed", "--devices": "1", "--num_nodes": "1", "--strategy": "auto", "--accelerator": "cpu",
     "--resume": "auto", "--overwrite": "false",
 }
-NOT_RUN = {"-h", "--help", "--print_config"}  # --print_config: checked with all the other flags, then the real run
+# --print_config: checked with all the other flags, then the real run; --train.controllers.help: jsonargparse's help
+NOT_RUN = {"-h", "--help", "--print_config", "--train.controllers.help"}
 
 
 def help_options(method: str, capsys) -> list[str]:

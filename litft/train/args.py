@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from litft.train.controllers import Controller, validate_controllers
+
 TRACKERS = ("wandb",)
 
 
@@ -89,6 +91,10 @@ class TrainArgs:
         wandb_project: The W&B project the run is logged to (WANDB_ENTITY chooses the team; WANDB_DIR the
             folder of W&B's files, by default ``out_dir/logs``).
         wandb_run_name: The W&B run's name (None = the name of ``out_dir``).
+        controllers: Rules over the training metrics that stop the run or save a checkpoint when they hold
+            (fms-hf-tuning's trainer controllers), each ``{rule, when, patience, action}``, e.g.
+            ``[{rule: "loss > prev_loss", patience: 3}]`` = stop when the loss went up 3 steps in a row. See
+            ``--train.controllers.help`` and the README section "Stopping or saving on a rule".
     """
 
     global_batch_size: int = 16
@@ -125,6 +131,7 @@ class TrainArgs:
     trackers: list[Literal["wandb"]] = field(default_factory=list)
     wandb_project: str = "litft"
     wandb_run_name: Optional[str] = None
+    controllers: list[Controller] = field(default_factory=list)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
@@ -179,6 +186,7 @@ class TrainArgs:
                              f"tracker litft knows (expected a list of: {', '.join(TRACKERS)})")
         if not self.wandb_project:
             raise ValueError("train.wandb_project is empty: expected a W&B project name")
+        self.controllers = validate_controllers(self.controllers)
 
     def profile_steps(self) -> int:
         """Optimizer steps the profiling window spans (``profile_wait + profile_warmup + profile_active``)."""

@@ -418,6 +418,10 @@ def fit(
     val_batches = (BatchIterator(val_samples, train.micro_batch_size, max_seq_length, pad_id,
                                  packing=data.packing, shuffle=False, seed=data.seed) if val_samples else None)
     total_steps = train.max_steps or math.ceil(train.epochs * len(batches) / (accumulation * world_size))
+    from litft.train.controllers import Controllers, check_controllers_fit
+
+    check_controllers_fit(train.controllers, train.max_norm, eval.interval, val_batches is not None)
+    controllers = Controllers(train.controllers)
 
     # ---- model and method
     dtype = _dtype_of(precision)
@@ -462,6 +466,9 @@ def fit(
         step, micro_done = int(state["step"]), int(state["micro_batches"])
         tokens_total, elapsed_before = int(state["tokens"]), float(state["elapsed"])
         best_val, bad_evals = float(state["best_val"]), int(state["bad_evals"])
+        if controllers and not controllers.load_state_dict(state.get("controllers")) and rank_zero:
+            print(f"note: {resume_from} was written with other train.controllers: their counts start afresh",
+                  file=sys.stderr)
 
     # ---- first writes: out_dir only now
     if rank_zero:
@@ -547,7 +554,7 @@ def fit(
                 "optimizer": {} if fsdp else opt.state_dict(),
                 "scheduler": {"step": at_step, "total_steps": total_steps},
                 "rng": ckpt.rng_state(), "data": batches.state_dict(), "best_val": best_val, "bad_evals": bad_evals,
-                "world_size": world_size,
+                "world_size": world_size, "controllers": controllers.state_dict(),
             }
             ckpt.save_training_checkpoint(out_dir, at_step, model, (lambda m, d: None) if fsdp else save_weights,
                                           checkpoint_dir, base_dir, method.name, train_state, train.keep_last,
@@ -586,6 +593,7 @@ def fit(
             lr = lr_at(step, total_steps, train.lr, train.min_lr, train.warmup_steps, train.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
+            micro_before = micro_done
             micro = stream.take(n_micro)  # counted on the CPU, before the copy to the device (no device syncs)
             n_targets = sum(count_targets(b) for b in micro)
             tokens = [count_tokens(b) for b in micro]
@@ -646,8 +654,13 @@ def fit(
                 profiler.step()
 
             stop_early = False
+            fired = controllers.on_step({"step": step, "epoch": micro_done / len(batches), "lr": lr, "loss": loss,
+                                         "grad_norm": grad_norm, "tokens": tokens_total}) if controllers else []
+            if controllers and micro_done // len(batches) > micro_before // len(batches):
+                fired += controllers.on_epoch_end()
             if eval.interval and step % eval.interval == 0 and step < total_steps:
                 last_val = validate()
+                fired += controllers.on_eval(last_val) if controllers else []
                 if last_val is not None:
                     if rank_zero:
                         logger.log({"val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))}, step)
@@ -664,7 +677,13 @@ def fit(
             out_of_time = max_time is not None and elapsed >= max_time
             if out_of_time:
                 stop_reason = f"max_time ({train.max_time}) reached"
-            if train.save_interval and step % train.save_interval == 0 and step < total_steps:
+            for index, action in fired:
+                if rank_zero:
+                    _write(progress, f"step {step}: {controllers.describe(index)}: {action}")
+                if action == "stop" and not stop_early:
+                    stop_early, stop_reason = True, controllers.describe(index)
+            saving = bool(train.save_interval) and step % train.save_interval == 0
+            if (saving or any(action == "save" for _, action in fired)) and step < total_steps:
                 save(step)
             if stop_early or out_of_time:
                 break
