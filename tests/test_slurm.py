@@ -47,7 +47,9 @@ def slurm() -> None:
 
 
 def test_srun_mismatched_allocation(slurm, work) -> None:  # noqa: F811
-    cmd = ["srun", "-n", "2", "--label", "--kill-on-bad-exit=1", "--time", "5", sys.executable, "-m", "litft",
+    """Each rank refuses on its own, before any collective: no --kill-on-bad-exit, which would let the first rank to
+    fail kill the other before it prints its error."""
+    cmd = ["srun", "-n", "2", "--label", "--time", "5", sys.executable, "-m", "litft",
            *args(work, "srun_bad", "--devices", "2", "--num_nodes", "2")]
     r = run(cmd, timeout=240)
     out = r.stdout + r.stderr
