@@ -220,7 +220,6 @@ def from_peft(
         out_dir: where to write the litft checkpoint; default ``<peft_dir>-litft``.
         overwrite: replace ``out_dir`` if it exists and is not empty.
     """
-    import yaml
 
     from litft.config import Config
     from litft.model import GPT
@@ -232,10 +231,7 @@ def from_peft(
         lora_args_from_peft_config,
         load_state_strict,
         lora_state_dict,
-        write_args_yaml,
     )
-    from litft.train.checkpoint import BASE_FILE
-    from litft.weights import copy_tokenizer_files
 
     if base is None:
         raise ValueError("from_peft: --base is required: the litft checkpoint of the model the adapter was trained "
@@ -263,53 +259,46 @@ def from_peft(
     except ValueError as e:
         raise ValueError(f"{e} (--base {base}: {config.name or config.hf_model_type}, n_layer={config.n_layer}, "
                          f"n_embd={config.n_embd})") from e
+    _write_imported(out_dir, overwrite, "lora", LORA_WEIGHTS_FILE, LORA_CONFIG_FILE, state, args, config, base,
+                    peft_config)
+    print(f"LoRA checkpoint written to {out_dir} (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
+          f"{', DoRA' if args.use_dora else ''}) on base {base}", flush=True)
+    return out_dir
+
+
+def _write_imported(out_dir: Path, overwrite: bool, method: str, weights_file: str, args_file: str,
+                    state: dict[str, torch.Tensor], args: Any, config: Any, base: Path,
+                    peft_config: dict[str, Any]) -> None:
+    """Write an imported adapter as a litft ``method`` checkpoint on ``base`` (weights, their args, base.yaml, the
+    model config and the tokenizer), atomically; a note when the adapter names another base model."""
+    from litft.peft.lora import write_method_files
+    from litft.train.checkpoint import write_base_file
+    from litft.weights import copy_tokenizer_files
+
     declared = peft_config.get("base_model_name_or_path") or ""
     if declared and config.hf_id and declared != config.hf_id:
         print(f"note: the adapter says it was trained on {declared!r}, --base is {config.hf_id!r} (names and shapes "
               "match, so it loads; check that this is the model you mean)", flush=True)
     with atomic_directory(out_dir, overwrite) as tmp:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / LORA_WEIGHTS_FILE),
-                  metadata={"format": "pt", "litft": "lora"})
-        write_args_yaml(tmp / LORA_CONFIG_FILE, args)
-        (tmp / BASE_FILE).write_text(yaml.safe_dump(
-            {"method": "lora", "base_checkpoint": str(base.resolve())}, sort_keys=False))
+        write_method_files(tmp, {k: v.contiguous() for k, v in state.items()}, weights_file, args_file, args, method)
+        write_base_file(tmp, method, base)
         config.save(tmp)
         copy_tokenizer_files(base, tmp)
-    print(f"LoRA checkpoint written to {out_dir} (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
-          f"{', DoRA' if args.use_dora else ''}) on base {base}", flush=True)
-    return out_dir
 
 
 def _prompt_from_peft(peft_config: dict[str, Any], peft_state: dict[str, torch.Tensor], config: Any, base: Path,
                       out_dir: Path, overwrite: bool, peft_dir: Path) -> Path:
     """A PEFT prompt-tuning adapter as a litft prompt-tuning checkpoint (prompt.safetensors + prompt.yaml +
     base.yaml) on ``base``."""
-    import yaml
-    from safetensors.torch import save_file
 
-    from litft.peft.lora import write_args_yaml
     from litft.peft.prompt import PROMPT_CONFIG_FILE, PROMPT_WEIGHTS_FILE, prompt_from_peft
-    from litft.train.checkpoint import BASE_FILE
-    from litft.weights import copy_tokenizer_files
 
     args, state = prompt_from_peft(peft_config, peft_state, config, str(peft_dir))
     if args.num_virtual_tokens >= config.block_size:
         raise ValueError(f"{peft_dir / PEFT_CONFIG_FILE}: num_virtual_tokens={args.num_virtual_tokens} leaves no room "
                          f"in --base {base}'s context (block_size={config.block_size})")
-    declared = peft_config.get("base_model_name_or_path") or ""
-    if declared and config.hf_id and declared != config.hf_id:
-        print(f"note: the adapter says it was trained on {declared!r}, --base is {config.hf_id!r} (the shape "
-              "matches, so it loads; check that this is the model you mean)", flush=True)
-    with atomic_directory(out_dir, overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / PROMPT_WEIGHTS_FILE),
-                  metadata={"format": "pt", "litft": "prompt"})
-        write_args_yaml(tmp / PROMPT_CONFIG_FILE, args)
-        (tmp / BASE_FILE).write_text(yaml.safe_dump(
-            {"method": "prompt", "base_checkpoint": str(base.resolve())}, sort_keys=False))
-        config.save(tmp)
-        copy_tokenizer_files(base, tmp)
+    _write_imported(out_dir, overwrite, "prompt", PROMPT_WEIGHTS_FILE, PROMPT_CONFIG_FILE, state, args, config, base,
+                    peft_config)
     print(f"prompt-tuning checkpoint written to {out_dir} (num_virtual_tokens={args.num_virtual_tokens}) on base "
           f"{base}", flush=True)
     return out_dir

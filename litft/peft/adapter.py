@@ -17,7 +17,13 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from litft.peft.lora import check_trainable, load_state_strict, read_args_yaml, save_file_atomic, write_args_yaml
+from litft.peft.lora import (
+    check_trainable,
+    load_state_strict,
+    read_args_yaml,
+    read_method_weights,
+    write_method_files,
+)
 
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter.yaml"
@@ -119,9 +125,7 @@ def save_adapter(model: nn.Module, args: AdapterArgs, out_dir: Union[str, Path])
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("save_adapter: the model has no adapters")
-    save_file_atomic(state, out_dir / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt", "litft": "adapter"})
-    write_args_yaml(out_dir / ADAPTER_CONFIG_FILE, args)
-    return out_dir
+    return write_method_files(out_dir, state, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, args, "adapter")
 
 
 def read_adapter_args(directory: Union[str, Path]) -> AdapterArgs:
@@ -130,17 +134,9 @@ def read_adapter_args(directory: Union[str, Path]) -> AdapterArgs:
 
 def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     """Apply the adapter saved in ``directory`` to ``model`` (or load it into a model that already has one)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     args = read_adapter_args(directory)
-    weights = directory / ADAPTER_WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: not found (expected next to {directory / ADAPTER_CONFIG_FILE})")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e
+    weights, state = read_method_weights(directory, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)
     if not adapter_modules(model):
         apply_adapter(model, args)
     load_adapter_state_dict(model, state, source=str(weights))

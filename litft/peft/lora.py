@@ -416,15 +416,36 @@ def write_args_yaml(path: Path, args: Any) -> None:
     write_text_atomic(path, yaml.safe_dump(asdict(args), sort_keys=False))
 
 
+def write_method_files(out_dir: Path, state: dict[str, torch.Tensor], weights_name: str, args_name: str, args: Any,
+                       method: str) -> Path:
+    """Write a method's trainable tensors (``weights_name``, safetensors) and its args (``args_name``, YAML) into
+    ``out_dir``: the files of a LoRA, adapter or prompt-tuning checkpoint."""
+    save_file_atomic(state, out_dir / weights_name, metadata={"format": "pt", "litft": method})
+    write_args_yaml(out_dir / args_name, args)
+    return out_dir
+
+
+def read_method_weights(directory: Path, weights_name: str, args_name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(path, tensors) of the weights file a method's args file ``args_name`` goes with, with a clear error when it
+    is missing or unreadable."""
+    from safetensors.torch import load_file
+
+    weights = directory / weights_name
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found (expected next to {directory / args_name})")
+    try:
+        return weights, load_file(str(weights))
+    except Exception as e:
+        raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e
+
+
 def save_lora(model: nn.Module, args: LoRAArgs, out_dir: Union[str, Path]) -> Path:
     """Write ``lora.safetensors`` (the LoRA tensors) and ``lora.yaml`` (the LoRAArgs) into ``out_dir``."""
     out_dir = Path(out_dir)
     state = lora_state_dict(model)
     if not state:
         raise ValueError("save_lora: the model has no LoRA layers")
-    save_file_atomic(state, out_dir / LORA_WEIGHTS_FILE, metadata={"format": "pt", "litft": "lora"})
-    write_args_yaml(out_dir / LORA_CONFIG_FILE, args)
-    return out_dir
+    return write_method_files(out_dir, state, LORA_WEIGHTS_FILE, LORA_CONFIG_FILE, args, "lora")
 
 
 def read_lora_args(directory: Union[str, Path]) -> LoRAArgs:
@@ -434,17 +455,9 @@ def read_lora_args(directory: Union[str, Path]) -> LoRAArgs:
 def load_lora(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     """Apply the LoRA saved in ``directory`` (by :func:`save_lora`) to ``model``, or load it into a model that
     already has the same LoRA layers (resume)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     args = read_lora_args(directory)
-    weights = directory / LORA_WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: not found (expected next to {directory / LORA_CONFIG_FILE})")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e
+    weights, state = read_method_weights(directory, LORA_WEIGHTS_FILE, LORA_CONFIG_FILE)
     if not lora_modules(model):
         apply_lora(model, args)
     load_lora_state_dict(model, state, source=str(weights))

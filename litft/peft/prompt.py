@@ -25,7 +25,13 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.nn as nn
 
-from litft.peft.lora import check_trainable, load_state_strict, read_args_yaml, save_file_atomic, write_args_yaml
+from litft.peft.lora import (
+    check_trainable,
+    load_state_strict,
+    read_args_yaml,
+    read_method_weights,
+    write_method_files,
+)
 
 PROMPT_WEIGHTS_FILE = "prompt.safetensors"
 PROMPT_CONFIG_FILE = "prompt.yaml"
@@ -154,9 +160,7 @@ def save_prompt(model: nn.Module, args: PromptTuningArgs, out_dir: Union[str, Pa
     state = prompt_state_dict(model)
     if not state:
         raise ValueError("save_prompt: the model has no virtual prompt")
-    save_file_atomic(state, out_dir / PROMPT_WEIGHTS_FILE, metadata={"format": "pt", "litft": "prompt"})
-    write_args_yaml(out_dir / PROMPT_CONFIG_FILE, args)
-    return out_dir
+    return write_method_files(out_dir, state, PROMPT_WEIGHTS_FILE, PROMPT_CONFIG_FILE, args, "prompt")
 
 
 def read_prompt_args(directory: Union[str, Path]) -> PromptTuningArgs:
@@ -165,17 +169,9 @@ def read_prompt_args(directory: Union[str, Path]) -> PromptTuningArgs:
 
 def load_prompt(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     """Give ``model`` the virtual prompt saved in ``directory`` (or load it into the one it has: resume)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     args = read_prompt_args(directory)
-    weights = directory / PROMPT_WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: not found (expected next to {directory / PROMPT_CONFIG_FILE})")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e
+    weights, state = read_method_weights(directory, PROMPT_WEIGHTS_FILE, PROMPT_CONFIG_FILE)
     if model.virtual_prompt is None:
         add_virtual_prompt(model, args.num_virtual_tokens)
     load_prompt_state_dict(model, state, source=str(weights))

@@ -115,11 +115,16 @@ def write_model_files(
     model.config.save(directory)
     copy_tokenizer_files(source_dir, directory)
     if base_dir is not None:
-        base = {"method": method, "base_checkpoint": str(Path(base_dir).resolve())}
-        quantize = quantize_mode(model)
-        if quantize is not None:  # QLoRA: the weights were trained against this quantization of the base
-            base["quantize"] = quantize
-        (directory / BASE_FILE).write_text(yaml.safe_dump(base, sort_keys=False))
+        write_base_file(directory, method, base_dir, quantize_mode(model))
+
+
+def write_base_file(directory: Path, method: str, base_dir: Path, quantize: Optional[str] = None) -> None:
+    """``directory/base.yaml``: the method of the weights in ``directory`` and the checkpoint they apply to (and, for
+    QLoRA, the quantization of that base they were trained against)."""
+    base = {"method": method, "base_checkpoint": str(Path(base_dir).resolve())}
+    if quantize is not None:
+        base["quantize"] = quantize
+    (directory / BASE_FILE).write_text(yaml.safe_dump(base, sort_keys=False))
 
 
 def quantize_mode(model: torch.nn.Module) -> Optional[str]:
