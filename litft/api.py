@@ -185,17 +185,23 @@ class LLM:
     # ------------------------------------------------------------------ generation
 
     def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt (the checkpoint's default special tokens added). Tokenizing through
+        ``encode_batch`` lets other threads run meanwhile (the ``tokenizers`` backend releases the GIL there):
+        the server tokenizes in worker threads while its event loop keeps answering."""
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError("the prompt is empty")
-        return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode_batch([prompt])[0]
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of ``messages`` rendered with the checkpoint's chat template, ending with the header of the
+        assistant's turn (tokenized as :meth:`encode` does, without added special tokens)."""
         from litft.generate.chat import check_messages
 
         check_messages(messages)
-        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return self.tokenizer.encode_batch([text], bos=False, eos=False)[0]
 
     def generate(
         self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 256, temperature: float = 0.0,

@@ -358,6 +358,8 @@ BAD_REQUESTS = [  # (path, body, status, param)
     ("/v1/completions", _body(stream="yes"), 400, "stream"),
     ("/v1/completions", _body(stop=[""]), 400, "stop"),
     ("/v1/completions", _body(stop=5), 400, "stop"),
+    ("/v1/completions", _body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),  # OpenAI allows 4
+    ("/v1/chat/completions", _chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ("/v1/completions", _body(seed="x"), 400, "seed"),
     ("/v1/completions", _body(seed=2**70), 400, "seed"),
     ("/v1/completions", _body(prompt=["Hi"] * 50, n=2), 400, "prompt"),  # more than max_batch_size + max_queue
@@ -410,10 +412,12 @@ def test_every_error_has_openai_shape_and_status_and_the_server_keeps_serving(se
 # ---------------------------------------------------------------------- the command: API key and SIGTERM
 
 
-def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, int]:
+def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = None,
+               model_name: Optional[str] = MODEL) -> tuple[subprocess.Popen, int]:
+    name = ["--model_name", model_name] if model_name else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", "0", "--model_name", MODEL,
-         "--log_level", "warning", *args],
+        [sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", "0", *name, "--log_level", "warning",
+         *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env={**os.environ, "LITFT_API_KEY": "", **(env or {})}, start_new_session=True,
     )
@@ -441,7 +445,7 @@ def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = Non
 def _health(port: int) -> bool:
     try:
         return http_json(port, "GET", "/health")[0] == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
 
 
@@ -523,3 +527,169 @@ def test_cli_busy_port_is_a_clear_error(checkpoint: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", str(port)],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 1 and f"cannot listen on {HOST}:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------- hardening: body size, stop lists, local paths
+
+
+def test_up_to_four_stop_sequences_are_accepted(server: ThreadServer, reference: LLM) -> None:
+    stops = ["zq1", "zq2", "zq3", "zq4"]  # never generated: the text is the plain greedy one
+    out = server.client().completions.create(model=MODEL, prompt=PROMPTS[9], max_tokens=8, temperature=0, stop=stops)
+    assert out.choices[0].text == reference.generate(PROMPTS[9], max_new_tokens=8)
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                stop=stops + ["zq5"])
+    assert e.value.body["param"] == "stop" and "at most 4" in e.value.body["message"]
+
+
+def _timed_health(port: int) -> float:
+    """Seconds /health took to answer 200 (its body holds the status only)."""
+    started = time.monotonic()
+    status, body = http_json(port, "GET", "/health")
+    assert status == 200 and body == {"status": "ok"}, body
+    return time.monotonic() - started
+
+
+def _while_in_flight(port: int, send: Callable[[], Any], timeout: float) -> tuple[Any, list[float], int]:
+    """Run ``send`` in a thread and time /health every 0.1 s until it returns (at most ``timeout`` s). Returns what
+    ``send`` returned, the /health times and how many of them were answered while ``send`` was still running."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(send())
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            result.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    times, during = [], 0
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        times.append(_timed_health(port))
+        during += thread.is_alive()
+        time.sleep(0.1)
+    thread.join(max(deadline - time.monotonic(), 0.1))
+    assert not thread.is_alive(), f"the request did not end within {timeout} s"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0], times, during
+
+
+def test_cli_bounds_request_bodies_and_keeps_health_answering(checkpoint: Path) -> None:
+    """20 MB bodies (declared or chunked) get 413 in OpenAI's shape within seconds while /health answers; a body
+    just under --max_request_bytes whose prompt is too long for the context is tokenized off the event loop
+    (/health answers meanwhile) and gets the usual 400."""
+    httpx = pytest.importorskip("httpx")
+    limit = 1_000_000
+    proc, port = _start_cli(checkpoint, "--max_request_bytes", str(limit), "--max_batch_size", "2")
+    url = f"http://{HOST}:{port}/v1/completions"
+    try:
+        huge = _body(prompt="word " * 4_000_000)  # 20 MB
+        assert len(huge) > 20_000_000
+
+        def post(content: Any) -> tuple[int, Any, float]:
+            started = time.monotonic()
+            r = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+            return r.status_code, r.json(), time.monotonic() - started
+
+        def chunks() -> Any:  # no Content-Length: sent with chunked transfer encoding
+            for i in range(0, len(huge), 1 << 16):
+                yield huge[i:i + (1 << 16)]
+
+        for content in (huge, chunks()):
+            (status, body, seconds), times, _ = _while_in_flight(port, lambda: post(content), 60)
+            error = assert_error(status, body, 413)
+            assert error["code"] == "request_too_large" and str(limit) in error["message"], error
+            assert seconds < 10, f"the 413 took {seconds:.1f} s"
+            assert max(times) < 2, times
+
+        # just under the limit: read, tokenized in a worker thread, refused as longer than the context
+        text = "word " * ((limit - 200) // 5)
+        under = _body(prompt=text)
+        assert limit - 300 < len(under) <= limit
+        (status, body, seconds), times, during = _while_in_flight(port, lambda: post(under), 120)
+        error = assert_error(status, body, 400, "prompt")
+        assert error["code"] == "context_length_exceeded", error
+        assert during >= 1 and max(times) < 2, (times, during, seconds)
+
+        # the server still serves
+        client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0).choices[0].text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(60) == 0, "".join(proc.output)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert "Traceback" not in "".join(proc.output), "".join(proc.output)
+
+
+def test_cli_docs_need_the_key_and_nothing_shows_the_checkpoint_path(checkpoint: Path) -> None:
+    """Without --model_name the model is named after the checkpoint folder; with a key, /docs and /openapi.json
+    need it like /v1/*; /health answers without one and shows the status only."""
+    proc, port = _start_cli(checkpoint, "--max_batch_size", "2", env={"LITFT_API_KEY": "k3y"}, model_name=None)
+    local = {str(checkpoint), str(checkpoint.resolve()), str(checkpoint.parent)}
+    key = {"Authorization": "Bearer k3y"}
+    try:
+        status, body = http_json(port, "GET", "/health")
+        assert status == 200 and body == {"status": "ok"}
+        for path in ("/docs", "/openapi.json", "/metrics", "/v1/models"):
+            assert_error(*http_json(port, "GET", path), 401)
+            conn = http.client.HTTPConnection(HOST, port, timeout=60)
+            try:
+                conn.request("GET", path, headers=key)
+                response = conn.getresponse()
+                text = response.read().decode()
+            finally:
+                conn.close()
+            assert response.status == 200, (path, text)
+            assert not any(p in text for p in local), (path, text)
+        client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="k3y", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [checkpoint.name]
+        out = client.completions.create(model=checkpoint.name, prompt="Hello", max_tokens=3, temperature=0)
+        assert out.model == checkpoint.name
+        output = "".join(proc.output)
+        assert f"litft serve: {checkpoint.name} on http://{HOST}:{port}/v1" in output, output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(60) == 0, "".join(proc.output)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+BROKEN_TEMPLATES = {  # templates that fail while rendering, each in its own way
+    "include": '{% include "other.jinja" %}{{ messages[0]["content"] }}',
+    "call": "{{ messages[0]['content']() }}",
+    "raise": "{{ raise_exception('roles must alternate user/assistant') }}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_TEMPLATES))
+def test_a_chat_template_that_fails_to_render_is_a_400(checkpoint: Path, tmp_path: Path, kind: str) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config["chat_template"] = BROKEN_TEMPLATES[kind]
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    llm = LLM.load(broken, device="cpu", max_seq_length=64)
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=1, max_queue=1)) as s:
+        with pytest.raises(openai.BadRequestError) as e:
+            s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+        error = assert_error(e.value.status_code, e.value.response.json(), 400, "messages")
+        assert "chat template" in error["message"] and str(tmp_path) not in error["message"], error
+        assert "Traceback" not in error["message"]
+        if kind == "raise":
+            assert "roles must alternate user/assistant" in error["message"], error
+        # the server keeps serving
+        out = s.client().completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        assert s.metrics()["requests_failed"] == 0

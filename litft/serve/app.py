@@ -1,9 +1,14 @@
 """An OpenAI-compatible HTTP API over one model: FastAPI app, request/response schemas and errors.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (server-sent events with
-``"stream": true``), ``GET /health`` and ``GET /metrics`` (the scheduler's counters). Errors use OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``: 400 bad body or parameter (prompt too long for the context
-included), 401 missing/wrong API key, 404 unknown model or route, 503 queue full or shutting down.
+``"stream": true``), ``GET /health`` (``{"status": ...}`` only, never a key) and ``GET /metrics`` (the scheduler's
+counters). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad body or parameter
+(prompt too long for the context, more than 4 stop sequences, a chat template that cannot render the messages
+included), 401 missing/wrong API key, 404 unknown model or route, 413 request body over ``max_request_bytes``
+(refused before it is read whole), 503 queue full or shutting down.
+
+Request bodies are parsed on the event loop (they are bounded), prompts are tokenized in worker threads, so
+``/health`` and streaming keep answering while a long prompt is tokenized.
 
 Beyond OpenAI's parameters, requests accept ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos``
 (as vLLM does).
@@ -27,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from litft.generate.sampling import SamplingParams
+from litft.serve.cli import DEFAULT_MAX_REQUEST_BYTES
 from litft.serve.scheduler import Event, Job, QueueFull, Scheduler, SchedulerStopped
 
 if TYPE_CHECKING:
@@ -36,6 +42,8 @@ log = logging.getLogger("litft.serve")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_N = 16
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+OPEN_PATHS = ("/health",)  # the only route that needs no API key when one is set
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 # ---------------------------------------------------------------------- errors
@@ -78,14 +86,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 class APIKeyMiddleware:
-    """Require ``Authorization: Bearer <api_key>`` on every ``/v1/`` route (``/health`` stays open)."""
+    """Require ``Authorization: Bearer <api_key>`` on every route but ``/health`` (``/v1/*``, ``/metrics``,
+    ``/docs`` and ``/openapi.json`` included)."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
         self.api_key = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] == "/metrics"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             header = dict(scope.get("headers") or ()).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if not header:
@@ -98,6 +107,51 @@ class APIKeyMiddleware:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """Answer 413 to a request whose body is larger than ``max_bytes``, before reading it: at once when its
+    ``Content-Length`` says so, else (chunked upload) as soon as the bytes received pass the limit. A body that
+    fits is read whole, then handed to the app."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return APIError(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes "
+                             f"(litft serve --max_request_bytes)", code="request_too_large").response()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away mid-upload: nobody to answer
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body: Optional[bytes] = b"".join(chunks)
+
+        async def replay() -> dict:
+            nonlocal body
+            if body is None:  # after the body: disconnect notices, as from the server
+                return await receive()
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
+
+        await self.app(scope, replay, send)
 
 
 # ---------------------------------------------------------------------- schemas
@@ -171,6 +225,12 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: Optional[ResponseFormat] = None
 
 
+def _check_stop(body: _SamplingFields) -> None:
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOP:
+        raise APIError(400, f"stop: at most {MAX_STOP} stop sequences are allowed, got {len(body.stop)}",
+                       param="stop", code="invalid_value")
+
+
 def _unsupported(body: _SamplingFields, checks: dict[str, bool]) -> None:
     checks = {"presence_penalty": bool(body.presence_penalty), "frequency_penalty": bool(body.frequency_penalty),
               "logit_bias": bool(body.logit_bias), **checks}
@@ -191,6 +251,15 @@ class _Server:
         self.scheduler = scheduler
         self.model_name = model_name
         self.created = int(time.time())
+
+    def public(self, message: str) -> str:
+        """``message`` with the checkpoint's local path replaced by the model's name (errors go to clients)."""
+        folder = self.llm.checkpoint_dir
+        if folder is None:
+            return message
+        for path in sorted({str(folder.resolve()), str(folder)}, key=len, reverse=True):
+            message = message.replace(path, self.model_name)
+        return message
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -334,17 +403,21 @@ def _stream(server: _Server, jobs: list[Job], queue: asyncio.Queue, make_chunk: 
 
 
 def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_batch_size: int = 32,
-               max_queue: int = 256) -> FastAPI:
+               max_queue: int = 256, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving ``llm`` under ``model_name``; its scheduler starts and stops with the app's lifespan
     (``app.state.scheduler``).
 
     Args:
         llm: the loaded model (:meth:`litft.LLM.load`); the app owns its engine while it runs.
         model_name: the ``model`` clients must name (``GET /v1/models`` lists it).
-        api_key: when set, ``/v1/*`` and ``/metrics`` require ``Authorization: Bearer <api_key>``.
+        api_key: when set, every route but ``/health`` (``/v1/*``, ``/metrics``, ``/docs``, ``/openapi.json``)
+            requires ``Authorization: Bearer <api_key>``.
         max_batch_size: the most requests that decode together (KV cache rows).
         max_queue: the most requests waiting for a row; beyond it the server answers 503.
+        max_request_bytes: the largest request body; a larger one gets 413 before it is read.
     """
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes={max_request_bytes} is invalid: expected an integer >= 1")
     scheduler = Scheduler(llm.engine, max_batch_size=max_batch_size, max_queue=max_queue)
     server = _Server(llm, scheduler, model_name)
 
@@ -359,7 +432,8 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     app = FastAPI(title="litft", summary=f"OpenAI-compatible API serving {model_name}", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.state.model_name = model_name
-    if api_key:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
+    if api_key:  # added last: runs first, so that a request without the key is refused before its body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
@@ -379,11 +453,13 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+        # the text of an unexpected exception may hold local paths or data: it goes to the log only
+        return APIError(500, "internal server error (the server's log has the details)",
+                        type="server_error").response()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok" if scheduler.running else "stopping", "model": model_name}
+        return {"status": "ok" if scheduler.running else "stopping"}
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
@@ -403,15 +479,8 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
         server.check_model(body.model)
         _unsupported(body, {"echo": bool(body.echo), "logprobs": body.logprobs is not None,
                             "best_of": body.best_of not in (None, 1), "suffix": bool(body.suffix)})
-        prompts = _completion_prompts(server, body.prompt)
-        n = body.n or 1
-        ids_list, params = [], []
-        for ids in prompts:
-            max_tokens = server.check_prompt(ids, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
-            for j in range(n):
-                ids_list.append(ids)
-                params.append(server.params(body, max_tokens, j))
-        prompt_tokens = sum(len(ids) for ids in prompts)
+        _check_stop(body)
+        ids_list, params, prompt_tokens = await asyncio.to_thread(_completion_jobs, server, body)
         jobs, queue = server.submit(ids_list, params)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
@@ -436,9 +505,8 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
                             "tools": bool(body.tools), "tool_choice": body.tool_choice not in (None, "none"),
                             "response_format": body.response_format is not None
                             and body.response_format.type != "text"})
-        ids = _chat_prompt(server, body.messages)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = server.check_prompt(ids, requested, None, "messages")
+        _check_stop(body)
+        ids, max_tokens = await asyncio.to_thread(_chat_job, server, body)
         n = body.n or 1
         jobs, queue = server.submit([ids] * n, [server.params(body, max_tokens, j) for j in range(n)])
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
@@ -467,6 +535,28 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
 def _model_card(server: _Server) -> dict[str, Any]:
     return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "litft",
             "max_model_len": server.engine.max_seq_length}
+
+
+def _completion_jobs(server: _Server,
+                     body: CompletionRequest) -> tuple[list[list[int]], list[SamplingParams], int]:
+    """The prompts (tokenized: run in a worker thread) and sampling parameters of every choice of a completion
+    request, and its prompt token count."""
+    prompts = _completion_prompts(server, body.prompt)
+    n = body.n or 1
+    ids_list, params = [], []
+    for ids in prompts:
+        max_tokens = server.check_prompt(ids, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+        for j in range(n):
+            ids_list.append(ids)
+            params.append(server.params(body, max_tokens, j))
+    return ids_list, params, sum(len(ids) for ids in prompts)
+
+
+def _chat_job(server: _Server, body: ChatCompletionRequest) -> tuple[list[int], int]:
+    """The rendered, tokenized conversation (run in a worker thread) and max_tokens with its default filled."""
+    ids = _chat_prompt(server, body.messages)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return ids, server.check_prompt(ids, requested, None, "messages")
 
 
 def _completion_prompts(server: _Server, prompt: Union[str, list[str], list[int], list[list[int]]]) -> list[list[int]]:
@@ -500,5 +590,10 @@ def _chat_prompt(server: _Server, messages: list[ChatMessage]) -> list[int]:
         plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     try:
         return server.llm.encode_chat(plain)
-    except ValueError as e:  # bad roles, or the template refused the conversation (e.g. roles must alternate)
-        raise APIError(400, str(e), param="messages", code="invalid_value") from None
+    except ValueError as e:  # bad roles, the template refused the conversation (e.g. roles must alternate) or failed
+        raise APIError(400, server.public(str(e)), param="messages", code="invalid_value") from None
+    except Exception as e:  # noqa: BLE001 - a template can fail in any way at render time (e.g. {% include %})
+        log.warning("the chat template cannot render a request's messages: %s: %s", type(e).__name__, e)
+        raise APIError(400, f"messages: the model's chat template cannot render them ({type(e).__name__}: "
+                            f"{server.public(str(e))}); the template must be fixed on the server",
+                       param="messages", code="chat_template_error") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 API_KEY_ENV = "LITFT_API_KEY"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # 4 MiB: ~1M tokens of text, more than any context served here needs
 
 
 def serve(
@@ -19,6 +20,7 @@ def serve(
     model_name: Optional[str] = None,
     max_batch_size: int = 32,
     max_queue: int = 256,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_seq_length: Optional[int] = None,
     quantize: Optional[str] = None,
     precision: Optional[str] = None,
@@ -34,13 +36,17 @@ def serve(
         checkpoint: checkpoint folder (litft, Hugging Face, or a fine-tune run's final/).
         host: address to listen on; the default 127.0.0.1 is reachable from this machine only (0.0.0.0 = all).
         port: TCP port (0 = any free port; the address is printed when the server listens).
-        api_key: require "Authorization: Bearer <key>" on /v1/* and /metrics; default: the LITFT_API_KEY
-            environment variable (prefer it: command lines are visible to other users), else no key.
-        model_name: the model name clients must send; default the checkpoint path as given.
+        api_key: require "Authorization: Bearer <key>" on every route but /health (/v1/*, /metrics, /docs and
+            /openapi.json included); default: the LITFT_API_KEY environment variable (prefer it: command lines
+            are visible to other users), else no key. /health answers without a key and shows only the status.
+        model_name: the model name clients must send; default the checkpoint folder's name (no local path is
+            ever shown to clients).
         max_batch_size: the most requests that decode together (rows of the KV cache, allocated at start). A
             decode step computes only the rows in use (rounded up to a power of two), so a large value costs a lone
             request no speed, only memory.
         max_queue: the most requests waiting for a free row; more get HTTP 503.
+        max_request_bytes: the largest request body accepted (default 4 MiB); a larger one gets HTTP 413 before
+            it is read.
         max_seq_length: longest prompt + completion per request (KV cache slots per row); default the model's
             context.
         quantize: quantized inference, e.g. bnb.nf4 or bnb.int8.
@@ -64,6 +70,8 @@ def serve(
         raise ValueError(f"max_batch_size={max_batch_size} is invalid: expected an integer >= 1")
     if max_queue < 0:
         raise ValueError(f"max_queue={max_queue} is invalid: expected an integer >= 0")
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes={max_request_bytes} is invalid: expected an integer >= 1")
     if shutdown_timeout < 0:
         raise ValueError(f"shutdown_timeout={shutdown_timeout} is invalid: expected seconds >= 0")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -71,8 +79,9 @@ def serve(
     try:
         llm = LLM.load(checkpoint, device=device, precision=precision, quantize=quantize, compile=compile,
                        max_seq_length=max_seq_length)
-        name = model_name or str(checkpoint)
-        app = create_app(llm, name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue)
+        name = model_name or Path(checkpoint).resolve().name or "model"
+        app = create_app(llm, name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
+                         max_request_bytes=max_request_bytes)
         scheduler = app.state.scheduler
 
         class Server(uvicorn.Server):
