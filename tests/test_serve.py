@@ -367,7 +367,10 @@ BAD_REQUESTS = [  # (path, body, status, param)
     ("/v1/completions", _body(prompt=""), 400, "prompt"),
     ("/v1/completions", _body(prompt=[5, 99999]), 400, "prompt"),
     ("/v1/completions", _body(prompt={"a": 1}), 400, "prompt"),
-    ("/v1/completions", _body(logprobs=3), 400, "logprobs"),
+    ("/v1/completions", _body(logprobs=6), 400, "logprobs"),  # OpenAI allows 5
+    ("/v1/completions", _body(logprobs=-1), 400, "logprobs"),
+    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs"),  # without logprobs: true
     ("/v1/completions", _body(prompt="word " * 3000), 400, "prompt"),  # longer than the context
     ("/v1/completions", _body(max_tokens=CONTEXT), 400, "prompt"),  # prompt + max_tokens > context
     ("/v1/completions", _body(model="gpt-4"), 404, "model"),
@@ -434,11 +437,13 @@ def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = Non
     try:
         wait_for(lambda: bool(port) or proc.poll() is not None, 120, "the server to listen")
         assert port, "".join(lines)
+        printed = time.monotonic()
         wait_for(lambda: _health(port[0]), 120, "the server to be ready")
     except BaseException:
         proc.kill()
         raise
     proc.output = lines  # type: ignore[attr-defined]
+    proc.ready_after = time.monotonic() - printed  # type: ignore[attr-defined]  # ready line -> /health 200
     return proc, port[0]
 
 
@@ -693,3 +698,150 @@ def test_a_chat_template_that_fails_to_render_is_a_400(checkpoint: Path, tmp_pat
         out = s.client().completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
         assert out.choices[0].finish_reason in ("stop", "length")
         assert s.metrics()["requests_failed"] == 0
+
+
+# ---------------------------------------------------------------------- serving memory and readiness
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(60) == 0, "".join(proc.output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the RSS from /proc")
+def test_cli_defaults_size_the_kv_cache_to_a_budget_and_print_ready_when_ready(checkpoint: Path, tmp_path: Path,
+                                                                               reference: LLM) -> None:
+    """A model with a 131,072-token context served with the defaults: the KV cache takes the default 1 GiB (the
+    old 32 rows x the whole context would take 3 GiB), the ready line says how many tokens it holds, /health
+    answers 200 as soon as that line is out, and a request sent while the model loads is answered."""
+    import shutil
+
+    import yaml
+
+    long = tmp_path / "long"
+    shutil.copytree(checkpoint, long)
+    config = yaml.safe_load((long / "model_config.yaml").read_text())
+    config["block_size"] = 131072
+    (long / "model_config.yaml").write_text(yaml.safe_dump(config))
+    per_token = 2 * config["n_layer"] * config["n_query_groups"] * config["head_size"] * 4  # float32
+    with socket.socket() as probe:  # a free port, known before the server prints it
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+
+    early: list[Any] = []
+
+    def request_while_loading() -> None:  # connects as soon as the port listens, before the model is ready
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                early.append(http_json(port, "POST", "/v1/completions", _body(prompt=PROMPTS[3], max_tokens=8,
+                                                                               temperature=0)))
+                return
+            except ConnectionRefusedError:
+                time.sleep(0.01)
+
+    early_thread = threading.Thread(target=request_while_loading, daemon=True)
+    early_thread.start()
+    proc, _ = _start_cli(long, "--port", str(port))
+    try:
+        early_thread.join(60)
+        assert early and early[0][0] == 200, early
+        assert early[0][1]["choices"][0]["text"] == reference.generate(PROMPTS[3], max_new_tokens=8)
+        assert proc.ready_after < 1.0, f"/health answered {proc.ready_after:.1f} s after the ready line"
+        [line] = [x for x in proc.output if "litft serve:" in x]
+        rows = int(line.split(" concurrent requests")[0].rsplit(" ", 1)[1])
+        tokens = int(line.split("KV cache of ")[1].split(" ")[0])
+        assert "of up to 131072 tokens" in line and "float32" in line, line
+        assert tokens == rows * 131072 and tokens * per_token <= 2**30 < (rows + 1) * 131072 * per_token, line
+        assert 1 <= rows < 32
+        assert _rss_bytes(proc.pid) < 2**30 + 2**30, f"RSS {_rss_bytes(proc.pid) / 2**30:.2f} GiB"
+        client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        out = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=8, temperature=0)
+        assert out.choices[0].text == reference.generate(PROMPTS[4], max_new_tokens=8)
+    finally:
+        _stop(proc)
+
+
+def test_cli_kv_cache_memory_too_small_for_one_request_is_a_clear_error(checkpoint: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", "0", "--kv_cache_memory",
+                        "0.0001", "--max_seq_length", "2048"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "less than one request of max_seq_length=2048" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------- logprobs
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4
+
+
+def test_completion_logprobs_equal_transformers(server: ThreadServer, reference: LLM, checkpoint: Path) -> None:
+    from tests.test_api import reference_logprobs
+
+    client = server.client()
+    prompts = [PROMPTS[10], PROMPTS[11][:20]]  # ragged, decoded together
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=10, temperature=0, logprobs=3)
+    for prompt, choice in zip(prompts, out.choices):
+        expected = reference.generate(prompt, max_new_tokens=10, logprobs=3)
+        ref = reference_logprobs(checkpoint.parent / "hf", reference.encode(prompt), expected.token_ids)
+        lp = choice.logprobs
+        assert choice.text == expected.text
+        assert lp.tokens == [reference.tokenizer.decode([i]) for i in expected.token_ids]
+        assert all(_close(v, ref[i, t].item()) for i, (v, t) in enumerate(zip(lp.token_logprobs,
+                                                                            expected.token_ids)))
+        for i, alternatives in enumerate(lp.top_logprobs):
+            assert 1 <= len(alternatives) <= 3
+            by_text = {}  # the reference logprob of every id whose text is that alternative
+            for token_id, value in enumerate(ref[i].tolist()):
+                by_text.setdefault(reference.tokenizer.decode([token_id]), []).append(value)
+            assert all(any(_close(v, r) for r in by_text[text]) for text, v in alternatives.items())
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    # streamed: the chunks' logprobs together are the same
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=10, temperature=0,
+                                            logprobs=3, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == out.choices[0].logprobs.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == pytest.approx(out.choices[0].logprobs.token_logprobs,
+                                                                               abs=1e-6)
+    assert [o for lp in streamed for o in lp.text_offset] == out.choices[0].logprobs.text_offset
+
+
+def test_chat_logprobs_equal_transformers(server: ThreadServer, reference: LLM, checkpoint: Path) -> None:
+    from tests.test_api import assert_logprobs_match, reference_logprobs
+
+    client = server.client()
+    messages = [{"role": "user", "content": "Hello, world!"}]
+    expected = reference.chat(messages, max_new_tokens=12, logprobs=2)
+    ref = reference_logprobs(checkpoint.parent / "hf", reference.encode_chat(messages), expected.token_ids)
+    assert_logprobs_match(expected, ref, 2)
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True,
+                                         top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert out.choices[0].message.content == expected.text
+    assert [c.token for c in content] == [reference.tokenizer.decode([i]) for i in expected.token_ids]
+    for i, (item, token_id) in enumerate(zip(content, expected.token_ids)):
+        assert _close(item.logprob, ref[i, token_id].item())
+        assert bytes(item.bytes).decode("utf-8") == item.token
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(ref[i].topk(2).values.tolist(), abs=1e-4)
+
+    stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [item for c in stream if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [(s.token, round(s.logprob, 5)) for s in streamed] == [(c.token, round(c.logprob, 5)) for c in content]
+    # without logprobs, none are sent
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None

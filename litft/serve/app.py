@@ -1,11 +1,12 @@
 """An OpenAI-compatible HTTP API over one model: FastAPI app, request/response schemas and errors.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (server-sent events with
-``"stream": true``), ``GET /health`` (``{"status": ...}`` only, never a key) and ``GET /metrics`` (the scheduler's
-counters). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad body or parameter
-(prompt too long for the context, more than 4 stop sequences, a chat template that cannot render the messages
-included), 401 missing/wrong API key, 404 unknown model or route, 413 request body over ``max_request_bytes``
-(refused before it is read whole), 503 queue full or shutting down.
+``"stream": true``; OpenAI's ``logprobs``/``top_logprobs`` on chat, ``logprobs`` on completions, streamed too),
+``GET /health`` (needs no key; ``{"status": "ok"}``, 503 while shutting down) and ``GET /metrics`` (the
+scheduler's counters). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad
+body or parameter (prompt too long for the context, more than 4 stop sequences, a chat template that cannot
+render the messages included), 401 missing/wrong API key, 404 unknown model or route, 413 request body over
+``max_request_bytes`` (refused before it is read whole), 503 queue full or shutting down.
 
 Request bodies are parsed on the event loop (they are bounded), prompts are tokenized in worker threads, so
 ``/health`` and streaming keep answering while a long prompt is tokenized.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -31,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from litft.generate.engine import TokenLogprob
 from litft.generate.sampling import SamplingParams
 from litft.serve.cli import DEFAULT_MAX_REQUEST_BYTES
 from litft.serve.scheduler import Event, Job, QueueFull, Scheduler, SchedulerStopped
@@ -43,6 +46,9 @@ log = logging.getLogger("litft.serve")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_N = 16
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits on alternatives: /v1/completions' logprobs, chat's top_logprobs
+MAX_TOP_LOGPROBS = 20
+LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a log-probability that is -inf (JSON has no infinity)
 OPEN_PATHS = ("/health",)  # the only route that needs no API key when one is set
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -192,7 +198,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(None, ge=1)
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+                                    description="the sampled token's logprob and this many alternatives")
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -219,7 +226,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     response_format: Optional[ResponseFormat] = None
@@ -261,6 +268,10 @@ class _Server:
             message = message.replace(path, self.model_name)
         return message
 
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, as logprobs show it."""
+        return self.llm.tokenizer.decode([token_id])
+
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(404, f"the model {name!r} does not exist: this server serves {self.model_name!r}",
@@ -297,14 +308,15 @@ class _Server:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
         return tokens
 
-    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> tuple[list[Job], asyncio.Queue]:
+    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+               logprobs: Optional[int] = None) -> tuple[list[Job], asyncio.Queue]:
         capacity = self.scheduler.max_batch_size + self.scheduler.max_queue
         if len(prompts) > capacity:
             raise APIError(400, f"this request asks for {len(prompts)} completions (prompts × n) but the server holds "
                                 f"at most {capacity} (max_batch_size + max_queue): split it", param="prompt",
                            code="too_many_completions")
         try:
-            return self.scheduler.submit(prompts, params)
+            return self.scheduler.submit(prompts, params, logprobs)
         except QueueFull as e:
             raise APIError(503, str(e), type="server_error", code="queue_full") from None
         except SchedulerStopped as e:
@@ -342,6 +354,7 @@ async def _collect(server: _Server, request: Request, jobs: list[Job], queue: as
             event, getter = getter.result(), None
             m = merged[event.index]
             m.text += event.text
+            m.logprobs += event.logprobs
             if event.error is not None:
                 raise APIError(500, event.error, type="server_error", code="generation_failed")
             if event.last:
@@ -385,8 +398,8 @@ def _stream(server: _Server, jobs: list[Job], queue: asyncio.Queue, make_chunk: 
                     if event.error is not None:
                         yield _sse(APIError(500, event.error, type="server_error", code="generation_failed").body())
                         return
-                    if event.text:
-                        choices.append(make_chunk(Event(event.index, event.text), False))
+                    if event.text or event.logprobs:
+                        choices.append(make_chunk(Event(event.index, event.text, event.logprobs), False))
                     if event.last:
                         completion_tokens += event.completion_tokens
                         choices.append(make_chunk(Event(event.index, "", finish_reason=event.finish_reason), True))
@@ -423,7 +436,9 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        # the KV cache is allocated and the engine warmed up before the server accepts its first connection
+        # (connections made meanwhile wait in the listening socket's backlog)
+        await asyncio.to_thread(scheduler.start)
         try:
             yield
         finally:
@@ -457,9 +472,11 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
         return APIError(500, "internal server error (the server's log has the details)",
                         type="server_error").response()
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok" if scheduler.running else "stopping"}
+    @app.get("/health", response_model=None)
+    async def health() -> Union[dict[str, Any], JSONResponse]:
+        if scheduler.running:
+            return {"status": "ok"}
+        return JSONResponse({"status": "stopping"}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
@@ -477,23 +494,32 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Union[dict[str, Any], StreamingResponse]:
         server.check_model(body.model)
-        _unsupported(body, {"echo": bool(body.echo), "logprobs": body.logprobs is not None,
-                            "best_of": body.best_of not in (None, 1), "suffix": bool(body.suffix)})
+        _unsupported(body, {"echo": bool(body.echo), "best_of": body.best_of not in (None, 1),
+                            "suffix": bool(body.suffix)})
         _check_stop(body)
         ids_list, params, prompt_tokens = await asyncio.to_thread(_completion_jobs, server, body)
-        jobs, queue = server.submit(ids_list, params)
+        jobs, queue = server.submit(ids_list, params, body.logprobs)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
+        offsets = [0] * len(jobs)  # text_offset of each choice's next token
+
+        def logprobs(event: Event) -> Optional[dict[str, Any]]:
+            if body.logprobs is None:
+                return None
+            out = _completion_logprobs(server, event.logprobs, offsets[event.index])
+            offsets[event.index] += sum(len(t) for t in out["tokens"])
+            return out
+
         if body.stream:
             def chunk(event: Event, last: bool) -> dict:
-                return {"index": event.index, "text": event.text, "logprobs": None,
+                return {"index": event.index, "text": event.text, "logprobs": None if last else logprobs(event),
                         "finish_reason": event.finish_reason if last else None}
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream(server, jobs, queue, chunk, base, prompt_tokens, include_usage)
         results = await _collect(server, request, jobs, queue)
         if results is None:
             return _gone()
-        choices = [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+        choices = [{"index": r.index, "text": r.text, "logprobs": logprobs(r), "finish_reason": r.finish_reason}
                    for r in results]
         return {**base, "choices": choices, "usage": _usage(prompt_tokens, sum(r.completion_tokens for r in results))}
 
@@ -501,20 +527,26 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     async def chat_completions(body: ChatCompletionRequest,
                                request: Request) -> Union[dict[str, Any], StreamingResponse]:
         server.check_model(body.model)
-        _unsupported(body, {"logprobs": bool(body.logprobs), "top_logprobs": body.top_logprobs is not None,
-                            "tools": bool(body.tools), "tool_choice": body.tool_choice not in (None, "none"),
+        _unsupported(body, {"tools": bool(body.tools), "tool_choice": body.tool_choice not in (None, "none"),
                             "response_format": body.response_format is not None
                             and body.response_format.type != "text"})
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         _check_stop(body)
         ids, max_tokens = await asyncio.to_thread(_chat_job, server, body)
         n = body.n or 1
-        jobs, queue = server.submit([ids] * n, [server.params(body, max_tokens, j) for j in range(n)])
+        alternatives = (body.top_logprobs or 0) if body.logprobs else None
+        jobs, queue = server.submit([ids] * n, [server.params(body, max_tokens, j) for j in range(n)], alternatives)
+
+        def logprobs(event: Event) -> Optional[dict[str, Any]]:
+            return _chat_logprobs(server, event.logprobs) if body.logprobs else None
+
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
                 else "chat.completion", "created": int(time.time()), "model": model_name}
         if body.stream:
             def chunk(event: Event, last: bool) -> dict:
                 delta = {} if last else {"content": event.text}
-                return {"index": event.index, "delta": delta, "logprobs": None,
+                return {"index": event.index, "delta": delta, "logprobs": None if last else logprobs(event),
                         "finish_reason": event.finish_reason if last else None}
 
             def role(index: int) -> dict:
@@ -525,11 +557,34 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
         results = await _collect(server, request, jobs, queue)
         if results is None:
             return _gone()
-        choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                    "finish_reason": r.finish_reason} for r in results]
+        choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": logprobs(r), "finish_reason": r.finish_reason} for r in results]
         return {**base, "choices": choices, "usage": _usage(len(ids), sum(r.completion_tokens for r in results))}
 
     return app
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOWEST_LOGPROB)
+
+
+def _completion_logprobs(server: _Server, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """``/v1/completions``' ``logprobs`` object for ``entries``, the first token at ``offset`` in the text."""
+    tokens = [server.token_text(e.id) for e in entries]
+    starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))
+    return {"tokens": tokens, "token_logprobs": [_logprob(e.logprob) for e in entries],
+            "top_logprobs": [{server.token_text(i): _logprob(v) for i, v in e.top} for e in entries],
+            "text_offset": starts if tokens else []}
+
+
+def _chat_logprobs(server: _Server, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat completions' ``logprobs`` object (``content``: one item per token) for ``entries``."""
+    def item(token_id: int, value: float) -> dict[str, Any]:
+        text = server.token_text(token_id)
+        return {"token": text, "logprob": _logprob(value), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.id, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]} for e in entries],
+            "refusal": None}
 
 
 def _model_card(server: _Server) -> dict[str, Any]:
