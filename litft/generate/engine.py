@@ -22,6 +22,7 @@ Step-wise API (what a continuous-batching scheduler needs)::
     engine.step()                                      # one token for every active row, no host sync
     engine.sync()                                      # tokens → host: text, stop tokens/strings, finish
     request.take_text()                                # streamed text since the last call
+    request.take_logprobs()                            # with new_request(..., logprobs=k): their TokenLogprobs
     engine.remove(request)                             # free its row
 
 :meth:`Engine.generate` and :meth:`Engine.stream` are built on exactly these calls.
@@ -247,7 +248,8 @@ class Engine:
         first request."""
         if not self.batch_size:
             raise RuntimeError("allocate the KV cache before warming up")
-        request = self.new_request([PAD_ID], SamplingParams(max_new_tokens=2, stop_token_ids=[]))
+        tokens = min(2, self.max_seq_length - 1)  # a decode step after the prefill, when the context allows one
+        request = self.new_request([PAD_ID], SamplingParams(max_new_tokens=tokens, stop_token_ids=[]))
         self.add([request])
         self.step()
         self.remove(request)
