@@ -194,3 +194,27 @@ def test_generate_logprobs_equal_transformers_log_softmax(tiny, llm) -> None:
         llm.generate(PROMPT, stream=True, logprobs=1)
     with pytest.raises(ValueError, match="logprobs=-1 is invalid"):
         llm.generate(PROMPT, logprobs=-1)
+
+
+@pytest.mark.parametrize("sync_every", [1, 4], ids=["sync-every-step", "sync-every-4-steps-as-on-gpu"])
+def test_logprobs_follow_their_request_through_continuous_batching(tiny, sync_every: int) -> None:
+    """Rows that join, leave, move down and shift with the cache keep their own logprobs: each request's equal
+    those it gets alone."""
+    llm = LLM.load(tiny["native"], device="cpu", max_seq_length=32)
+    llm.engine.sync_every = sync_every
+    text = llm.encode("Hello, world! How are you today? The cat likes milk and the dog likes bones. " * 3)
+    prompts = [text[i:i + n] for i, n in enumerate([20, 18, 5, 15, 19])]
+    lengths = [9, 3, 12, 6, 13]
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=[]) for n in lengths]
+    alone = [llm.engine.generate([ids], p, max_batch_size=1)[0] for ids, p in zip(prompts, params)]
+    solo = [llm.engine.run([llm.engine.new_request(ids, p, logprobs=3)])[0] for ids, p in zip(prompts, params)]
+    llm.engine.allocate(4, 32)  # a small cache: it shifts while rows come and go
+    requests = [llm.engine.new_request(ids, p, logprobs=3) for ids, p in zip(prompts, params)]
+    together = llm.engine.run(requests, max_batch_size=4)
+    assert llm.engine.num_shifts > 0 and llm.engine.num_row_moves > 0
+    for a, t, s in zip(alone, together, solo):
+        assert t.tokens == s.tokens == a.tokens and len(t.token_logprobs) == len(t.tokens)
+        for x, y in zip(t.token_logprobs, s.token_logprobs):
+            assert x.id == y.id and abs(x.logprob - y.logprob) < 1e-5
+            assert [i for i, _ in x.top] == [i for i, _ in y.top]
+            assert [v for _, v in x.top] == pytest.approx([v for _, v in y.top], abs=1e-5)

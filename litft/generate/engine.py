@@ -239,7 +239,7 @@ class Engine:
             raise ValueError(
                 f"a KV cache of {memory_bytes / 2**30:.3g} GiB holds {tokens} tokens "
                 f"({self.kv_cache_bytes_per_token} bytes each), less than one request of max_seq_length="
-                f"{self.max_seq_length}: give more memory to the KV cache or lower max_seq_length")
+                f"{self.max_seq_length}: raise kv_cache_memory or lower max_seq_length")
         return min(max_rows, tokens // self.max_seq_length)
 
     def warm_up(self) -> None:
