@@ -845,3 +845,11 @@ def test_chat_logprobs_equal_transformers(server: ThreadServer, reference: LLM, 
     # without logprobs, none are sent
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_health_is_503_once_the_server_drains(checkpoint: Path) -> None:
+    llm = LLM.load(checkpoint, device="cpu", max_seq_length=64)
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=1, max_queue=1)) as s:
+        assert http_json(s.port, "GET", "/health") == (200, {"status": "ok"})
+        s.app.state.scheduler.drain(30)  # what SIGTERM does first
+        assert http_json(s.port, "GET", "/health") == (503, {"status": "stopping"})

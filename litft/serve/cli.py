@@ -36,7 +36,9 @@ def serve(
     log_level: Literal["debug", "info", "warning", "error"] = "info",
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)
-    with continuous batching.
+    with continuous batching. The line "litft serve: ... on http://..." is printed once a request is served at
+    once (model loaded, KV cache allocated, engine warmed up); /health answers 200 from then on, and requests
+    sent earlier wait until then.
 
     Args:
         checkpoint: checkpoint folder (litft, Hugging Face, or a fine-tune run's final/).
