@@ -853,3 +853,19 @@ def test_health_is_503_once_the_server_drains(checkpoint: Path) -> None:
         assert http_json(s.port, "GET", "/health") == (200, {"status": "ok"})
         s.app.state.scheduler.drain(30)  # what SIGTERM does first
         assert http_json(s.port, "GET", "/health") == (503, {"status": "stopping"})
+
+
+def test_an_unexpected_error_is_a_500_without_its_text(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (here: the tokenizer failing in a way nobody planned for) answers 500 in OpenAI's shape; the
+    exception's text, which may hold local paths, stays in the server's log."""
+    llm = LLM.load(checkpoint, device="cpu", max_seq_length=64)
+
+    def broken(prompt: str) -> list[int]:
+        raise RuntimeError(f"cannot read {checkpoint}/secret.bin")
+
+    monkeypatch.setattr(llm, "encode", broken)
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=1, max_queue=1)) as s:
+        status, body = http_json(s.port, "POST", "/v1/completions", _body(max_tokens=2))
+        error = assert_error(status, body, 500)
+        assert "secret" not in error["message"] and str(checkpoint) not in error["message"], error
+        assert http_json(s.port, "GET", "/health")[0] == 200
