@@ -37,6 +37,12 @@ FAMILY_VARIANTS = {
                                                                        "rope_theta": 100000.0},
                                                     "sliding_attention": {"rope_type": "default",
                                                                           "rope_theta": 1000.0}})),
+    # a dense layer (mlp_only_layers) among MoE layers with 4 experts, top-2, renormalised weights
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    norm_topk_prob=True, mlp_only_layers=[1], head_dim=32, rope_theta=1000000.0)),
+    # decoder_sparse_step 2 (layers 0 and 2 dense), top-3 of 5 experts, weights not renormalised
+    "qwen3_moe-step": ("qwen3_moe", dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=40,
+                                         norm_topk_prob=False, decoder_sparse_step=2)),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),
