@@ -91,7 +91,7 @@ def test_numeric_constants_come_from_config_json(converted):
 
 # ------------------------------------------------------------------------------ nothing keyed on model names
 
-_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm")
+_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo")
 _ALLOWED_LITERALS = {"llama3"}  # an HF rope_type value, read from config.json like any other field
 _NAME_FIELDS = {"name", "hf_id", "model_name", "repo_id", "model_id", "name_or_path", "_name_or_path"}
 _STRING_TESTS = {"startswith", "endswith", "match", "search", "fullmatch", "find", "index", "count"}
