@@ -40,9 +40,11 @@ FAMILY_VARIANTS = {
     # a dense layer (mlp_only_layers) among MoE layers with 4 experts, top-2, renormalised weights
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                     norm_topk_prob=True, mlp_only_layers=[1], head_dim=32, rope_theta=1000000.0)),
-    # decoder_sparse_step 2 (layers 0 and 2 dense), top-3 of 5 experts, weights not renormalised
+    # decoder_sparse_step 2 (layers 0 and 2 dense), top-3 of 5 experts, weights not renormalised, every layer
+    # sliding (use_sliding_window)
     "qwen3_moe-step": ("qwen3_moe", dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=40,
-                                         norm_topk_prob=False, decoder_sparse_step=2)),
+                                         norm_topk_prob=False, decoder_sparse_step=2, use_sliding_window=True,
+                                         sliding_window=5)),
     # norms only after attention and MLP, qk-norm over whole projections (GQA: k_norm spans 2 heads)
     "olmo2": ("olmo2", dict(rms_norm_eps=1e-6, rope_theta=500000.0, eos_token_id=2)),
     # OLMo 2 plus a sliding window shorter than the test sequences, its own RoPE base, scaled full layers
