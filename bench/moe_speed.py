@@ -4,9 +4,12 @@ The same weights in both (litft's expert weights are views of transformers' 3-D 
 copy), the same tokens and the same output gradient; the outputs are checked equal before timing. transformers runs
 with each of its experts implementations given by ``--hf_experts`` ("grouped_mm", its default, and "eager", its loop
 over experts). Default shape: one Qwen3-30B-A3B MoE layer (hidden 2048, 128 experts of 768, top-8, renormalised),
-512 tokens, fp32 (about 8 GB of memory). ``--quick``: 16 experts of 384, hidden 1024, 256 tokens.
+512 tokens, fp32 (about 8 GB of memory; on a CPU core, tens of seconds per step). ``--quick``: 16 experts of 384,
+hidden 1024, 256 tokens. The implementations take turns, one step each per round (``--repeats`` rounds after one
+warm-up round), so that the load of a shared machine weighs on all of them alike.
 
     OMP_NUM_THREADS=1 python bench/moe_speed.py --quick
+    OMP_NUM_THREADS=1 python bench/moe_speed.py --experts 32 --tokens 256     # Qwen3-30B-A3B expert sizes
     python bench/moe_speed.py --device cuda --dtype bfloat16 --tokens 8192
 
 Prints one table row per implementation: copy it into bench/RESULTS.md with the device and date it prints.
@@ -36,16 +39,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(step: Callable[[], None], device: torch.device, repeats: int) -> list[float]:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+def _seconds(step: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, MoE]:
@@ -101,6 +100,8 @@ def main() -> None:
             module(inp).backward(grad_out)
         return run
 
+    kinds = [k for k in args.hf_experts.split(",") if k]
+    hf.experts.config._experts_implementation = kinds[0]
     with torch.no_grad():
         reference = hf(x)
         err = (ours(x) - reference).abs().max().item()
@@ -113,21 +114,34 @@ def main() -> None:
     if cpuinfo.is_file():
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} thread(s)"
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {threads} thread(s)"
     print(f"# {datetime.date.today()} {where}; torch {torch.__version__}; hidden {args.hidden}, {args.experts} experts "
-          f"of {args.moe_intermediate}, top-{args.top_k}, {args.tokens} tokens, {args.dtype}; max |diff| {err:.1e}")
+          f"of {args.moe_intermediate}, top-{args.top_k}, {args.tokens} tokens, {args.dtype}; max |diff| {err:.1e}",
+          flush=True)
     print("| implementation | forward+backward s (median) | min | time / litft's |")
-    print("|---|---:|---:|---:|")
-    rows = [("litft MoE", _time(step(ours), device, args.repeats))]
-    ours.zero_grad(set_to_none=True)
-    for kind in [k for k in args.hf_experts.split(",") if k]:
-        hf.experts.config._experts_implementation = kind
-        rows.append((f"transformers Qwen3MoeSparseMoeBlock ({kind})", _time(step(hf), device, args.repeats)))
-        hf.zero_grad(set_to_none=True)
-    base = statistics.median(rows[0][1])
-    for name, times in rows:
-        med = statistics.median(times)
-        print(f"| {name} | {med:.3f} | {min(times):.3f} | {med / base:.2f}x |")
+    print("|---|---:|---:|---:|", flush=True)
+    runs = [("litft MoE", None, ours)]
+    runs += [(f"transformers Qwen3MoeSparseMoeBlock ({kind})", kind, hf) for kind in kinds]
+
+    def timed(kind: str | None, module: torch.nn.Module) -> float:
+        if kind is not None:
+            hf.experts.config._experts_implementation = kind
+        seconds = _seconds(step(module), device)
+        module.zero_grad(set_to_none=True)
+        return seconds
+
+    for _, kind, module in runs:  # warm-up
+        timed(kind, module)
+    # interleaved (one step of each per round), so that the load of a shared machine weighs on all alike
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    for _ in range(args.repeats):
+        for name, kind, module in runs:
+            times[name].append(timed(kind, module))
+    base = statistics.median(times["litft MoE"])
+    for name, _, _ in runs:
+        med = statistics.median(times[name])
+        print(f"| {name} | {med:.3f} | {min(times[name]):.3f} | {med / base:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class Config:
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise ValueError(f"n_expert_per_token must be in [1, n_expert={self.n_expert}], got {self.n_expert_per_token}")
         if self.moe_dense_layers and not self.n_expert:
-            raise ValueError("moe_dense_layers is set but n_expert is 0 (a model without experts has only dense layers)")
+            raise ValueError("moe_dense_layers is set but n_expert is 0 (without experts every layer is dense)")
         for key in ("moe_dense_layers", "nope_layers"):
             outside = [i for i in getattr(self, key) if not 0 <= i < self.n_layer]
             if outside:
