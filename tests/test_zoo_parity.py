@@ -68,6 +68,33 @@ def test_round_trip_is_identical_and_loads_in_transformers(converted):
         assert (reloaded(idx).logits - hf_model(idx).logits).abs().max().item() <= TOL, variant
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step"])
+def test_moe_gradients_match_transformers(variant, tmp_path):
+    """The backward of the MoE computed by expert: router and every expert's weight gradients equal transformers'
+    (which holds the experts as 3-D tensors: gate and up stacked in ``gate_up_proj``)."""
+    hf_model = make_hf_model(variant, tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens(5)
+    model(idx).pow(2).mean().backward()
+    hf_model(idx).logits.pow(2).mean().backward()
+    theirs = dict(hf_model.named_parameters())
+    checked = 0
+    for i, block in enumerate(model.blocks):
+        if not hasattr(block.mlp, "experts"):
+            continue
+        prefix = f"model.layers.{i}.mlp."
+        router = theirs.get(prefix + "gate.weight", theirs.get(prefix + "router.weight"))
+        assert (block.mlp.router.weight.grad - router.grad).abs().max() <= TOL
+        gate_up, down = theirs[prefix + "experts.gate_up_proj"].grad, theirs[prefix + "experts.down_proj"].grad
+        for e, expert in enumerate(block.mlp.experts):
+            size = expert.gate_proj.weight.shape[0]
+            assert (expert.gate_proj.weight.grad - gate_up[e, :size]).abs().max() <= TOL, (i, e)
+            assert (expert.up_proj.weight.grad - gate_up[e, size:]).abs().max() <= TOL, (i, e)
+            assert (expert.down_proj.weight.grad - down[e]).abs().max() <= TOL, (i, e)
+            checked += bool(expert.down_proj.weight.grad.abs().sum() > 0)
+    assert checked >= 4  # experts that got tokens (and so a gradient)
+
+
 def test_numeric_constants_come_from_config_json(converted):
     """Norm epsilon, RoPE bases and softcaps are the checkpoint's, never a family default copied by hand."""
     import json
