@@ -209,8 +209,8 @@ _SLIDING_YARN = {"full_attention": {"rope_type": "default", "rope_theta": 10000.
 
 
 @pytest.mark.parametrize("variant, changes, message", [
-    ("qwen3_moe", {"output_router_logits": True}, r"config\.json: output_router_logits=True is not implemented by "
-                                                  r"litft for model_type 'qwen3_moe' \(supported: False\)"),
+    ("qwen3_moe", {"norm_topk_prob": "yes"}, r"config\.json: norm_topk_prob='yes' is not a value litft implements "
+                                             r"for model_type 'qwen3_moe' \(supported: True, False\)"),
     ("qwen3_moe", {"mlp_only_layers": [1, 5]}, r"config\.json: mlp_only_layers holds \[5\], outside "
                                                r"\[0, num_hidden_layers=3\)"),
     ("qwen3_moe-step", {"decoder_sparse_step": 0}, r"config\.json: decoder_sparse_step must be >= 1, got 0"),

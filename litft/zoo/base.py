@@ -104,7 +104,7 @@ class Family:
         hf = {**self.hf_defaults, **{k: v for k, v in hf.items() if v is not None or k in ("sliding_window",)}}
         for key, supported in self.hf_supported_values.items():
             if key in hf and hf[key] not in supported:
-                raise ValueError(f"config.json: {key}={hf[key]!r} is not implemented by litft for model_type "
+                raise ValueError(f"config.json: {key}={hf[key]!r} is not a value litft implements for model_type "
                                  f"{self.model_type!r} (supported: {', '.join(map(repr, supported))})")
         fields: dict[str, Any] = dict(self.traits)
         for hf_key, cfg_key in COMMON_CONFIG_KEYS.items():

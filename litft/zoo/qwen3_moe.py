@@ -89,8 +89,8 @@ QWEN3_MOE = Family(
     write_hf=_write_qwen3_moe,
     hf_keys=("num_experts", "num_local_experts", "norm_topk_prob", "moe_intermediate_size", "decoder_sparse_step",
              "mlp_only_layers"),
-    # the load-balancing loss that transformers adds with output_router_logits is not part of litft's training
-    hf_supported_values={"output_router_logits": (False,)},
+    # a flag read with bool() would take any string as true
+    hf_supported_values={"norm_topk_prob": (True, False)},
 )
 
 FAMILIES = [QWEN3_MOE]
