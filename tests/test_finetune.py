@@ -411,7 +411,8 @@ def test_nan_loss_stops_with_a_clear_message_and_no_final(ckpt, data_dir, tmp_pa
     weights["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(broken / "model.safetensors"))
     out = tmp_path / "out"
-    _fails(_cli(broken, data_dir, out), capsys, "training loss is nan at step 1")
+    _fails(_cli(broken, data_dir, out), capsys, "training diverged at step 1: the training loss is nan",
+           "no checkpoint was saved before it")
     assert not (out / "final").exists()
 
 

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from litft.config import Config
+from litft.errors import TrainingDivergedError
 from litft.weights import atomic_directory, copy_tokenizer_files, load_model, weight_files
 
 STATE_FILE = "state.pt"
@@ -155,10 +156,43 @@ def save_training_checkpoint(
         write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
         if sharded is not None:
             os.replace(sharded, tmp / SHARDED)
-        torch.save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as f:  # a file object: a short write is an OSError naming its cause
+            torch.save(state, f)
         _test_delay(step)
     prune_checkpoints(out_dir, keep_last)
     return target
+
+
+def first_nonfinite(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Optional[str]:
+    """The name of the first parameter (or optimizer state tensor) holding a NaN or an infinity, else None: what
+    must not be saved (this process's shard of them under FSDP)."""
+
+    def finite(t: torch.Tensor) -> bool:
+        t = t.detach()
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor (FSDP): this process's shard
+        return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+    for name, p in model.named_parameters():
+        if not finite(p):
+            return name
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p, state in optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and not finite(value):
+                    return f"optimizer state {key!r} of {names.get(id(p), 'a parameter')}"
+    return None
+
+
+def diverged(out_dir: Path, step: int, what: str) -> TrainingDivergedError:
+    """The error that stops a run whose ``what`` (loss, gradient norm, weights) became non-finite at ``step``,
+    naming the newest checkpoint of ``out_dir`` (every saved checkpoint is finite: :func:`save_training_checkpoint`
+    never writes one that is not)."""
+    last = latest_checkpoint(out_dir)
+    where = (f"the last finite checkpoint is {last}: resume from it with --resume {last} and a lower train.lr"
+             if last is not None else "no checkpoint was saved before it")
+    return TrainingDivergedError(f"training diverged at step {step}: {what}; stopping without saving it. Lower "
+                                 f"train.lr, keep train.max_norm set, or use precision bf16-mixed/32-true; {where}")
 
 
 def _test_delay(step: int) -> None:
