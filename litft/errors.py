@@ -12,7 +12,7 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 
 class LitftError(Exception):
@@ -20,7 +20,15 @@ class LitftError(Exception):
 
 
 class WriteError(LitftError, OSError):
-    """An output could not be written (disk full, read-only file system, a file where a folder must be)."""
+    """An output could not be written (disk full, read-only file system, a file where a folder must be):
+    "cannot write <path>: <cause>"."""
+
+    def __init__(self, path: Union[str, Path], cause: str, what: str = "") -> None:
+        super().__init__(f"cannot write {what + ' ' if what else ''}{path}: {cause}")
+        self.path, self.cause, self.what = Path(path), cause, what
+
+    def __reduce__(self) -> Any:  # pickles (multiprocessing) with its arguments
+        return type(self), (self.path, self.cause, self.what)
 
 
 class NonFiniteError(LitftError, ValueError):
@@ -77,21 +85,22 @@ def writing(path: Union[str, Path], any_os_error: bool = True) -> Iterator[None]
     except Exception as e:
         if not _is_write_failure(e, path, any_os_error):
             raise
-        raise WriteError(f"cannot write {path}: {_cause(e, path)}") from e
+        raise WriteError(path, _cause(e, path)) from e
 
 
-def check_writable(path: Union[str, Path], what: str = "out_dir") -> None:
+def check_writable(path: Union[str, Path], what: str = "out_dir", beside: bool = False) -> None:
     """Refuse at once (before anything is loaded) an output path that cannot be created: a file where a folder
-    must be, or a read-only file system. Disk space is only known when writing (:func:`writing`)."""
+    must be, or a read-only file system. ``beside``: ``path`` is written as a temp dir beside it, then renamed (so
+    its parent must be writable). Disk space is only known when writing (:func:`writing`)."""
     path = Path(path)
-    parent = path
+    parent = path.parent if beside else path
     while not parent.exists():
         if parent.parent == parent:
             return
         parent = parent.parent
     if not parent.is_dir():
-        raise WriteError(f"cannot write {what} {path}: {parent} is a file, not a directory (Not a directory)")
+        raise WriteError(path, f"{parent} is a file, not a directory (Not a directory)", what)
     if not os.access(parent, os.W_OK):
         readonly = hasattr(os, "statvfs") and bool(os.statvfs(parent).f_flag & getattr(os, "ST_RDONLY", 1))
         cause = "Read-only file system" if readonly else "Permission denied"
-        raise WriteError(f"cannot write {what} {path}: {parent} is not writable ({cause})")
+        raise WriteError(path, f"{parent} is not writable ({cause})", what)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 from litft.config import Config
-from litft.errors import NonFiniteError, writing
+from litft.errors import NonFiniteError, WriteError, check_writable, writing
 
 if TYPE_CHECKING:
     from litft.model import GPT
@@ -213,6 +213,7 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite true to replace it")
+    check_writable(out_dir, "", beside=True)
     with writing(out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -220,6 +221,11 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         with writing(out_dir, any_os_error=False):
             yield tmp
+    except WriteError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.path.is_relative_to(tmp):  # a file of the temp dir: name what is being written instead
+            raise WriteError(out_dir, e.cause) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from litft.config import Config
-from litft.errors import TrainingDivergedError
+from litft.errors import TrainingDivergedError, WriteError
 from litft.weights import atomic_directory, copy_tokenizer_files, load_model, weight_files
 
 STATE_FILE = "state.pt"
@@ -152,13 +152,19 @@ def save_training_checkpoint(
     """Atomically write ``checkpoints/step-N`` (model files + ``state.pt``), then prune old ones. ``sharded``: a
     directory of FSDP shards written by every rank, moved in as ``sharded/`` (then the weights are only there)."""
     target = step_dir(out_dir, step)
-    with atomic_directory(target, overwrite=True) as tmp:
-        write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
-        if sharded is not None:
-            os.replace(sharded, tmp / SHARDED)
-        with open(tmp / STATE_FILE, "wb") as f:  # a file object: a short write is an OSError naming its cause
-            torch.save(state, f)
-        _test_delay(step)
+    previous = latest_checkpoint(out_dir)
+    try:
+        with atomic_directory(target, overwrite=True) as tmp:
+            write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
+            if sharded is not None:
+                os.replace(sharded, tmp / SHARDED)
+            with open(tmp / STATE_FILE, "wb") as f:  # a file object: a short write is an OSError naming its cause
+                torch.save(state, f)
+            _test_delay(step)
+    except WriteError as e:
+        kept = (f"the previous checkpoint, {previous}, is intact: free space and resume with --resume auto"
+                if previous is not None else "no earlier checkpoint exists")
+        raise WriteError(e.path, f"{e.cause}; {kept}") from e
     prune_checkpoints(out_dir, keep_last)
     return target
 
