@@ -138,7 +138,8 @@ def check_finite(name: str, tensor: torch.Tensor, path: Path) -> None:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None,
                      final_path: Optional[Path] = None) -> None:
     """The one writer of safetensors files: refuses non-finite tensors (:func:`check_finite`) and reports a failed
-    write (disk full, read-only) as one error naming the file (``final_path`` when ``path`` is a temp name for it)."""
+    write (disk full, read-only) as one error naming the file (``final_path`` when ``path`` is a temp name for it).
+    The file gets the mode the umask gives."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -146,6 +147,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Opt
         check_finite(name, tensor, final_path or path)
     with writing(final_path or path):
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        follow_umask(path)  # safetensors creates its files 0600
 
 
 def write_shards(

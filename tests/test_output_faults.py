@@ -93,3 +93,40 @@ def test_an_os_error_litft_did_not_word_is_one_line_with_its_file(tmp_path, caps
     (tmp_path / "afile").write_text("")
     err = litft_error(capsys, "configs", "cp", "gemma-2-2b/full", tmp_path / "afile" / "recipe.yaml")
     assert last_line(err) == f"litft configs cp: error: {tmp_path / 'afile'}: File exists", err
+
+
+WRITE_EVERYTHING = """
+import os, sys
+os.umask(int(sys.argv[1], 8))
+from litft.cli import main
+tiny, out = sys.argv[2], sys.argv[3]
+for method in ("lora", "full"):
+    main(["finetune", method, tiny + "/base", "--data.train_path", tiny + "/data/train.jsonl", "--data.format",
+          "template", "--data.template", "{{input}} -> {{output}}", "--train.max_steps", "2", "--train.save_interval",
+          "1", "--train.micro_batch_size", "4", "--train.global_batch_size", "4", "--eval.final_validation", "false",
+          "--out_dir", out + "/" + method, "--accelerator", "cpu"])
+main(["convert", "to_hf", out + "/full/final", out + "/hf"])
+main(["convert", "from_hf", out + "/hf", "--out_dir", out + "/native"])
+main(["convert", "to_peft", out + "/lora/final", out + "/peft"])
+main(["convert", "merge_lora", out + "/lora/final", "--out_dir", out + "/merged"])
+"""
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Runs (checkpoints/, final/, run.yaml, logs/) and exports (to_hf, from_hf, to_peft, merge_lora) get the
+    modes a plain mkdir/open gives under the user's umask, though each is written to a temp name and renamed."""
+    import os
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(TINY.parents[2])}  # this tree's litft
+    r = subprocess.run([sys.executable, "-c", WRITE_EVERYTHING, f"{umask:o}", str(TINY), str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    written = [p for p in out.rglob("*")]
+    assert {"model.safetensors", "lora.safetensors", "state.pt", "run.yaml", "metrics.jsonl", "config.json",
+            "adapter_model.safetensors", "model_config.yaml", "tokenizer.json"} <= {p.name for p in written}
+    wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in written
+             if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask}
+    assert wrong == {}, f"umask {umask:o}: {wrong}"

@@ -385,8 +385,8 @@ def _atomic_file(path: Path) -> Iterator[Path]:
             os.close(fd)
         tmp = Path(name)
         try:
-            follow_umask(tmp)
             yield tmp
+            follow_umask(tmp)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
