@@ -170,8 +170,8 @@ def save_training_checkpoint(
 
 
 def first_nonfinite(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Optional[str]:
-    """The name of the first parameter (or optimizer state tensor) holding a NaN or an infinity, else None: what
-    must not be saved (this process's shard of them under FSDP)."""
+    """The name of the first trainable parameter (or optimizer state tensor) holding a NaN or an infinity, else
+    None: what must not be saved (this process's shard of them under FSDP). Frozen weights never change."""
 
     def finite(t: torch.Tensor) -> bool:
         t = t.detach()
@@ -179,7 +179,7 @@ def first_nonfinite(model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
         return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
     for name, p in model.named_parameters():
-        if not finite(p):
+        if p.requires_grad and not finite(p):
             return name
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
