@@ -123,16 +123,22 @@ def follow_umask(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no infinity (non-float tensors always do). A min/max reduction: no copy
+    and no temporary the size of the tensor, even for a non-contiguous view."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    t = tensor.detach()
+    lo, hi = torch.aminmax(t if t.element_size() > 1 else t.to(torch.float16))  # NaN propagates; float8: via fp16
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_finite(name: str, tensor: torch.Tensor, path: Path) -> None:
-    """Refuse a floating-point tensor holding a NaN or an infinity (checked in chunks: little extra memory)."""
-    if not tensor.is_floating_point():
-        return
-    flat = tensor.detach().reshape(-1)
-    for chunk in flat.split(1 << 24):
-        if not bool(torch.isfinite(chunk).all()):
-            bad = int((~torch.isfinite(flat)).sum())
-            raise NonFiniteError(f"{path}: refusing to write tensor {name!r}: {bad:,} of its {flat.numel():,} values "
-                                 "are NaN or infinite")
+    """Refuse a tensor holding a NaN or an infinity."""
+    if not is_finite(tensor):
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        raise NonFiniteError(f"{path}: refusing to write tensor {name!r}: {bad:,} of its {tensor.numel():,} values "
+                             "are NaN or infinite")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None,

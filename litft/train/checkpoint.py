@@ -33,7 +33,7 @@ import yaml
 
 from litft.config import Config
 from litft.errors import TrainingDivergedError, WriteError
-from litft.weights import atomic_directory, copy_tokenizer_files, load_model, weight_files
+from litft.weights import atomic_directory, copy_tokenizer_files, is_finite, load_model, weight_files
 
 STATE_FILE = "state.pt"
 SHARDED = "sharded"  # FSDP checkpoints: model + optimizer shards (torch.distributed.checkpoint), any world size
@@ -174,9 +174,7 @@ def first_nonfinite(model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
     None: what must not be saved (this process's shard of them under FSDP). Frozen weights never change."""
 
     def finite(t: torch.Tensor) -> bool:
-        t = t.detach()
-        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor (FSDP): this process's shard
-        return not t.is_floating_point() or bool(torch.isfinite(t).all())
+        return is_finite(t.to_local() if hasattr(t, "to_local") else t)  # a DTensor (FSDP): this process's shard
 
     for name, p in model.named_parameters():
         if p.requires_grad and not finite(p):
