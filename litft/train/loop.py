@@ -718,17 +718,17 @@ def fit(
         print(f"profiler trace(s), one per process: {profile_dir}/rank<N>.*.pt.trace.json (open them in "
               "TensorBoard's profiler plugin, https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
 
-    # ---- the end: validation, generations, final/
-    final_val = validate() if eval.final_validation else None
-    if final_val is not None and rank_zero:
-        logger.log({"val_loss": final_val, "val_ppl": math.exp(min(final_val, 50))}, step)
-    generations("after")
-    final_dir = out_dir / ckpt.FINAL
+    # ---- the end: validation, generations, final/ (never of non-finite weights)
     try:
         check_finite(step)
     except BaseException:
         logger.close(failed=True)
         raise
+    final_val = validate() if eval.final_validation else None
+    if final_val is not None and rank_zero:
+        logger.log({"val_loss": final_val, "val_ppl": math.exp(min(final_val, 50))}, step)
+    generations("after")
+    final_dir = out_dir / ckpt.FINAL
     final_model = model
     if fsdp:
         full = dist.full_state_dict(model)
