@@ -10,7 +10,6 @@ import torch
 
 import litft
 from litft.errors import NonFiniteError
-from tests.inprocess_cli import litft as run_litft
 from tests.inprocess_cli import litft_error
 
 TINY = Path(litft.__file__).parent / "assets" / "tiny"
