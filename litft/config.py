@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import yaml
 
@@ -199,3 +199,27 @@ def _check_required(data: dict[str, Any], source: str) -> None:
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int, what: str) -> None:
+    """Refuse token ids outside ``[0, vocab_size)``, the rows of the model's embedding (``what``: whose ids)."""
+    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{what} token id(s) {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
+def check_tokenizer_fits(tokenizer: Any, config: Config, checkpoint_dir: Path, samples: Sequence[Any]) -> None:
+    """Refuse training data whose token ids the model has no embedding row for: a tokenizer larger than the
+    model's vocabulary (its ids are only checked when it is larger, so this costs nothing otherwise)."""
+    if tokenizer.vocab_size <= config.vocab_size:
+        return
+    top = {max(s.input_ids) for s in samples if len(s.input_ids)}
+    try:
+        check_token_ids(sorted(top, reverse=True), config.vocab_size, "the training data's")
+    except ValueError as e:
+        files = [f for f in (tokenizer.checkpoint_dir / "tokenizer.json", tokenizer.checkpoint_dir / "tokenizer.model")
+                 if f.is_file()]
+        raise ValueError(
+            f"{files[0] if files else tokenizer.checkpoint_dir}: the tokenizer has {tokenizer.vocab_size} token ids, "
+            f"the model only {config.vocab_size} (vocab_size in {Path(checkpoint_dir) / MODEL_CONFIG_FILE}): {e}. "
+            "Use the tokenizer the model was trained with") from None

@@ -452,8 +452,19 @@ def test_nan_loss_stops_with_a_clear_message_and_no_final(ckpt, data_dir, tmp_pa
     weights["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(broken / "model.safetensors"))
     out = tmp_path / "out"
-    _fails(_cli(broken, data_dir, out), capsys, "training loss is nan at step 1")
+    _fails(_cli(broken, data_dir, out), capsys, "training diverged at step 1: the training loss is nan",
+           "no checkpoint was saved before it")
     assert not (out / "final").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
+    small = make_checkpoint(tmp_path / "small", vocab_size=60)  # the tiny tokenizer has 100 ids
+    out = tmp_path / "out"
+    err = _fails(_cli(small, data_dir, out), capsys)
+    assert (f"litft finetune lora: error: {small / 'tokenizer.json'}: the tokenizer has 100 token ids, the model only "
+            f"60 (vocab_size in {small / 'model_config.yaml'}): the training data's token id(s) [") in err, err
+    assert "are outside the vocabulary [0, 60). Use the tokenizer the model was trained with" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------ audit: correctness

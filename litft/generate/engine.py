@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from litft.config import check_token_ids
 from litft.generate.sampling import Flags, RowParams, SamplingParams, sample
 
 PAD_ID = 0  # id fed at padding slots: never attended to, any valid id works
@@ -276,10 +277,7 @@ class Engine:
         ids = list(ids)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.config.vocab_size
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_token_ids(ids, self.config.vocab_size, "prompt")
         limit = self.max_seq_length
         need = len(ids) + params.max_new_tokens
         if need > limit:

@@ -15,13 +15,14 @@ A is initialised kaiming-uniform(a=√5) and B zero, as in PEFT. Native tensor n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -357,30 +358,39 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """safetensors file written to a temp name beside ``path`` then renamed."""
-    from safetensors.torch import save_file
+    """safetensors file written to a temp name beside ``path`` then renamed (non-finite tensors refused:
+    :func:`litft.weights.save_safetensors`)."""
+    from litft.weights import save_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(path) as tmp:
+        save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata, final_path=path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path`` (the umask's mode) that replaces ``path`` when the block succeeds; a failed
+    write is one error naming ``path``."""
+    from litft.errors import writing
+    from litft.weights import follow_umask
+
+    with writing(path, any_os_error=False):
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            follow_umask(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def read_args_yaml(path: Path, cls: type) -> Any:

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from litft.config import Config
+from litft.config import Config, check_tokenizer_fits
+from litft.errors import check_writable
 from litft.peft.lora import check_trainable, count_parameters
 from litft.train import checkpoint as ckpt
 from litft.train.args import EvalArgs, TrainArgs, parse_duration
@@ -372,6 +373,7 @@ def fit(
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint_dir {str(checkpoint_dir)!r} does not exist (download or convert a "
                                 "model first: litft download <repo_id>)")
+    check_writable(out_dir)
     config = Config.from_checkpoint(checkpoint_dir)
     if method.full:
         ckpt.check_mergeable_chain(checkpoint_dir, "finetune full")
@@ -408,6 +410,7 @@ def fit(
 
     tokenizer = Tokenizer(checkpoint_dir)
     train_samples, val_samples, stats = load_datasets(data, tokenizer, max_seq_length)
+    check_tokenizer_fits(tokenizer, config, checkpoint_dir, [*train_samples, *val_samples])
     if rank_zero:
         print(stats.summary(), file=sys.stderr)
     if world_size > 1:  # training: every rank batches all samples and takes its share of each step (_MicroBatches)
@@ -430,6 +433,13 @@ def fit(
         state = ckpt.load_training_state(resume_from)
         if state.get("method") != method.name:
             raise ValueError(f"{resume_from} was written by a {state.get('method')!r} run, not {method.name!r}")
+        saved_batch = state.get("global_batch_size", train.global_batch_size)  # absent before litft recorded it
+        if saved_batch != train.global_batch_size:
+            raise ValueError(
+                f"{resume_from} was saved by a run with train.global_batch_size={saved_batch}, this run has "
+                f"train.global_batch_size={train.global_batch_size}: resuming would change the samples per step, "
+                f"the data position and the schedule mid-run. Resume with --train.global_batch_size {saved_batch}, "
+                f"or start a new run from it (litft finetune ... {resume_from})")
     if train.profile:
         done = int(state["step"]) if state is not None else 0
         what = (f"train.max_steps={train.max_steps}" if train.max_steps else
@@ -537,7 +547,17 @@ def fit(
         fabric.barrier()
         return accuracy
 
+    def check_finite(at_step: int) -> None:
+        """Stop (every rank) rather than save weights or optimizer state holding a NaN or an infinity."""
+        bad = ckpt.first_nonfinite(model, opt)
+        if world_size > 1:
+            flags = fabric.all_reduce(torch.tensor(float(bad is not None), device=fabric.device), reduce_op="sum")
+            bad = bad or ("the weights of another process" if float(flags) > 0 else None)
+        if bad is not None:
+            raise ckpt.diverged(out_dir, at_step, f"{bad} holds NaN or infinite values")
+
     def save(at_step: int) -> None:
+        check_finite(at_step)
         staging = None
         if fsdp:
             staging = out_dir / ckpt.CHECKPOINTS / f".step-{at_step}.tmp-sharded"
@@ -555,6 +575,7 @@ def fit(
                 "scheduler": {"step": at_step, "total_steps": total_steps},
                 "rng": ckpt.rng_state(), "data": batches.state_dict(), "best_val": best_val, "bad_evals": bad_evals,
                 "world_size": world_size, "controllers": controllers.state_dict(),
+                "global_batch_size": train.global_batch_size,
             }
             ckpt.save_training_checkpoint(out_dir, at_step, model, (lambda m, d: None) if fsdp else save_weights,
                                           checkpoint_dir, base_dir, method.name, train_state, train.keep_last,
@@ -613,18 +634,16 @@ def fit(
                 loss_sum = fabric.all_reduce(loss_sum.to(fabric.device), reduce_op="sum")
             loss = float(loss_sum) / max(n_targets, 1)
             if not math.isfinite(loss):
-                raise RuntimeError(
-                    f"the training loss is {loss} at step {step + 1} (lr {lr:.3g}): stopping. Lower train.lr, keep "
-                    "train.max_norm set, or use precision bf16-mixed/32-true; the last good checkpoint is in "
-                    f"{out_dir / ckpt.CHECKPOINTS}"
-                )
+                raise ckpt.diverged(out_dir, step + 1, f"the training loss is {loss} (lr {lr:.3g})")
             grad_norm = None
-            if train.max_norm is not None:
-                grad_norm = fabric.clip_gradients(loss_model, opt, max_norm=train.max_norm)
+            if train.max_norm is not None:  # a non-finite norm stops the run (below), never torch's own error
+                grad_norm = fabric.clip_gradients(loss_model, opt, max_norm=train.max_norm, error_if_nonfinite=False)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if grad_norm is not None:
                 grad_norm = float(grad_norm)  # read after the step is queued: no extra wait
+                if not math.isfinite(grad_norm):  # the weights just stepped are never saved
+                    raise ckpt.diverged(out_dir, step + 1, f"the gradient norm is {grad_norm} (lr {lr:.3g})")
             step += 1
             micro_done += n_micro * world_size
             tokens_total += n_tokens
@@ -699,7 +718,12 @@ def fit(
         print(f"profiler trace(s), one per process: {profile_dir}/rank<N>.*.pt.trace.json (open them in "
               "TensorBoard's profiler plugin, https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
 
-    # ---- the end: validation, generations, final/
+    # ---- the end: validation, generations, final/ (never of non-finite weights)
+    try:
+        check_finite(step)
+    except BaseException:
+        logger.close(failed=True)
+        raise
     final_val = validate() if eval.final_validation else None
     if final_val is not None and rank_zero:
         logger.log({"val_loss": final_val, "val_ppl": math.exp(min(final_val, 50))}, step)
