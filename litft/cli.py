@@ -113,12 +113,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         table = entry
     from jsonargparse import CLI
 
+    from litft.cli_parser import Parser
+
     function = _load(entry[0])
     # a leaf may accept shorthand its signature cannot express (`litft evaluate --tasks` with no value, a
     # positional that may be left out): its function then carries `cli_argv(argv) -> argv`, applied before parsing
     argv = getattr(function, "cli_argv", lambda args: args)(argv)
     try:
-        CLI(function, args=argv, prog=" ".join(["litft", *path]), as_positional=True)
+        CLI(function, args=argv, prog=" ".join(["litft", *path]), as_positional=True, parser_class=Parser)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         # errors litft raises on bad input carry the file/field and what was expected: show them plainly
         if _debug():  # LITFT_DEBUG=1 shows the traceback
