@@ -544,3 +544,51 @@ def test_chat_template_errors_name_the_row(tmp_path, bpe_dir):
     (odd / "chat_template.jinja").write_text("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(ValueError, match=r"chat\.jsonl:1: the chat template failed.*roles must alternate"):
         load_datasets(DataArgs(train_path=rows, val_split_fraction=0), Tokenizer(odd), 256)
+
+
+def test_text_files_must_be_utf8_and_a_bom_is_accepted_everywhere(tmp_path, tokenizer):
+    """Training data, `generate --input` and `evaluate perplexity` files are read by one helper: a byte that is not
+    UTF-8 is an error naming the file, the line and the byte offset; a UTF-8 byte-order mark is dropped alike for
+    .jsonl, .json and .txt (a .jsonl with one was refused while .txt accepted it)."""
+    from litft.evaluate.perplexity import read_documents
+    from litft.generate.cli import _read_input
+
+    rows = [{"text": "caf\u00e9 one", "input": "a", "output": "b"}, {"text": "two", "input": "c", "output": "d"}]
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    array = json.dumps(rows, ensure_ascii=False, indent=1).encode()
+    text = "first prompt\nsecond caf\u00e9\n".encode()
+    readers = {  # what each command reads a file with
+        "train.jsonl": lambda p: [s.input_ids for s in load_datasets(DataArgs(train_path=p, val_split_fraction=0,
+                                                                              format="input_output"),
+                                                                     tokenizer, 64)[0]],
+        "train.json": lambda p: [s.input_ids for s in load_datasets(DataArgs(train_path=p, val_split_fraction=0,
+                                                                             format="input_output"),
+                                                                    tokenizer, 64)[0]],
+        "prompts.txt": lambda p: [prompt for _, prompt, _ in _read_input(p, "prompt", "id")],
+        "prompts.jsonl": lambda p: [prompt for _, prompt, _ in _read_input(p, "text", "id")],
+        "docs.txt": read_documents,
+        "docs.jsonl": read_documents,
+    }
+    contents = {"train.jsonl": jsonl, "train.json": array, "prompts.txt": text, "prompts.jsonl": jsonl,
+                "docs.txt": text, "docs.jsonl": jsonl}
+    for name, read in readers.items():
+        plain, with_bom = tmp_path / "plain" / name, tmp_path / "bom" / name
+        for path, data in ((plain, contents[name]), (with_bom, b"\xef\xbb\xbf" + contents[name])):
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+        assert read(with_bom) == read(plain), name
+        assert "\ufeff" not in json.dumps(read(with_bom)), name
+        latin1 = tmp_path / "latin1" / name  # "café" as Latin-1 on the second line (the first stays valid)
+        latin1.parent.mkdir(exist_ok=True)
+        data = contents[name].replace("caf\u00e9".encode(), b"caf\xe9")
+        lines = data.split(b"\n")
+        bad = next(i for i, line in enumerate(lines) if b"\xe9" in line)
+        if bad == 0:  # the \xe9 on the first line: move it to the second
+            data = data.replace(b"caf\xe9", b"cafe", 1).replace(b"\n", b"\n\xe9", 1)
+            bad = 1
+        latin1.write_bytes(data)
+        offset = data.index(b"\xe9")
+        with pytest.raises(ValueError) as info:
+            read(latin1)
+        assert str(info.value).startswith(f"{latin1}:{bad + 1}: not UTF-8 text (byte 0xe9 at column ") and \
+            f"byte offset {offset}" in str(info.value) and "the file must be UTF-8" in str(info.value), name

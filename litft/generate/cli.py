@@ -147,10 +147,9 @@ def _read_text_prompts(path: Path) -> list[tuple[int, str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"--input {str(path)!r} does not exist" if not path.exists()
                                 else f"--input {str(path)!r} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not part of the first prompt)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    from litft.data.loader import read_text
+
+    text = read_text(path)
     lines = (line.removesuffix("\r") for line in text.split("\n"))  # \n ends a line (not splitlines' \f, \x1c...)
     rows = [(n, line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
     if not rows:
