@@ -14,7 +14,8 @@ Every command that takes a checkpoint accepts a checkpoint card's name in place 
 llama3_2_1b@user``, ``litft finetune lora llama3_2_1b@user``, ``litft convert to_hf ...``, ``LLM.load(...)``);
 :class:`litft.Tokenizer` accepts a tokenizer card's name (or a checkpoint card's: its tokenizer). The ``@user``
 suffix may be left out when the name is unambiguous. A relative path in a card is relative to the card file.
-``litft assets ls`` lists the cards; one whose folder is gone is listed as missing, and only using its name is an error.
+``litft assets ls`` lists the cards; one whose folder is gone is listed as missing, and only using its name is
+an error.
 
 :func:`resolve_checkpoint` and :func:`resolve_tokenizer` are the one place names become paths.
 """
