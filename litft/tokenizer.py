@@ -170,8 +170,8 @@ def _compile_template(template: str) -> Any:
                               jinja2.nodes.Extends)):
         tag = {"Include": "include", "Import": "import", "FromImport": "from ... import", "Extends": "extends"}
         raise jinja2.exceptions.TemplateSyntaxError(
-            f"{{% {tag[type(node).__name__]} %}} is not supported: a chat template must be self-contained (transformers "
-            "renders it with no template loader)", node.lineno)
+            f"{{% {tag[type(node).__name__]} %}} is not supported: a chat template must be self-contained "
+            "(transformers renders it with no template loader)", node.lineno)
     return env.from_string(ast)
 
 

@@ -87,7 +87,8 @@ def test_stale_card_beside_a_good_one(asset_dir, tmp_path, tiny_llama_native, ca
     (asset_dir / "tok.yaml").write_text(f"name: oldtok@user\ntokenizer: {gone}\n")
     gone.rmdir()
     assert resolve_checkpoint("good") == tiny_llama_native and resolve_tokenizer("good@user") == tiny_llama_native
-    for resolve, name in ((resolve_checkpoint, "gone"), (resolve_tokenizer, "gone@user"), (resolve_tokenizer, "oldtok")):
+    for resolve, name in ((resolve_checkpoint, "gone"), (resolve_tokenizer, "gone@user"),
+                          (resolve_tokenizer, "oldtok")):
         with pytest.raises(ValueError, match=r"runs\.yaml.*checkpoint path .*final of 'gone@user' does not exist"
                            if "gone" in name else r"tok\.yaml.*tokenizer path .*final of 'oldtok@user' does not exist"):
             resolve(name)
