@@ -592,3 +592,75 @@ def test_text_files_must_be_utf8_and_a_bom_is_accepted_everywhere(tmp_path, toke
             read(latin1)
         assert str(info.value).startswith(f"{latin1}:{bad + 1}: not UTF-8 text (byte 0xe9 at column ") and \
             f"byte offset {offset}" in str(info.value) and "the file must be UTF-8" in str(info.value), name
+
+
+def _random_text(rng: random.Random, n: int) -> str:
+    """n characters of text with what makes cutting it hard: words, long runs without spaces, whitespace runs,
+    digits, punctuation and non-ASCII letters."""
+    pieces = ["the", "cat", "tokenizer", " ", "  ", "\n", "\n\n", "1234567", "é", "日本語", "!", "...",
+              "supercalifragilisticexpialidocious" * 3, "    ", "\t", "ab" * 20, "Hello,"]
+    out, size = [], 0
+    while size < n:
+        piece = rng.choice(pieces) + rng.choice(["", " "])
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)[:n]
+
+
+def test_rows_near_the_limit_tokenize_as_if_whole(tmp_path, tokenizer, hf_tokenizer):
+    """A row longer than max_seq_length allows is tokenized from a prefix of its text; the sample is still exactly
+    the whole row's tokenization truncated (oracle: the transformers tokenizer on the whole text), for rows from
+    below the point where the prefix is used to several times beyond it, prompt/response boundaries included."""
+    max_seq_length = 24
+    rng = random.Random(0)
+    rows, expected, truncated = [], [], 0
+    for n in [100, 300, 400, 420, 440, 500, 700, 1000, 2500, 6000] * 3:
+        prompt, response = _random_text(rng, rng.randrange(0, 120)), _random_text(rng, n)
+        rows.append({"input": prompt, "output": response})
+        ids, labels = oracle(hf_tokenizer, prompt + response, [(len(prompt), len(prompt) + len(response))],
+                             eos_id=tokenizer.eos_id)
+        truncated += len(ids) > max_seq_length
+        if any(label != IGNORE_INDEX for label in labels[:max_seq_length]):  # (else dropped: all prompt)
+            expected.append((ids[:max_seq_length], labels[:max_seq_length]))
+    train, stats = load(tmp_path, tokenizer, rows, max_seq_length=max_seq_length, format="input_output")
+    assert [(s.input_ids, s.labels) for s in train] == expected
+    assert stats.truncated == truncated and len(expected) + stats.dropped == len(rows)
+
+    conversation = [dict(m) for m in CONVERSATION]  # a chat row: one assistant turn far longer than the limit
+    conversation[4]["content"] = _random_text(rng, 3000).strip()  # (the template trims)
+    train, _ = load(tmp_path, tokenizer, [{"messages": conversation}], max_seq_length=200)
+    rendered = hf_tokenizer.apply_chat_template(conversation, tokenize=False)
+    spans, position = [], 0
+    for message in conversation:
+        if message["role"] == "assistant":
+            start = rendered.index(message["content"], position)
+            position = start + len(message["content"]) + len("<|eot_id|>")
+            spans.append((start, position))
+    ids, labels = oracle(hf_tokenizer, rendered, spans, special=False)
+    assert (train[0].input_ids, train[0].labels) == (ids[:200], labels[:200])
+
+
+@pytest.mark.timeout(90)
+def test_a_huge_row_costs_what_max_seq_length_allows(tmp_path, tokenizer, hf_tokenizer):
+    """A multi-MB row (it took 48 s and 4.5 GB tokenized whole) becomes a max_seq_length sample, the first tokens
+    of the row, without tokenizing the rest of it."""
+    rng = random.Random(1)
+    huge = _random_text(rng, 4_000_000)
+    rows = [{"input": "Continue this: ", "output": huge}, {"input": "Say hi: ", "output": "hi"}]
+
+    class LongestInput:  # the real tokenizer, recording the longest text it is asked to encode
+        longest = 0
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode_batch(self, texts, **kwargs):
+            LongestInput.longest = max(LongestInput.longest, *map(len, texts))
+            return tokenizer.encode_batch(texts, **kwargs)
+
+    train, stats = load(tmp_path, LongestInput(), rows, max_seq_length=64, format="input_output")
+    assert LongestInput.longest < 20_000  # of 4,000,000 characters
+    assert stats.truncated == 1 and len(train) == 2 and len(train[0]) == 64 and len(train[1]) < 64
+    prompt = "Continue this: "
+    ids, labels = oracle(hf_tokenizer, prompt + huge[:5000], [(len(prompt), len(prompt) + 5000)])
+    assert (train[0].input_ids, train[0].labels) == (ids[:64], labels[:64])

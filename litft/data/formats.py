@@ -226,9 +226,57 @@ def encode_segments(tokenizer: Any, segments: Segments, bos: Optional[bool] = No
     return encode_segments_batch(tokenizer, [segments], bos)[0]
 
 
-def encode_segments_batch(tokenizer: Any, rows: list[Segments], bos: Optional[bool] = None
-                          ) -> list[tuple[list[int], list[bool]]]:
-    """:func:`encode_segments` for many rows, with one (parallel) ``encode_batch`` call when the tokenizer has it."""
+# a row longer than this many characters per token of ``max_tokens`` is tokenized from a prefix of its text
+_CHARS_PER_TOKEN = 8
+
+
+def _cut(segments: Segments, chars: int) -> Segments:
+    """The segments of the first ``chars`` characters of the row."""
+    out: Segments = []
+    for text, trained in segments:
+        if chars <= 0:
+            break
+        out.append((text[:chars], trained))
+        chars -= len(text)
+    return out
+
+
+def _encode_long(tokenizer: Any, segments: Segments, bos: Optional[bool], max_tokens: int
+                 ) -> tuple[list[int], list[bool]]:
+    """The first ``max_tokens`` ids and flags of a very long row, tokenizing only a prefix of its text.
+
+    Cutting the text can change the tokens near the cut, never the ones far before it: the text is cut at ``c`` and
+    at ``2c`` characters, and the first ``max_tokens`` tokens are taken once both cuts agree on them (``c`` doubles
+    until they do; at the latest the second cut is the whole row). Inner segment boundaries before the cut are the
+    same texts as without it, so the flags agree too.
+    """
+    total = sum(len(text) for text, _ in segments)
+    chars = max_tokens * _CHARS_PER_TOKEN
+    while True:
+        (short_ids, short_flags), (long_ids, long_flags) = encode_segments_batch(
+            tokenizer, [_cut(segments, chars), _cut(segments, 2 * chars)], bos)
+        if 2 * chars >= total or (len(short_ids) >= max_tokens and short_ids[:max_tokens] == long_ids[:max_tokens]
+                                  and short_flags[:max_tokens] == long_flags[:max_tokens]):
+            return long_ids[:max_tokens], long_flags[:max_tokens]
+        chars *= 2
+
+
+def encode_segments_batch(tokenizer: Any, rows: list[Segments], bos: Optional[bool] = None,
+                          max_tokens: Optional[int] = None) -> list[tuple[list[int], list[bool]]]:
+    """:func:`encode_segments` for many rows, with one (parallel) ``encode_batch`` call when the tokenizer has it.
+
+    With ``max_tokens`` (the caller keeps no more), a row of more than ``2 * _CHARS_PER_TOKEN * max_tokens``
+    characters is tokenized from a prefix of its text (see :func:`_encode_long`), so one huge row costs what
+    ``max_tokens`` allows; it gives exactly ``max_tokens`` ids, the first ``max_tokens`` of the whole row's ids.
+    Shorter rows are tokenized whole.
+    """
+    if max_tokens is not None:
+        limit = 2 * _CHARS_PER_TOKEN * max_tokens
+        long = {i for i, segments in enumerate(rows) if sum(len(text) for text, _ in segments) > limit}
+        if long:
+            short = iter(encode_segments_batch(tokenizer, [r for i, r in enumerate(rows) if i not in long], bos))
+            return [_encode_long(tokenizer, r, bos, max_tokens) if i in long else next(short)
+                    for i, r in enumerate(rows)]
     fulls = ["".join(text for text, _ in segments) for segments in rows]
     prefixes: list[str] = []  # the text up to every inner segment boundary
     for segments, full in zip(rows, fulls):
