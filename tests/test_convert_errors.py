@@ -320,3 +320,17 @@ def test_unsupported_rope_settings_are_refused_naming_the_key(tmp_path, tiny_lla
     with pytest.raises(ValueError, match=f"config.json: .*{message}"):
         convert_from_hf(hf_dir, out)
     _assert_nothing_written(out)
+
+
+def test_max_shard_size_forms(tmp_path, tiny_llama_native):
+    from litft.weights import parse_size
+
+    assert [parse_size(s) for s in ("5GB", "500MB", "2GiB", "1.5KB", " 20 kb ", "1000", 1000)] == \
+        [5 * 10**9, 500 * 10**6, 2 * 2**30, 1500, 20_000, 1000, 1000]
+    for bad in ("lots", "5 GBs", "-1MB", "0", "inf", "", "1e3"):
+        with pytest.raises(ValueError, match=r"--max_shard_size .* is invalid: expected .* e\.g\. 5GB, 500MB, 2GiB"):
+            parse_size(bad)
+    out = tmp_path / "hf"
+    with pytest.raises(ValueError, match=r"--max_shard_size 'lots' is invalid"):  # was "invalid literal for int()"
+        convert_to_hf(tiny_llama_native, out, max_shard_size="lots")
+    _assert_nothing_written(out)
