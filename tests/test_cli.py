@@ -147,3 +147,14 @@ def test_bad_config_file_ends_in_one_line_naming_the_field(tiny_llama_native, tm
     last_line = err.rstrip().splitlines()[-1]
     assert last_line.startswith("error: ") and message.format(config=config) in last_line, err
     assert "<unicode string>" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stop, message", [
+    ('["\\n"', "--stop '[\"\\\\n\"' looks like a JSON list but does not parse (Expecting ',' delimiter at column 6)"),
+    ("[1, 2]", "--stop '[1, 2]' must be a list of strings"),
+])
+def test_malformed_stop_list_is_refused_not_used_as_a_literal(tiny_llama_native, capsys, stop, message):
+    from tests.inprocess_cli import litft_error
+
+    err = litft_error(capsys, "generate", tiny_llama_native, "--prompt", "hi", "--max_new_tokens", 2, "--stop", stop)
+    assert err.startswith("litft generate: error: ") and message in err and err.count("\n") == 1, err

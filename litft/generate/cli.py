@@ -75,7 +75,7 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or ())
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=_stop_list(stop))
     rows = _read_input(Path(input), prompt_field, id_field) if input is not None else None
     llm = LLM.load(checkpoint, device=device, precision=precision, quantize=quantize, compile=compile,
                    max_seq_length=max_seq_length)
@@ -117,6 +117,20 @@ def _encode(llm: Any, prompt: Any, use_template: bool, source: str) -> list[int]
     if use_template:
         return llm.encode_chat([{"role": "user", "content": prompt}])
     return llm.encode(prompt)
+
+
+def _stop_list(stop: Union[list[str], str, None]) -> Union[list[str], str]:
+    """--stop as given: a string, or a list (jsonargparse parsed a JSON list). A string starting with ``[`` is a JSON
+    list that did not parse as one (``'["\\n"'``): refused, never used as a literal stop string."""
+    if not isinstance(stop, str) or not stop.lstrip().startswith("["):
+        return stop or []
+    example = "e.g. --stop '[\"\\n\\n\", \"Question:\"]'"
+    try:
+        value = json.loads(stop)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--stop {stop!r} looks like a JSON list but does not parse ({e.msg} at column {e.colno}): "
+                         f"give a JSON list of strings ({example}) or one stop string") from None
+    raise ValueError(f"--stop {stop!r} must be a list of strings, got {value!r} ({example})")
 
 
 def _read_input(path: Path, prompt_field: str, id_field: str) -> list[tuple[Any, Any, str]]:
