@@ -514,6 +514,21 @@ def test_bad_input_errors_name_the_file_and_line(tmp_path, tokenizer, bpe_dir):
         load_datasets(DataArgs(train_path=path, val_split_fraction=0), tokenizer, 64)
 
 
+def test_chat_roles_are_those_the_server_accepts(tmp_path, tokenizer):
+    """A role such as "wizard" trained silently while chat/generate/serve refuse it: refused naming file, line and
+    the allowed roles, one definition for both."""
+    from litft.generate.chat import check_messages
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION},
+                                                 {"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "wizard", "content": "poof"}]}])
+    with pytest.raises(ValueError, match=r"chat\.jsonl:2: message 1 has role 'wizard': expected one of system, "
+                                         r"user, assistant, tool"):
+        load_datasets(DataArgs(train_path=path, val_split_fraction=0), tokenizer, 256)
+    with pytest.raises(ValueError, match=r"role 'wizard' is invalid: expected one of system, user, assistant, tool"):
+        check_messages([{"role": "wizard", "content": "poof"}])
+
+
 def test_chat_data_without_chat_template_is_refused(tmp_path, bpe_dir):
     from litft.tokenizer import Tokenizer
     from tests.fixtures_tokenizers import copy_checkpoint

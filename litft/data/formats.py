@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from litft.data import DataArgs
 
 FORMATS = ("auto", "alpaca", "instruction", "input_output", "text", "template", "chat")
+# the message roles of a conversation, in training data as in `litft chat`, LLM.chat and the server's
+# /v1/chat/completions (which also takes OpenAI's "developer" as "system")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 PROMPT_STYLES = ("alpaca", "plain")
 
 Segments = list[tuple[str, bool]]
@@ -166,6 +169,9 @@ def chat_messages(data: "DataArgs", record: Record) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{record.source}: message {i} must be an object with 'role' and 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(f"{record.source}: message {i} has role {message['role']!r}: expected one of "
+                             f"{', '.join(CHAT_ROLES)} (the roles chat, generate and serve accept)")
     return messages
 
 

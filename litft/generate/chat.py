@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, TextIO
 
+from litft.data.formats import CHAT_ROLES as ROLES
 from litft.generate.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from litft.api import LLM
-
-ROLES = ("system", "user", "assistant", "tool")
 
 HELP = ("Type a message and press Enter. End a line with \\ to continue on the next line. "
         "Ctrl-C stops a reply; /reset clears the history, /exit, Ctrl-D or Ctrl-C at the prompt leaves.")
