@@ -94,7 +94,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     while True:
         if not argv or argv[0] in ("-h", "--help"):
             print(_usage(path, table))
-            return
+            if not (argv and DEFAULT in table):
+                return
+            # `litft evaluate --help`: the default leaf's options too (its own --help, below the command table)
+            print(f"\n{DEFAULT_LABEL}: litft {' '.join(path)} [arguments]\n")
+            entry = table[DEFAULT]
+            break
         if argv[0] not in table and DEFAULT in table:
             entry = table[DEFAULT]  # e.g. `litft evaluate <checkpoint> --tasks ...`: argv is all the leaf's
             break

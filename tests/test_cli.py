@@ -158,3 +158,13 @@ def test_malformed_stop_list_is_refused_not_used_as_a_literal(tiny_llama_native,
 
     err = litft_error(capsys, "generate", tiny_llama_native, "--prompt", "hi", "--max_new_tokens", 2, "--stop", stop)
     assert err.startswith("litft generate: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_help_of_a_table_with_a_default_leaf_shows_its_options():
+    """`litft evaluate --help` lists the subcommands and the default leaf's options (they were only found with
+    `litft evaluate X --help`)."""
+    r = litft("evaluate", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "accuracy" in r.stdout  # the subcommands
+    for option in ("--tasks", "--include_path", "--num_fewshot", "--apply_chat_template"):
+        assert option in r.stdout, option
