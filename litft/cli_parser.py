@@ -19,12 +19,29 @@ from jsonargparse import ArgumentParser, Namespace, get_loader, set_loader
 PARSER_MODE = "litft_yaml"
 # the --config file being read, as the user gave it (jsonargparse hands its loader the text and the base name only)
 _config_file: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("litft_config_file", default=None)
+# the dotted keys a --config file sets to null (a required argument left out and one given null look alike after
+# parsing: both are None)
+_config_nulls: contextvars.ContextVar[Optional[set[str]]] = contextvars.ContextVar("litft_config_nulls", default=None)
+
+
+def _null_keys(value: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, item in value.items():
+        if item is None:
+            keys.add(f"{prefix}{key}")
+        elif isinstance(item, dict):
+            keys |= _null_keys(item, f"{prefix}{key}.")
+    return keys
 
 
 def _load_yaml(text: str) -> Any:
     """jsonargparse's YAML loader, whose syntax errors name the config file and the line instead of the string."""
     try:
-        return get_loader("yaml")(text)
+        value = get_loader("yaml")(text)
+        nulls = _config_nulls.get()
+        if nulls is not None and isinstance(value, dict):
+            nulls |= _null_keys(value)
+        return value
     except yaml.MarkedYAMLError as e:
         source = _config_file.get() or "the value"
         mark = e.problem_mark or e.context_mark
@@ -55,13 +72,17 @@ class Parser(ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_mode", PARSER_MODE)
         super().__init__(*args, **kwargs)
+        self._config_nulls: set[str] = set()
 
     def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Namespace:
-        token = _config_file.set(str(path))
+        nulls: set[str] = set()
+        file_token, nulls_token = _config_file.set(str(path)), _config_nulls.set(nulls)
         try:
             return super().parse_path(path, *args, **kwargs)
         finally:
-            _config_file.reset(token)
+            _config_file.reset(file_token)
+            _config_nulls.reset(nulls_token)
+            self._config_nulls |= nulls
 
     def validate(self, namespace: Namespace, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("branch") is None and not args[2:3]:
@@ -90,8 +111,10 @@ class Parser(ArgumentParser):
         for key, value in namespace.items():
             action = actions.get(key)
             hint = getattr(action, "_typehint", None)
-            if value is not None or hint is None or not (action.required or action.default is not None):
+            if value is not None or hint is None:
                 continue
+            if not (key in self._config_nulls if action.required else action.default is not None):
+                continue  # a required argument not given at all: jsonargparse's "required" message
             if hint in (Any, object, type(None)) or type(None) in get_args(hint) or None in get_args(hint):
                 continue
             raise TypeError(f'Parser key "{key}": null is not allowed here (expected {_type_name(hint)})')

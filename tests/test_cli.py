@@ -149,6 +149,15 @@ def test_bad_config_file_ends_in_one_line_naming_the_field(tiny_llama_native, tm
     assert "<unicode string>" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_required_argument_left_out_is_still_reported_as_required(tiny_llama_native, tmp_path, capsys):
+    from tests.inprocess_cli import litft as litft_inprocess
+
+    with pytest.raises(SystemExit) as e:
+        litft_inprocess("convert", "to_hf", tiny_llama_native)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == "error: the following arguments are required: out_dir"
+
+
 @pytest.mark.parametrize("stop, message", [
     ('["\\n"', "--stop '[\"\\\\n\"' looks like a JSON list but does not parse (Expecting ',' delimiter at column 6)"),
     ("[1, 2]", "--stop '[1, 2]' must be a list of strings"),
