@@ -145,6 +145,10 @@ class LLM:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.quantize = quantize
         self.engine = Engine(model, tokenizer, max_seq_length=max_seq_length, compile=compile)
+        from litft.data.formats import PromptFormat
+
+        # how the run that wrote this checkpoint rendered its rows (None for a checkpoint that is not a run's)
+        self.prompt_format: Optional[PromptFormat] = PromptFormat.load(self.checkpoint_dir)
 
     @property
     def device(self) -> torch.device:
@@ -190,6 +194,19 @@ class LLM:
         if not prompt:
             raise ValueError("the prompt is empty")
         return self.tokenizer.encode(prompt)
+
+    def format_prompt(self, prompt: str) -> str:
+        """``prompt`` rendered as the run that wrote this checkpoint rendered its rows' prompts (``prompt_format``:
+        an Alpaca run's prompt around an instruction, a template run's template, ...), for :meth:`generate`, which
+        takes text as it is; unchanged for a checkpoint that is not a run's output. A chat run was trained on chat
+        messages: use :meth:`chat`."""
+        if self.prompt_format is None:
+            return prompt
+        rendered = self.prompt_format.text_prompt(prompt)
+        if rendered is None:
+            raise ValueError(f"{self.checkpoint_dir} was trained on chat messages: use llm.chat([{{'role': 'user', "
+                             "'content': ...}]) (its chat template), not a formatted prompt")
+        return rendered
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         from litft.generate.chat import check_messages
@@ -318,6 +335,8 @@ class LLM:
             save_model(self.model, tmp)
             self.config.save(tmp)
             copy_tokenizer_files(self.checkpoint_dir, tmp)
+            if self.prompt_format is not None:
+                self.prompt_format.save(tmp)
             if not (tmp / "generation_config.json").is_file():
                 write_generation_config(self.config, tmp)
         return Path(out_dir)

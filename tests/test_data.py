@@ -579,8 +579,8 @@ def test_text_files_must_be_utf8_and_a_bom_is_accepted_everywhere(tmp_path, toke
         "train.json": lambda p: [s.input_ids for s in load_datasets(DataArgs(train_path=p, val_split_fraction=0,
                                                                              format="input_output"),
                                                                     tokenizer, 64)[0]],
-        "prompts.txt": lambda p: [prompt for _, prompt, _ in _read_input(p, "prompt", "id")],
-        "prompts.jsonl": lambda p: [prompt for _, prompt, _ in _read_input(p, "text", "id")],
+        "prompts.txt": lambda p: [row[1] for row in _read_input(p, "prompt", "id")],
+        "prompts.jsonl": lambda p: [row[1] for row in _read_input(p, "text", "id")],
         "docs.txt": read_documents,
         "docs.jsonl": read_documents,
     }

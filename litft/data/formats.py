@@ -26,7 +26,11 @@ row's keys.
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
+
+import yaml
 
 from litft.data.loader import Record
 
@@ -104,23 +108,59 @@ def _field(record: Record, name: str, required: bool = True, what: str = "") -> 
     return str(value)
 
 
+def _output_placeholder(data: "DataArgs") -> "re.Match[str]":
+    template = data.template
+    assert template is not None
+    match = next((m for m in PLACEHOLDER.finditer(template) if m.group(1) == data.output_field), None)
+    if match is None:
+        raise ValueError(
+            f"data.template has no {{{{{data.output_field}}}}} placeholder and data.response_template is not set: "
+            f"cannot tell where the response starts"
+        )
+    return match
+
+
+def _fill(template: str, record: Record, blank: tuple[str, ...] = ()) -> str:
+    """``template`` with its {{field}} placeholders filled from the row (fields in ``blank`` may be missing: "")."""
+    return PLACEHOLDER.sub(lambda m: _field(record, m.group(1), required=m.group(1) not in blank,
+                                            what=" used by the template"), template)
+
+
+def _is_src_tgt(fmt: str, data: "DataArgs", record: Record) -> bool:
+    return fmt == "instruction" and "src" in record.data and data.instruction_field not in record.data
+
+
+def _prompt_text(fmt: str, data: "DataArgs", record: Record) -> str:
+    """The prompt of an alpaca, instruction, input_output or template (``{{output}}``) row: the text before its
+    response, as training renders it and as inference must give it to the model."""
+    if fmt in ("alpaca", "instruction"):
+        if _is_src_tgt(fmt, data, record):
+            return _field(record, "src")
+        style = "alpaca" if fmt == "alpaca" else data.prompt_style
+        return format_prompt(_field(record, data.instruction_field), _field(record, data.input_field, required=False),
+                             style)
+    if fmt == "input_output":
+        return _field(record, data.input_field)
+    if fmt == "template":
+        return _fill(data.template[: _output_placeholder(data).start()], record)  # type: ignore[index]
+    raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
 def render_segments(fmt: str, data: "DataArgs", record: Record) -> Segments:
     """Row → prompt/response segments for every format except ``chat`` (see :func:`chat_segments`)."""
-    if fmt in ("alpaca", "instruction"):
-        if fmt == "instruction" and "src" in record.data and data.instruction_field not in record.data:
-            return [(_field(record, "src"), False), (_field(record, "tgt"), True)]
-        style = "alpaca" if fmt == "alpaca" else data.prompt_style
-        prompt = format_prompt(
-            _field(record, data.instruction_field), _field(record, data.input_field, required=False), style
-        )
-        return [(prompt, False), (_field(record, data.output_field), True)]
-    if fmt == "input_output":
-        return [(_field(record, data.input_field), False), (_field(record, data.output_field), True)]
     if fmt == "text":
         return _split_at_response_template(_field(record, data.text_field), data.response_template, record)
+    if fmt == "template" and data.response_template is not None:
+        # fms-hf-tuning style: render the whole row, then split at the marker
+        return _split_at_response_template(_fill(data.template, record), data.response_template,  # type: ignore
+                                           record)
+    prompt = _prompt_text(fmt, data, record)
     if fmt == "template":
-        return _render_template(data, record)
-    raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        after = _fill(data.template[_output_placeholder(data).end():], record)  # type: ignore[index]
+        return [(prompt, False), (_field(record, data.output_field, what=" used by the template"), True),
+                (after, True)]
+    response = _field(record, "tgt") if _is_src_tgt(fmt, data, record) else _field(record, data.output_field)
+    return [(prompt, False), (response, True)]
 
 
 def _split_at_response_template(text: str, response_template: Optional[str], record: Record) -> Segments:
@@ -135,24 +175,87 @@ def _split_at_response_template(text: str, response_template: Optional[str], rec
     return [(text[:end], False), (text[end:], True)]
 
 
-def _render_template(data: "DataArgs", record: Record) -> Segments:
-    template = data.template
-    assert template is not None
+# ---------------------------------------------------------------------------------------------- inference
 
-    def fill(part: str) -> str:
-        return PLACEHOLDER.sub(lambda m: _field(record, m.group(1), what=" used by the template"), part)
+PROMPT_FORMAT_FILE = "prompt_format.yaml"
 
-    if data.response_template is not None:  # fms-hf-tuning style: render the whole row, then split at the marker
-        return _split_at_response_template(fill(template), data.response_template, record)
-    match = next((m for m in PLACEHOLDER.finditer(template) if m.group(1) == data.output_field), None)
-    if match is None:
-        raise ValueError(
-            f"data.template has no {{{{{data.output_field}}}}} placeholder and data.response_template is not set: "
-            f"cannot tell where the response starts"
-        )
-    return [(fill(template[: match.start()]), False),
-            (_field(record, data.output_field, what=" used by the template"), True),
-            (fill(template[match.end():]), True)]
+
+@dataclass
+class PromptFormat:
+    """How a run rendered its rows, written to its ``final/`` (:data:`PROMPT_FORMAT_FILE`) so that generation gives
+    the model its prompts exactly as training did. ``format`` is the resolved data format (never "auto"); the other
+    fields are the run's ``data.*`` settings of the same names ("chat": the checkpoint's own chat template)."""
+
+    format: str
+    prompt_style: str = "alpaca"
+    template: Optional[str] = None
+    response_template: Optional[str] = None
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+
+    @classmethod
+    def of(cls, fmt: str, data: Any) -> "PromptFormat":
+        """The rendering of a run with data arguments ``data`` whose rows resolved to format ``fmt``."""
+        return cls(format=fmt, **{f.name: getattr(data, f.name) for f in fields(cls) if f.name != "format"})
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / PROMPT_FORMAT_FILE).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def load(cls, directory: Optional[Path]) -> Optional["PromptFormat"]:
+        """The rendering recorded in a checkpoint folder; None when it has none (not a run's output)."""
+        path = None if directory is None else Path(directory) / PROMPT_FORMAT_FILE
+        if path is None or not path.is_file():
+            return None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or data.get("format") not in FORMATS[1:] or set(data) - known:
+            raise ValueError(f"{path}: expected the mapping a run writes: format (one of {', '.join(FORMATS[1:])}) "
+                             f"and {', '.join(sorted(known - {'format'}))}")
+        return cls(**data)
+
+    def text_prompt(self, text: str) -> Optional[str]:
+        """A plain prompt rendered as the run rendered its rows' prompts: the instruction of an alpaca/instruction
+        run, the input of an input_output run, the one field of a template's prompt part; None for a chat run
+        (the caller applies the chat template)."""
+        if self.format == "chat":
+            return None
+        if self.format in ("alpaca", "instruction"):
+            return format_prompt(text, "", "alpaca" if self.format == "alpaca" else self.prompt_style)
+        if self.format == "input_output":
+            return text
+        if self.format == "text":
+            return text if self.response_template is None or self.response_template in text \
+                else text + self.response_template
+        assert self.template is not None
+        prompt_part = self.template if self.response_template is not None \
+            else self.template[: _output_placeholder(self).start()]  # type: ignore[arg-type]
+        names = {m.group(1) for m in PLACEHOLDER.finditer(prompt_part)} - {self.output_field}
+        if len(names) != 1:
+            raise ValueError(f"the run's template {self.template!r} takes the fields {', '.join(sorted(names))}: a "
+                             "plain prompt fills only one; give rows with those fields (generate --input)")
+        return self.row_prompt(Record({names.pop(): text}, "the prompt"))[0]
+
+    def row_prompt(self, record: Record) -> tuple[str, Optional[str]]:
+        """(prompt, reference) of a training-format row (not chat): the prompt exactly as training rendered it and
+        the row's response when it has one (None otherwise)."""
+        fmt = self.format
+        if fmt == "text":
+            text = _field(record, self.text_field)
+            if self.response_template is None:
+                return text, None
+            prompt, response = _split_at_response_template(text, self.response_template, record)
+            return prompt[0], response[0] or None
+        if fmt == "template" and self.response_template is not None:
+            text = _fill(self.template, record, blank=(self.output_field,))  # type: ignore[arg-type]
+            prompt, _ = _split_at_response_template(text, self.response_template, record)
+            return prompt[0], _field(record, self.output_field, required=False) or None
+        reference_field = "tgt" if _is_src_tgt(fmt, self, record) else self.output_field  # type: ignore[arg-type]
+        return (_prompt_text(fmt, self, record),  # type: ignore[arg-type]
+                _field(record, reference_field, required=False) or None)
 
 
 # ---------------------------------------------------------------------------------------------- chat
