@@ -88,6 +88,16 @@ def test_alpaca_run_generates_from_rows_rendered_as_in_training(long_context_lla
           "--chat_template", "false")
     assert capsys.readouterr().out == llm.generate("Repeat owl", max_new_tokens=4) + "\n"
 
+    # `litft chat` of this run: each message alone, in the run's prompt format (not the chat template)
+    from litft.generate.chat import ChatSession
+    from litft.generate.sampling import SamplingParams
+
+    session = ChatSession(llm, SamplingParams(max_new_tokens=4))
+    assert "".join(session.send("Repeat owl")) == llm.generate(format_prompt("Repeat owl"), max_new_tokens=4)
+    assert "".join(session.send("Repeat cat")) == llm.generate(format_prompt("Repeat cat"), max_new_tokens=4)
+    with pytest.raises(ValueError, match="was trained on 'alpaca' rows, which have none"):
+        ChatSession(llm, SamplingParams(), system="Be brief.")
+
     # the file scores directly: its own references
     litft("evaluate", "accuracy", "--generations", tmp_path / "generations.jsonl", "--extract", "exact",
           "--out", tmp_path / "accuracy.json")

@@ -321,7 +321,9 @@ def chat(
     device: str = "auto",
     compile: bool = False,
 ) -> None:
-    """Chat with a model in the terminal, using its chat template; the reply is streamed.
+    """Chat with a model in the terminal, using its chat template; the reply is streamed. A fine-tune run trained on
+    prompt/response rows (alpaca, instruction, template, ...) answers each message alone, rendered as its training
+    prompts were (``final/prompt_format.yaml``), without history.
 
     Type a message and press Enter; end a line with a backslash (\\) to continue the message on the next line.
     Ctrl-C stops a reply (it is left out of the history); /reset clears the history; /exit, Ctrl-D or Ctrl-C at
@@ -350,7 +352,8 @@ def chat(
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     llm = LLM.load(checkpoint, device=device, precision=precision, quantize=quantize, compile=compile,
                    max_seq_length=max_seq_length)
-    if not _has_chat_template(llm.tokenizer):
+    session = ChatSession(llm, params, system)
+    if not session.single_turn and not _has_chat_template(llm.tokenizer):
         raise ValueError(f"{checkpoint} has no chat template (chat_template in tokenizer_config.json or "
                          f"chat_template.jinja); use `litft generate {checkpoint} --prompt ...` instead")
-    chat_loop(ChatSession(llm, params, system))
+    chat_loop(session)
