@@ -208,10 +208,19 @@ class LLM:
                              "'content': ...}]) (its chat template), not a formatted prompt")
         return rendered
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], chat_template: Optional[bool] = None) -> list[int]:
+        """Ids of a conversation for the model to answer: with the chat template or, for a run trained on
+        prompt/response rows (``prompt_format``, not chat; ``chat_template=None``), its one user message rendered
+        as the run rendered prompts (such a model knows no system messages or history: those are refused).
+        ``chat_template=True`` always uses the chat template."""
         from litft.generate.chat import check_messages
 
         check_messages(messages)
+        if chat_template is None and self.prompt_format is not None and self.prompt_format.format != "chat":
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise ValueError(f"this model was trained on {self.prompt_format.format!r} rows (prompt and "
+                                 "response), not on conversations: give it one user message")
+            return self.encode(self.format_prompt(messages[0]["content"]))
         return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True)
 
     def generate(
@@ -244,7 +253,7 @@ class LLM:
         stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None, stream: bool = False,
     ) -> Union[str, Iterator[str]]:
         """The assistant's reply to ``messages`` (``[{"role": "user", "content": ...}, ...]``), formatted with
-        the checkpoint's chat template."""
+        the checkpoint's chat template (a run trained on prompt/response rows: see :meth:`encode_chat`)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or ())
         return self._complete(self.encode_chat(messages), params, stream, truncate=False)

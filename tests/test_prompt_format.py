@@ -97,6 +97,21 @@ def test_alpaca_run_generates_from_rows_rendered_as_in_training(long_context_lla
     assert "".join(session.send("Repeat cat")) == llm.generate(format_prompt("Repeat cat"), max_new_tokens=4)
     with pytest.raises(ValueError, match="was trained on 'alpaca' rows, which have none"):
         ChatSession(llm, SamplingParams(), system="Be brief.")
+    # LLM.chat (and the server's /v1/chat/completions, which encodes with LLM.encode_chat) alike
+    assert llm.chat([{"role": "user", "content": "Repeat owl"}], max_new_tokens=4) == \
+        llm.generate(format_prompt("Repeat owl"), max_new_tokens=4)
+    with pytest.raises(ValueError, match="trained on 'alpaca' rows .* give it one user message"):
+        llm.encode_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "Repeat owl"}])
+
+    # `litft serve` of this run: a chat completion is the run's rendering of the user message (official client)
+    pytest.importorskip("openai")
+    from litft.serve.app import create_app
+    from tests.test_serve import ThreadServer
+
+    with ThreadServer(create_app(llm, "run", max_batch_size=2, max_queue=4)) as server:
+        reply = server.client().chat.completions.create(
+            model="run", messages=[{"role": "user", "content": "Repeat owl"}], max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content == llm.generate(format_prompt("Repeat owl"), max_new_tokens=4)
 
     # the file scores directly: its own references
     litft("evaluate", "accuracy", "--generations", tmp_path / "generations.jsonl", "--extract", "exact",

@@ -55,7 +55,7 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": text}]
         if self.single_turn:  # each message alone, as the run's rows rendered their prompts
             messages = []
-            ids = self.llm.encode(self.llm.format_prompt(text))
+            ids = self.llm.encode_chat([{"role": "user", "content": text}])
             limit = self.llm.engine.max_seq_length - self.params.max_new_tokens
             if len(ids) > limit:
                 raise ValueError(f"the message is {len(ids)} tokens in the run's prompt format, more than the "

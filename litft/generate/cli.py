@@ -117,13 +117,19 @@ def _encode(llm: Any, prompt: Any, rendering: str, source: str) -> tuple[list[in
     """(ids, the text the model is given) of a prompt: chat messages with the chat template, a row already rendered
     as it is, a string as ``rendering`` says ("run": the run's prompt format, "chat": a user message in the chat
     template, "raw": as it is)."""
-    if isinstance(prompt, list):  # chat messages
+    if isinstance(prompt, list):  # chat messages: the chat template, or a prompt/response run's own rendering
+        if rendering == "run":
+            try:
+                return llm.encode_chat(prompt), llm.format_prompt(prompt[0]["content"])
+            except (ValueError, LookupError, TypeError) as e:
+                raise ValueError(f"{source}: {e}") from None
         if not _has_chat_template(llm.tokenizer):
             raise ValueError(f"{source}: the prompt is a list of chat messages but the checkpoint has no chat template")
         try:
-            return llm.encode_chat(prompt), llm.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            ids = llm.encode_chat(prompt, chat_template=True)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
+        return ids, llm.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     if not isinstance(prompt, str):
         raise ValueError(f"{source}: the prompt must be a string or a list of chat messages, got "
                          f"{type(prompt).__name__}")
