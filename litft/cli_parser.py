@@ -4,7 +4,8 @@ It is jsonargparse's own parser with three of its reports made readable, in this
 a YAML syntax error in a ``--config`` file names that file (not ``"<unicode string>"``) and the line; a group of
 options given a scalar in a config file (``train: 5``) is refused naming the group instead of failing later in
 instantiation with a ``TypeError``; and a ``null`` given to an option that does not take one is reported as such,
-nor skipped until the command fails on it. Every parse error then ends in one line (``error: ...``) after the usage.
+not as a missing argument (a required one) nor let through until the command fails on it. Every parse error then
+ends in one line (``error: ...``) after the usage.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Parser(ArgumentParser):
             self._config_nulls |= nulls
 
     def validate(self, namespace: Namespace, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("branch") is None and not args[2:3]:
+        branch = args[2] if len(args) > 2 else kwargs.get("branch")  # (validate(namespace, skip_unset, ..., branch))
+        if branch is None:  # the whole config (not a subcommand's branch)
             self._check_groups_are_mappings(namespace)
             self._check_nulls(namespace)
         super().validate(namespace, *args, **kwargs)
