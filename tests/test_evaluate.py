@@ -222,9 +222,11 @@ def test_list_and_unknown_tasks(tiny: dict[str, Path], capsys: pytest.CaptureFix
     from litft.cli import main
     from litft.evaluate.harness import evaluate
 
-    main(["evaluate", "--help"])  # the sub-table: its default leaf and the subcommands
+    with pytest.raises(SystemExit) as exit_info:  # the sub-table: its subcommands, then its default leaf's --help
+        main(["evaluate", "--help"])
     usage = capsys.readouterr().out
-    assert "(default)" in usage and "perplexity" in usage and "accuracy" in usage
+    assert exit_info.value.code == 0 and "(default)" in usage and "perplexity" in usage and "accuracy" in usage
+    assert "--include_path" in usage
     include = ["--include_path", str(tiny["tasks"]), "--include_defaults", "false"]
     main(["evaluate", "--tasks", *include])  # a bare --tasks lists the tasks, no checkpoint needed
     listed = capsys.readouterr().out.splitlines()
