@@ -47,9 +47,9 @@ def generate(
             rows (its ``final/prompt_format.yaml``; else the format the row's keys show), its response (a chat
             row's last assistant turn) becoming the reference.
         output: with --input: JSONL file to append {"id", "prompt", "generation", "reference" (when the row has
-            one), "finish_reason", ...} rows to (``litft evaluate accuracy --references`` the same file
-            ``--answer_field reference`` scores it); rows whose id is already there are skipped, so an interrupted
-            run resumes where it stopped.
+            one), "finish_reason", ...} rows to (``litft evaluate accuracy --generations FILE`` scores them against
+            their references); rows whose id is already there are skipped, so an interrupted run resumes where it
+            stopped.
         prompt_field: field of each JSONL row holding the prompt (a string, or a list of chat messages).
         id_field: field of each JSONL row holding its id; rows without one are numbered from 0 in file order.
         batch_size: how many rows decode together (finished rows are replaced at once by waiting ones).
@@ -224,8 +224,8 @@ def _read_input(path: Path, prompt_field: str, id_field: str, prompt_format: Any
 
 
 def _read_text_prompts(path: Path) -> list[tuple[int, str, str, None]]:
-    """[(line number, prompt, source, None)] of a plain-text file with one prompt per line; blank lines are skipped (so the
-    ids, the line numbers, stay those of the file)."""
+    """[(line number, prompt, source, None)] of a plain-text file with one prompt per line; blank lines are skipped
+    (so the ids, the line numbers, stay those of the file)."""
     if not path.is_file():
         raise FileNotFoundError(f"--input {str(path)!r} does not exist" if not path.exists()
                                 else f"--input {str(path)!r} is not a file")
