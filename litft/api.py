@@ -164,6 +164,10 @@ class LLM:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.quantize = quantize
         self.engine = Engine(model, tokenizer, max_seq_length=max_seq_length, compile=compile)
+        from litft.data.formats import PromptFormat
+
+        # how the run that wrote this checkpoint rendered its rows (None for a checkpoint that is not a run's)
+        self.prompt_format: Optional[PromptFormat] = PromptFormat.load(self.checkpoint_dir)
 
     @property
     def device(self) -> torch.device:
@@ -213,14 +217,34 @@ class LLM:
             raise ValueError("the prompt is empty")
         return self.tokenizer.encode_batch([prompt])[0]
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of ``messages`` rendered with the checkpoint's chat template, ending with the header of the
-        assistant's turn (tokenized as :meth:`encode` does, without added special tokens)."""
+    def format_prompt(self, prompt: str) -> str:
+        """``prompt`` rendered as the run that wrote this checkpoint rendered its rows' prompts (``prompt_format``:
+        an Alpaca run's prompt around an instruction, a template run's template, ...), for :meth:`generate`, which
+        takes text as it is; unchanged for a checkpoint that is not a run's output. A chat run was trained on chat
+        messages: use :meth:`chat`."""
+        if self.prompt_format is None:
+            return prompt
+        rendered = self.prompt_format.text_prompt(prompt)
+        if rendered is None:
+            raise ValueError(f"{self.checkpoint_dir} was trained on chat messages: use llm.chat([{{'role': 'user', "
+                             "'content': ...}]) (its chat template), not a formatted prompt")
+        return rendered
+
+    def encode_chat(self, messages: Sequence[Message], chat_template: Optional[bool] = None) -> list[int]:
+        """Ids of a conversation for the model to answer: with the chat template or, for a run trained on
+        prompt/response rows (``prompt_format``, not chat; ``chat_template=None``), its one user message rendered
+        as the run rendered prompts (such a model knows no system messages or history: those are refused).
+        ``chat_template=True`` always uses the chat template."""
         from litft.generate.chat import check_messages
 
         check_messages(messages)
+        if chat_template is None and self.prompt_format is not None and self.prompt_format.format != "chat":
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise ValueError(f"this model was trained on {self.prompt_format.format!r} rows (prompt and "
+                                 "response), not on conversations: give it one user message")
+            return self.encode(self.format_prompt(messages[0]["content"]))
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-        return self.tokenizer.encode_batch([text], bos=False, eos=False)[0]
+        return self.tokenizer.encode_batch([text], bos=False, eos=False)[0]  # encode_batch releases the GIL
 
     def generate(
         self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 256, temperature: float = 0.0,
@@ -256,7 +280,8 @@ class LLM:
         logprobs: Optional[int] = None,
     ) -> Union[str, Iterator[str], Generation]:
         """The assistant's reply to ``messages`` (``[{"role": "user", "content": ...}, ...]``), formatted with
-        the checkpoint's chat template (a :class:`Generation` with ``logprobs``, as in :meth:`generate`)."""
+        the checkpoint's chat template (a run trained on prompt/response rows: see :meth:`encode_chat`; a
+        :class:`Generation` with ``logprobs``, as in :meth:`generate`)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or ())
         return self._complete(self.encode_chat(messages), params, stream, False, logprobs)
@@ -350,6 +375,8 @@ class LLM:
             save_model(self.model, tmp)
             self.config.save(tmp)
             copy_tokenizer_files(self.checkpoint_dir, tmp)
+            if self.prompt_format is not None:
+                self.prompt_format.save(tmp)
             if not (tmp / "generation_config.json").is_file():
                 write_generation_config(self.config, tmp)
         return Path(out_dir)

@@ -14,7 +14,8 @@ Every command that takes a checkpoint accepts a checkpoint card's name in place 
 llama3_2_1b@user``, ``litft finetune lora llama3_2_1b@user``, ``litft convert to_hf ...``, ``LLM.load(...)``);
 :class:`litft.Tokenizer` accepts a tokenizer card's name (or a checkpoint card's: its tokenizer). The ``@user``
 suffix may be left out when the name is unambiguous. A relative path in a card is relative to the card file.
-``litft assets ls`` lists the cards.
+``litft assets ls`` lists the cards; one whose folder is gone is listed as missing, and only using its name is
+an error.
 
 :func:`resolve_checkpoint` and :func:`resolve_tokenizer` are the one place names become paths.
 """
@@ -44,6 +45,9 @@ class AssetCard:
     checkpoint: Optional[Path] = None
     tokenizer: Optional[Path] = None
     description: str = ""
+    # why the card cannot be used now (its folder was deleted, moved or emptied): `assets ls` lists it as missing
+    # and warns; only asking for this card by name is an error
+    problem: Optional[str] = None
 
 
 def asset_dirs() -> list[Path]:
@@ -56,7 +60,8 @@ def asset_dirs() -> list[Path]:
 
 
 def load_cards(dirs: Optional[list[Path]] = None) -> dict[str, AssetCard]:
-    """All cards by name; a card with a missing path or a name used twice is an error naming the card file."""
+    """All cards by name. A malformed card file or a name used twice is an error naming the card file; a card
+    whose folder is missing (or holds no tokenizer) is kept with its ``problem``, so that the other cards work."""
     cards: dict[str, AssetCard] = {}
     for directory in dirs if dirs is not None else asset_dirs():
         if not directory.is_dir():
@@ -93,23 +98,24 @@ def _read_card_file(path: Path) -> list[AssetCard]:
         if doc.get("checkpoint") and doc.get("tokenizer"):
             raise ValueError(f"{where}: card {name!r} has both 'checkpoint' and 'tokenizer': a checkpoint carries "
                              "its own tokenizer; give the tokenizer its own card (separated by ---)")
-        paths = {}
-        for key in ("checkpoint", "tokenizer"):
-            if doc.get(key):
-                p = Path(str(doc[key])).expanduser()
-                if not p.is_absolute():
-                    p = (path.parent / p).resolve()
-                if not p.exists():
-                    raise ValueError(f"{where}: {key} path {p} of {name!r} does not exist")
-                if not p.is_dir():
-                    raise ValueError(f"{where}: {key} path {p} of {name!r} is a file: expected the folder holding "
-                                     f"the {key}")
-                if key == "tokenizer" and not any((p / f).is_file() for f in TOKENIZER_FILES):
-                    raise ValueError(f"{where}: tokenizer path {p} of {name!r} holds no "
-                                     f"{' or '.join(TOKENIZER_FILES)}")
-                paths[key] = p
-        cards.append(AssetCard(name=name, source=path, description=str(doc.get("description", "")), **paths))
+        key = "checkpoint" if doc.get("checkpoint") else "tokenizer"
+        target = Path(str(doc[key])).expanduser()
+        if not target.is_absolute():
+            target = (path.parent / target).resolve()
+        cards.append(AssetCard(name=name, source=path, description=str(doc.get("description", "")),
+                               problem=_path_problem(where, name, key, target), **{key: target}))
     return cards
+
+
+def _path_problem(where: str, name: str, key: str, target: Path) -> Optional[str]:
+    """Why the card's folder cannot be used (None when it can)."""
+    if not target.exists():
+        return f"{where}: {key} path {target} of {name!r} does not exist"
+    if not target.is_dir():
+        return f"{where}: {key} path {target} of {name!r} is a file: expected the folder holding the {key}"
+    if key == "tokenizer" and not any((target / f).is_file() for f in TOKENIZER_FILES):
+        return f"{where}: tokenizer path {target} of {name!r} holds no {' or '.join(TOKENIZER_FILES)}"
+    return None
 
 
 def find_card(name: str, cards: Optional[dict[str, AssetCard]] = None) -> Optional[AssetCard]:
@@ -144,6 +150,8 @@ def resolve_checkpoint(name_or_path: Union[str, Path]) -> Path:
     path, card = _card_for(name_or_path)
     if card is None:
         return path
+    if card.problem:
+        raise ValueError(card.problem)
     if card.checkpoint is None:
         raise ValueError(f"{card.source}: asset {card.name!r} names a tokenizer only, not a checkpoint: give this "
                          "command a card with a 'checkpoint:' path (litft assets ls lists them)")
@@ -156,11 +164,16 @@ def resolve_tokenizer(name_or_path: Union[str, Path]) -> Path:
     path, card = _card_for(name_or_path)
     if card is None:
         return path
+    if card.problem:
+        raise ValueError(card.problem)
     return card.tokenizer if card.tokenizer is not None else card.checkpoint  # type: ignore[return-value]
 
 
 def ls() -> None:
-    """List the asset cards in $LITFT_ASSET_DIR (or ~/.config/litft/assets/)."""
+    """List the asset cards in $LITFT_ASSET_DIR (or ~/.config/litft/assets/); a card whose folder is gone is
+    listed as missing, with a warning."""
+    import sys
+
     cards = load_cards()
     if not cards:
         print(f"no asset cards in {', '.join(map(str, asset_dirs()))} (a card is a YAML file with 'name:' and "
@@ -170,6 +183,8 @@ def ls() -> None:
     print(f"{'name':<{width}}{'kind':<12}path   (card file)")
     for name, card in sorted(cards.items()):
         target = card.checkpoint or card.tokenizer
-        kind = "checkpoint" if card.checkpoint else "tokenizer"
+        kind = "missing" if card.problem else "checkpoint" if card.checkpoint else "tokenizer"
         description = f"   {card.description}" if card.description else ""
         print(f"{name:<{width}}{kind:<12}{target}   ({card.source}){description}")
+    for card in sorted((c for c in cards.values() if c.problem), key=lambda c: c.name):
+        print(f"warning: {card.problem}", file=sys.stderr)

@@ -96,7 +96,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     while True:
         if not argv or argv[0] in ("-h", "--help"):
             print(_usage(path, table))
-            return
+            if not (argv and DEFAULT in table):
+                return
+            # `litft evaluate --help`: the default leaf's options too (its own --help, below the command table)
+            print(f"\n{DEFAULT_LABEL}: litft {' '.join(path)} [arguments]\n")
+            entry = table[DEFAULT]
+            break
         if argv[0] not in table and DEFAULT in table:
             entry = table[DEFAULT]  # e.g. `litft evaluate <checkpoint> --tasks ...`: argv is all the leaf's
             break
@@ -115,12 +120,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         table = entry
     from jsonargparse import CLI
 
+    from litft.cli_parser import Parser
+
     function = _load(entry[0])
     # a leaf may accept shorthand its signature cannot express (`litft evaluate --tasks` with no value, a
     # positional that may be left out): its function then carries `cli_argv(argv) -> argv`, applied before parsing
     argv = getattr(function, "cli_argv", lambda args: args)(argv)
     try:
-        CLI(function, args=argv, prog=" ".join(["litft", *path]), as_positional=True)
+        CLI(function, args=argv, prog=" ".join(["litft", *path]), as_positional=True, parser_class=Parser)
     except (LitftError, ValueError, RuntimeError, OSError) as e:
         # the one error boundary: litft's errors on bad input carry the file/field and what was expected, an OS
         # error its file and cause; each is one line (LITFT_DEBUG=1 shows the traceback)

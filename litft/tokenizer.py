@@ -165,7 +165,14 @@ def _compile_template(template: str) -> Any:
     env.globals["strftime_now"] = strftime_now
     env.globals["dict"] = TemplateDict()
     env.globals["namespace"] = TemplateNamespace
-    return env.from_string(template)
+    ast = env.parse(template)
+    for node in ast.find_all((jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
+                              jinja2.nodes.Extends)):
+        tag = {"Include": "include", "Import": "import", "FromImport": "from ... import", "Extends": "extends"}
+        raise jinja2.exceptions.TemplateSyntaxError(
+            f"{{% {tag[type(node).__name__]} %}} is not supported: a chat template must be self-contained "
+            "(transformers renders it with no template loader)", node.lineno)
+    return env.from_string(ast)
 
 
 def _plain(value: Any) -> Any:
@@ -198,15 +205,29 @@ def _plain(value: Any) -> Any:
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+def _template_line(error: BaseException) -> Optional[int]:
+    """The template line an error happened on: a syntax error's own, else the last template frame's."""
+    line = getattr(error, "lineno", None)
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
 def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                          tools: Optional[Sequence[Mapping[str, Any]]] = None,
-                         documents: Optional[Sequence[Mapping[str, Any]]] = None, **variables: Any) -> str:
+                         documents: Optional[Sequence[Mapping[str, Any]]] = None, source: str = "chat template",
+                         **variables: Any) -> str:
     """Render one conversation with a Jinja chat template exactly like ``transformers`` ``apply_chat_template``.
 
     Keys whose value is None are dropped from messages, reasoning given as ``thinking``/``reasoning`` is also
     exposed as ``reasoning_content`` (and vice versa), ``tools``/``documents`` are always defined (None when not
     given) and ``variables`` (special token strings, template kwargs) are visible to the template.
-    Raises :class:`ChatTemplateError` when the template calls ``raise_exception`` or fails.
+    Raises :class:`ChatTemplateError` naming ``source`` (the template's file) and the line when the template calls
+    ``raise_exception``, does not compile (``{% include %}``/``{% import %}``/``{% extends %}`` included: there is
+    nothing to load them from) or fails while rendering.
     """
     import jinja2
 
@@ -231,8 +252,14 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], a
             messages=chat, tools=_plain(tools), documents=_plain(documents),
             add_generation_prompt=add_generation_prompt, **_plain(variables),
         )
-    except jinja2.exceptions.TemplateError as e:
-        raise ChatTemplateError(f"chat template error: {e}") from e
+    except (jinja2.exceptions.TemplateError, ArithmeticError, AttributeError, LookupError, TypeError,
+            ValueError) as e:
+        # the template's own failures (raise_exception, syntax, undefined or wrong-typed values in its expressions)
+        line = _template_line(e)
+        where = f"{source}, line {line}" if line is not None else source
+        problem = (e.message or type(e).__name__) if isinstance(e, jinja2.exceptions.TemplateError) \
+            else f"{type(e).__name__}: {e}"
+        raise ChatTemplateError(f"{where}: {problem}") from e
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -611,6 +638,7 @@ class Tokenizer:
             self._head = [self.bos_id] if self.add_bos and self.bos_id is not None else []
             self._tail = [self.eos_id] if self.add_eos and self.eos_id is not None else []
 
+        self._template_files: dict[str, str] = {}  # template name → the file it came from, for error messages
         self.chat_templates: dict[str, str] = self._load_chat_templates(config)
         self.chat_template: Optional[str] = self.chat_templates.get("default")
         # strings the chat template sees as variables (transformers passes special_tokens_map)
@@ -687,25 +715,29 @@ class Tokenizer:
         templates: dict[str, str] = {}
         if (d / CHAT_TEMPLATE_FILE).is_file():
             templates["default"] = (d / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            self._template_files["default"] = str(d / CHAT_TEMPLATE_FILE)
         if (d / CHAT_TEMPLATE_DIR).is_dir():
             for f in sorted((d / CHAT_TEMPLATE_DIR).glob("*.jinja")):
                 templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+                self._template_files[f.name.removesuffix(".jinja")] = str(f)
         if templates:
             return templates
         value = config.get("chat_template")
         if isinstance(value, str):
-            return {"default": value}
-        if isinstance(value, list):
+            templates = {"default": value}
+        elif isinstance(value, list):
             try:
-                return {t["name"]: t["template"] for t in value}
+                templates = {t["name"]: t["template"] for t in value}
             except (TypeError, KeyError):
                 raise ValueError(f"{d / TOKENIZER_CONFIG}: 'chat_template' must be a string or a list of "
                                  "{name, template} objects") from None
-        if isinstance(value, Mapping):
-            return {str(k): str(v) for k, v in value.items()}
-        if value is not None:
+        elif isinstance(value, Mapping):
+            templates = {str(k): str(v) for k, v in value.items()}
+        elif value is not None:
             raise ValueError(f"{d / TOKENIZER_CONFIG}: 'chat_template' must be a string")
-        return {}
+        for name in templates:
+            self._template_files[name] = f"{d / TOKENIZER_CONFIG} (chat_template {name!r})"
+        return templates
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -810,11 +842,10 @@ class Tokenizer:
         template = self._resolve_template(chat_template, tools)
         variables = {**self._template_tokens, **kwargs}
         documents = variables.pop("documents", None)
-        try:
-            return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                        documents=documents, **variables)
-        except ChatTemplateError as e:
-            raise ChatTemplateError(f"the chat template of {self.checkpoint_dir} failed: {e.__cause__ or e}") from e
+        name = next((n for n, t in self.chat_templates.items() if t == template), None)
+        source = self._template_files[name] if name is not None else "the chat template given"
+        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                    documents=documents, source=source, **variables)
 
     def _resolve_template(self, chat_template: Optional[str], tools: Any) -> str:
         if chat_template is not None:

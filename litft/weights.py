@@ -200,15 +200,20 @@ def write_shards(
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MB"`` or a byte count."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
-                       ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count (``--max_shard_size``) → bytes; anything else is a
+    ValueError naming the option and the accepted forms."""
+    import re
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(size))
+    if not isinstance(size, bool) and match and match.group(2).upper() in units:
+        number = int(float(match.group(1)) * units[match.group(2).upper()])
+        if number > 0:
+            return number
+    raise ValueError(f"--max_shard_size {size!r} is invalid: expected a positive size, a number of bytes or a "
+                     "number with a unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), "
+                     "e.g. 5GB, 500MB, 2GiB")
 
 
 @contextlib.contextmanager

@@ -77,12 +77,29 @@ def test_help_says_names_work(capsys):
     assert "asset card's name works too (litft assets ls)" in capsys.readouterr().out
 
 
-def test_missing_path_names_the_card(asset_dir, tmp_path):
-    (asset_dir / "broken.yaml").write_text(f"name: gone@user\ncheckpoint: {tmp_path / 'nope'}\n")
-    with pytest.raises(ValueError, match=r"broken\.yaml.*checkpoint path .*nope.*does not exist"):
-        load_cards()
-    out = subprocess.run([sys.executable, "-m", "litft", "assets", "ls"], capture_output=True, text=True)
-    assert out.returncode == 1 and "broken.yaml" in out.stderr and "Traceback" not in out.stderr
+def test_stale_card_beside_a_good_one(asset_dir, tmp_path, tiny_llama_native, capsys):
+    """A card whose folder was deleted is a warning on `assets ls` (listed as missing) and an error naming its card
+    file only when its name is asked for; the good card beside it (in the same file too) still resolves."""
+    gone = tmp_path / "deleted-run" / "final"
+    gone.mkdir(parents=True)
+    (asset_dir / "runs.yaml").write_text(f"name: gone@user\ncheckpoint: {gone}\n---\nname: good@user\n"
+                                         f"checkpoint: {tiny_llama_native}\n")
+    (asset_dir / "tok.yaml").write_text(f"name: oldtok@user\ntokenizer: {gone}\n")
+    gone.rmdir()
+    assert resolve_checkpoint("good") == tiny_llama_native and resolve_tokenizer("good@user") == tiny_llama_native
+    for resolve, name in ((resolve_checkpoint, "gone"), (resolve_tokenizer, "gone@user"),
+                          (resolve_tokenizer, "oldtok")):
+        with pytest.raises(ValueError, match=r"runs\.yaml.*checkpoint path .*final of 'gone@user' does not exist"
+                           if "gone" in name else r"tok\.yaml.*tokenizer path .*final of 'oldtok@user' does not exist"):
+            resolve(name)
+    capsys.readouterr()
+    litft("assets", "ls")
+    out, err = capsys.readouterr()
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert lines == {"gone@user": "missing", "good@user": "checkpoint", "oldtok@user": "missing"}, out
+    assert err.count("warning: ") == 2 and "runs.yaml (card 1): checkpoint path" in err and "tok.yaml" in err
+    err = litft_error(capsys, "generate", "gone", "--prompt", "hi", "--max_new_tokens", 2)
+    assert "runs.yaml (card 1): checkpoint path" in err and "'gone@user' does not exist" in err
 
 
 def test_duplicate_name_names_both_cards(asset_dir, tmp_path):
@@ -116,6 +133,7 @@ def test_bad_card_shapes(asset_dir, tmp_path):
         (asset_dir / "c.yaml").write_text(text)
         with pytest.raises(ValueError, match=message):
             load_cards()
+            resolve_tokenizer("x")  # (a card's folder is checked when the card is asked for)
 
 
 # ------------------------------------------------------------------ every command accepts a card name

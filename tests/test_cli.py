@@ -119,3 +119,61 @@ def test_unknown_option_is_a_usage_error(tiny_llama_hf, tmp_path):
     r = litft("convert", "from_hf", tiny_llama_hf, "--out_dri", tmp_path / "x")
     assert r.returncode == 2 and "usage: litft convert from_hf" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: 5\n", 'Parser key "train": expected a mapping of its options (--train.'),
+    ("data: [a, b]\n", 'Parser key "data": expected a mapping of its options (--data.'),
+    ("train:\n  lr: abc\n", 'Parser key "train.lr": Expected a float. Got value: abc'),
+    ("train:\n  lr: null\n", 'Parser key "train.lr": null is not allowed here (expected float)'),
+    ("checkpoint_dir: null\n", 'Parser key "checkpoint_dir": null is not allowed here (expected Path)'),
+    ("train:\n  lr: [1\n", "{config}, line 3, column 1: did not find expected ',' or ']'"),
+])
+def test_bad_config_file_ends_in_one_line_naming_the_field(tiny_llama_native, tmp_path, capsys, text, message):
+    """A wrong type, a null or a YAML syntax error in --config: a usage error whose last line names the key (or
+    the file and line), never a traceback from instantiating the groups nor jsonargparse's "<unicode string>"."""
+    from tests.inprocess_cli import litft as litft_inprocess
+
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    args = ["--config", config, "--out_dir", tmp_path / "out"]
+    if not text.startswith("checkpoint_dir"):
+        args.insert(0, tiny_llama_native)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        litft_inprocess("finetune", "full", *args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last_line = err.rstrip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message.format(config=config) in last_line, err
+    assert "<unicode string>" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_required_argument_left_out_is_still_reported_as_required(tiny_llama_native, tmp_path, capsys):
+    from tests.inprocess_cli import litft as litft_inprocess
+
+    with pytest.raises(SystemExit) as e:
+        litft_inprocess("convert", "to_hf", tiny_llama_native)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == "error: the following arguments are required: out_dir"
+
+
+@pytest.mark.parametrize("stop, message", [
+    ('["\\n"', "--stop '[\"\\\\n\"' looks like a JSON list but does not parse (Expecting ',' delimiter at column 6)"),
+    ("[1, 2]", "--stop '[1, 2]' must be a list of strings"),
+])
+def test_malformed_stop_list_is_refused_not_used_as_a_literal(tiny_llama_native, capsys, stop, message):
+    from tests.inprocess_cli import litft_error
+
+    err = litft_error(capsys, "generate", tiny_llama_native, "--prompt", "hi", "--max_new_tokens", 2, "--stop", stop)
+    assert err.startswith("litft generate: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_help_of_a_table_with_a_default_leaf_shows_its_options():
+    """`litft evaluate --help` lists the subcommands and the default leaf's options (they were only found with
+    `litft evaluate X --help`)."""
+    r = litft("evaluate", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "accuracy" in r.stdout  # the subcommands
+    for option in ("--tasks", "--include_path", "--num_fewshot", "--apply_chat_template"):
+        assert option in r.stdout, option

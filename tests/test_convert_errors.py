@@ -304,3 +304,61 @@ def test_custom_size_of_a_known_architecture_uses_the_checkpoint_sizes(tmp_path)
     idx = _tokens() % 128
     with torch.no_grad():
         assert (load_model(native)(idx) - hf_model(idx).logits).abs().max().item() <= 1e-4
+
+
+def _drop_rope_key(hf_dir: Path, key: str) -> None:
+    """Remove ``key`` from config.json's rope settings (transformers writes it back on save_pretrained)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    for section in ("rope_scaling", "rope_parameters"):
+        if isinstance(config.get(section), dict):
+            config[section].pop(key, None)
+    config.pop(key, None)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_yarn_without_original_max_position_embeddings_matches_transformers(tmp_path):
+    """rope_scaling {"rope_type": "yarn", "factor": 4} alone: transformers falls back to max_position_embeddings;
+    so does convert from_hf (it was a TypeError in model.py), with the logits of transformers reading that file."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tmp_path / "hf"
+    make_hf_model("llama-yarn", hf_dir, overrides={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    _drop_rope_key(hf_dir, "original_max_position_embeddings")
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    native = convert_from_hf(hf_dir, tmp_path / "native")
+    scaling = Config.from_checkpoint(native).rope_scaling
+    assert scaling["original_max_position_embeddings"] == 64  # TINY's max_position_embeddings
+    idx = _tokens() % 128
+    with torch.no_grad():
+        assert (load_model(native)(idx) - hf_model(idx).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}, "rope_type 'llama3' has no 'low_freq_factor'"),
+    ({"rope_type": "yarn"}, "rope_type 'yarn' has no 'factor'"),
+    ({"rope_type": "mrope", "factor": 2.0}, "rope_scaling rope_type 'mrope' is not supported"),
+])
+def test_unsupported_rope_settings_are_refused_naming_the_key(tmp_path, tiny_llama_hf, rope, message):
+    hf_dir = _copy(tiny_llama_hf, tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = rope
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"config.json: .*{message}"):
+        convert_from_hf(hf_dir, out)
+    _assert_nothing_written(out)
+
+
+def test_max_shard_size_forms(tmp_path, tiny_llama_native):
+    from litft.weights import parse_size
+
+    assert [parse_size(s) for s in ("5GB", "500MB", "2GiB", "1.5KB", " 20 kb ", "1000", 1000)] == \
+        [5 * 10**9, 500 * 10**6, 2 * 2**30, 1500, 20_000, 1000, 1000]
+    for bad in ("lots", "5 GBs", "-1MB", "0", "inf", "", "1e3"):
+        with pytest.raises(ValueError, match=r"--max_shard_size .* is invalid: expected .* e\.g\. 5GB, 500MB, 2GiB"):
+            parse_size(bad)
+    out = tmp_path / "hf"
+    with pytest.raises(ValueError, match=r"--max_shard_size 'lots' is invalid"):  # was "invalid literal for int()"
+        convert_to_hf(tiny_llama_native, out, max_shard_size="lots")
+    _assert_nothing_written(out)

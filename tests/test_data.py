@@ -514,6 +514,21 @@ def test_bad_input_errors_name_the_file_and_line(tmp_path, tokenizer, bpe_dir):
         load_datasets(DataArgs(train_path=path, val_split_fraction=0), tokenizer, 64)
 
 
+def test_chat_roles_are_those_the_server_accepts(tmp_path, tokenizer):
+    """A role such as "wizard" trained silently while chat/generate/serve refuse it: refused naming file, line and
+    the allowed roles, one definition for both."""
+    from litft.generate.chat import check_messages
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION},
+                                                 {"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "wizard", "content": "poof"}]}])
+    with pytest.raises(ValueError, match=r"chat\.jsonl:2: message 1 has role 'wizard': expected one of system, "
+                                         r"user, assistant, tool"):
+        load_datasets(DataArgs(train_path=path, val_split_fraction=0), tokenizer, 256)
+    with pytest.raises(ValueError, match=r"role 'wizard' is invalid: expected one of system, user, assistant, tool"):
+        check_messages([{"role": "wizard", "content": "poof"}])
+
+
 def test_chat_data_without_chat_template_is_refused(tmp_path, bpe_dir):
     from litft.tokenizer import Tokenizer
     from tests.fixtures_tokenizers import copy_checkpoint
@@ -544,3 +559,123 @@ def test_chat_template_errors_name_the_row(tmp_path, bpe_dir):
     (odd / "chat_template.jinja").write_text("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(ValueError, match=r"chat\.jsonl:1: the chat template failed.*roles must alternate"):
         load_datasets(DataArgs(train_path=rows, val_split_fraction=0), Tokenizer(odd), 256)
+
+
+def test_text_files_must_be_utf8_and_a_bom_is_accepted_everywhere(tmp_path, tokenizer):
+    """Training data, `generate --input` and `evaluate perplexity` files are read by one helper: a byte that is not
+    UTF-8 is an error naming the file, the line and the byte offset; a UTF-8 byte-order mark is dropped alike for
+    .jsonl, .json and .txt (a .jsonl with one was refused while .txt accepted it)."""
+    from litft.evaluate.perplexity import read_documents
+    from litft.generate.cli import _read_input
+
+    rows = [{"text": "caf\u00e9 one", "input": "a", "output": "b"}, {"text": "two", "input": "c", "output": "d"}]
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    array = json.dumps(rows, ensure_ascii=False, indent=1).encode()
+    text = "first prompt\nsecond caf\u00e9\n".encode()
+    readers = {  # what each command reads a file with
+        "train.jsonl": lambda p: [s.input_ids for s in load_datasets(DataArgs(train_path=p, val_split_fraction=0,
+                                                                              format="input_output"),
+                                                                     tokenizer, 64)[0]],
+        "train.json": lambda p: [s.input_ids for s in load_datasets(DataArgs(train_path=p, val_split_fraction=0,
+                                                                             format="input_output"),
+                                                                    tokenizer, 64)[0]],
+        "prompts.txt": lambda p: [row[1] for row in _read_input(p, "prompt", "id")],
+        "prompts.jsonl": lambda p: [row[1] for row in _read_input(p, "text", "id")],
+        "docs.txt": read_documents,
+        "docs.jsonl": read_documents,
+    }
+    contents = {"train.jsonl": jsonl, "train.json": array, "prompts.txt": text, "prompts.jsonl": jsonl,
+                "docs.txt": text, "docs.jsonl": jsonl}
+    for name, read in readers.items():
+        plain, with_bom = tmp_path / "plain" / name, tmp_path / "bom" / name
+        for path, data in ((plain, contents[name]), (with_bom, b"\xef\xbb\xbf" + contents[name])):
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+        assert read(with_bom) == read(plain), name
+        assert "\ufeff" not in json.dumps(read(with_bom)), name
+        latin1 = tmp_path / "latin1" / name  # "café" as Latin-1 on the second line (the first stays valid)
+        latin1.parent.mkdir(exist_ok=True)
+        data = contents[name].replace("caf\u00e9".encode(), b"caf\xe9")
+        lines = data.split(b"\n")
+        bad = next(i for i, line in enumerate(lines) if b"\xe9" in line)
+        if bad == 0:  # the \xe9 on the first line: move it to the second
+            data = data.replace(b"caf\xe9", b"cafe", 1).replace(b"\n", b"\n\xe9", 1)
+            bad = 1
+        latin1.write_bytes(data)
+        offset = data.index(b"\xe9")
+        with pytest.raises(ValueError) as info:
+            read(latin1)
+        assert str(info.value).startswith(f"{latin1}:{bad + 1}: not UTF-8 text (byte 0xe9 at column ") and \
+            f"byte offset {offset}" in str(info.value) and "the file must be UTF-8" in str(info.value), name
+
+
+def _random_text(rng: random.Random, n: int) -> str:
+    """n characters of text with what makes cutting it hard: words, long runs without spaces, whitespace runs,
+    digits, punctuation and non-ASCII letters."""
+    pieces = ["the", "cat", "tokenizer", " ", "  ", "\n", "\n\n", "1234567", "é", "日本語", "!", "...",
+              "supercalifragilisticexpialidocious" * 3, "    ", "\t", "ab" * 20, "Hello,"]
+    out, size = [], 0
+    while size < n:
+        piece = rng.choice(pieces) + rng.choice(["", " "])
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)[:n]
+
+
+def test_rows_near_the_limit_tokenize_as_if_whole(tmp_path, tokenizer, hf_tokenizer):
+    """A row longer than max_seq_length allows is tokenized from a prefix of its text; the sample is still exactly
+    the whole row's tokenization truncated (oracle: the transformers tokenizer on the whole text), for rows from
+    below the point where the prefix is used to several times beyond it, prompt/response boundaries included."""
+    max_seq_length = 24
+    rng = random.Random(0)
+    rows, expected, truncated = [], [], 0
+    for n in [100, 300, 400, 420, 440, 500, 700, 1000, 2500, 6000] * 3:
+        prompt, response = _random_text(rng, rng.randrange(0, 120)), _random_text(rng, n)
+        rows.append({"input": prompt, "output": response})
+        ids, labels = oracle(hf_tokenizer, prompt + response, [(len(prompt), len(prompt) + len(response))],
+                             eos_id=tokenizer.eos_id)
+        truncated += len(ids) > max_seq_length
+        if any(label != IGNORE_INDEX for label in labels[:max_seq_length]):  # (else dropped: all prompt)
+            expected.append((ids[:max_seq_length], labels[:max_seq_length]))
+    train, stats = load(tmp_path, tokenizer, rows, max_seq_length=max_seq_length, format="input_output")
+    assert [(s.input_ids, s.labels) for s in train] == expected
+    assert stats.truncated == truncated and len(expected) + stats.dropped == len(rows)
+
+    conversation = [dict(m) for m in CONVERSATION]  # a chat row: one assistant turn far longer than the limit
+    conversation[4]["content"] = _random_text(rng, 3000).strip()  # (the template trims)
+    train, _ = load(tmp_path, tokenizer, [{"messages": conversation}], max_seq_length=200)
+    rendered = hf_tokenizer.apply_chat_template(conversation, tokenize=False)
+    spans, position = [], 0
+    for message in conversation:
+        if message["role"] == "assistant":
+            start = rendered.index(message["content"], position)
+            position = start + len(message["content"]) + len("<|eot_id|>")
+            spans.append((start, position))
+    ids, labels = oracle(hf_tokenizer, rendered, spans, special=False)
+    assert (train[0].input_ids, train[0].labels) == (ids[:200], labels[:200])
+
+
+@pytest.mark.timeout(90)
+def test_a_huge_row_costs_what_max_seq_length_allows(tmp_path, tokenizer, hf_tokenizer):
+    """A multi-MB row (it took 48 s and 4.5 GB tokenized whole) becomes a max_seq_length sample, the first tokens
+    of the row, without tokenizing the rest of it."""
+    rng = random.Random(1)
+    huge = _random_text(rng, 4_000_000)
+    rows = [{"input": "Continue this: ", "output": huge}, {"input": "Say hi: ", "output": "hi"}]
+
+    class LongestInput:  # the real tokenizer, recording the longest text it is asked to encode
+        longest = 0
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode_batch(self, texts, **kwargs):
+            LongestInput.longest = max(LongestInput.longest, *map(len, texts))
+            return tokenizer.encode_batch(texts, **kwargs)
+
+    train, stats = load(tmp_path, LongestInput(), rows, max_seq_length=64, format="input_output")
+    assert LongestInput.longest < 20_000  # of 4,000,000 characters
+    assert stats.truncated == 1 and len(train) == 2 and len(train[0]) == 64 and len(train[1]) < 64
+    prompt = "Continue this: "
+    ids, labels = oracle(hf_tokenizer, prompt + huge[:5000], [(len(prompt), len(prompt) + 5000)])
+    assert (train[0].input_ids, train[0].labels) == (ids[:64], labels[:64])

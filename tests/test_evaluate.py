@@ -222,9 +222,11 @@ def test_list_and_unknown_tasks(tiny: dict[str, Path], capsys: pytest.CaptureFix
     from litft.cli import main
     from litft.evaluate.harness import evaluate
 
-    main(["evaluate", "--help"])  # the sub-table: its default leaf and the subcommands
+    with pytest.raises(SystemExit) as exit_info:  # the sub-table: its subcommands, then its default leaf's --help
+        main(["evaluate", "--help"])
     usage = capsys.readouterr().out
-    assert "(default)" in usage and "perplexity" in usage and "accuracy" in usage
+    assert exit_info.value.code == 0 and "(default)" in usage and "perplexity" in usage and "accuracy" in usage
+    assert "--include_path" in usage
     include = ["--include_path", str(tiny["tasks"]), "--include_defaults", "false"]
     main(["evaluate", "--tasks", *include])  # a bare --tasks lists the tasks, no checkpoint needed
     listed = capsys.readouterr().out.splitlines()
@@ -254,3 +256,24 @@ def test_evaluate_command_writes_results(tiny: dict[str, Path], tmp_path: Path) 
     assert set(results["results"]) == {"tiny_mc", "tiny_gen"}
     assert results["results"]["tiny_mc"]["sample_len"] == 3
     assert "acc_norm" in run.stdout and "exact_match" in run.stdout  # the table
+
+
+def test_a_chat_run_is_evaluated_with_its_chat_template_by_default(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The run's rendering is evaluate's default: lm-eval prompts go through the chat template for a run trained on
+    chat messages (its final/prompt_format.yaml says so), as they are for other checkpoints."""
+    import shutil
+
+    from litft.data.formats import PromptFormat
+    from litft.evaluate.harness import evaluate
+    from litft.tokenizer import Tokenizer
+
+    chat_run = shutil.copytree(tiny["native"], tmp_path / "final")
+    PromptFormat(format="chat").save(chat_run)  # what a run on chat rows writes into its final/
+    contexts = {}
+    for name, checkpoint in (("plain", tiny["native"]), ("chat", chat_run)):
+        results = evaluate(checkpoint, tasks="tiny_gen", include_path=str(tiny["tasks"]), include_defaults=False,
+                           limit=1, bootstrap_iters=0, log_samples=True, device="cpu")
+        contexts[name] = results["samples"]["tiny_gen"][0]["arguments"][0][0]
+    assert contexts["plain"] == "Q: What is two plus two?\nA:"
+    assert contexts["chat"] == Tokenizer(chat_run).apply_chat_template(
+        [{"role": "user", "content": contexts["plain"]}], add_generation_prompt=True)

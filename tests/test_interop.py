@@ -374,6 +374,9 @@ def test_merge_lora_in_place_and_to_out_dir(runs, tokens, tmp_path):
     expected = litft_logits(run / "final", tokens, "bnb.nf4")
     litft("convert", "merge_lora", run, "--out_dir", tmp_path / "merged")
     assert not (tmp_path / "merged" / "base.yaml").exists()
+    # the merged model is prompted as the run was (final/prompt_format.yaml goes with it)
+    assert (tmp_path / "merged" / "prompt_format.yaml").read_text() == \
+        (run / "final" / "prompt_format.yaml").read_text()
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "merged").eval()(tokens), expected, atol=QLORA_TOL, rtol=0)
     litft("convert", "merge_lora", run)  # in place: final/ gains model.safetensors and loads as a full model

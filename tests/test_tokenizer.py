@@ -505,3 +505,25 @@ def test_copy_checkpoint_only(tmp_path: Path, dirs: dict) -> None:
     out = copy_checkpoint(dirs["sp"], tmp_path / "only", only=("tokenizer.model", "tokenizer_config.json"))
     assert sorted(f.name for f in out.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{% include 'header.jinja' %}{{ messages[0].content }}", "line 1: {% include %} is not supported"),
+    ("{{ bos_token }}\n{% import 'macros.jinja' as m %}", "line 2: {% import %} is not supported"),
+    ("{% from 'macros.jinja' import turn %}", "line 1: {% from ... import %} is not supported"),
+    ("{% extends 'base.jinja' %}", "line 1: {% extends %} is not supported"),
+    ("{% for m in messages %}\n{{ m.content }}\n{% endfor %\n", "line 3: "),
+    ("{{ messages[0].content }}\n{{ 1 / (messages | length - 1) }}", "line 2: ZeroDivisionError"),
+    ("{{ messages[0].content }}\n{{ messages[0].content.no_such_method() }}", "line 2: "),
+])
+def test_chat_template_errors_name_the_file_and_line(tmp_path: Path, dirs: dict, template: str,
+                                                     problem: str) -> None:
+    """A template that cannot work here (nothing to {% include %} from; transformers has no loader either) or that
+    fails while rendering: a ChatTemplateError (a ValueError, one line through the CLI) naming the template's file
+    and line, never jinja's TypeError "no loader for this environment specified" or a raw exception."""
+    d = edited_copy(dirs["bpe"], tmp_path / "ckpt", drop=("chat_template.jinja",))
+    (d / "chat_template.jinja").write_text(template)
+    with pytest.raises(ChatTemplateError) as info:
+        Tokenizer(d).apply_chat_template([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert message.startswith(f"{d / 'chat_template.jinja'}, {problem}") and "\n" not in message, message

@@ -133,6 +133,7 @@ def merge_lora(
         dtype: cast the merged weights to this dtype (float32, bfloat16, float16); default the base's.
         overwrite: replace ``out_dir`` if it exists and is not empty.
     """
+    from litft.data.formats import PromptFormat
     from litft.weights import atomic_directory, copy_tokenizer_files, parse_dtype, save_model
 
     checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
@@ -154,5 +155,8 @@ def merge_lora(
         save_model(model, tmp)
         model.config.save(tmp)
         copy_tokenizer_files(checkpoint_dir, tmp)
+        run_format = PromptFormat.load(checkpoint_dir)  # the merged model is still prompted as the run was
+        if run_format is not None:
+            run_format.save(tmp)
     print(f"merged weights written to {target}", flush=True)
     return target

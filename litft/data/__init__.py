@@ -199,16 +199,18 @@ def encode_record(record: Record, fmt: str, data: DataArgs, tokenizer: Any) -> t
     return _encode_records([record], fmt, data, tokenizer)[0]
 
 
-def _encode_records(records: list[Record], fmt: str, data: DataArgs, tokenizer: Any
-                    ) -> list[tuple[list[int], list[bool]]]:
+def _encode_records(records: list[Record], fmt: str, data: DataArgs, tokenizer: Any,
+                    max_tokens: Optional[int] = None) -> list[tuple[list[int], list[bool]]]:
+    """Ids and trained flags of each row; with ``max_tokens``, only the first ``max_tokens`` are exact (a longer row
+    is tokenized from a prefix of its text and comes back longer than ``max_tokens``: see encode_segments_batch)."""
     if fmt == "chat":
         rows = [chat_segments(tokenizer, chat_messages(data, record), record) for record in records]
         # like transformers' apply_chat_template(tokenize=True): the template writes BOS itself when the model wants one
         encoded = [_end_turns_with_stop(ids, trained, tokenizer)
-                   for ids, trained in encode_segments_batch(tokenizer, rows, bos=False)]
+                   for ids, trained in encode_segments_batch(tokenizer, rows, bos=False, max_tokens=max_tokens)]
     else:
         rows = [render_segments(fmt, data, record) for record in records]
-        encoded = encode_segments_batch(tokenizer, rows)
+        encoded = encode_segments_batch(tokenizer, rows, max_tokens=max_tokens)
         for ids, trained in encoded:
             if not ids or ids[-1] != tokenizer.eos_id:
                 ids.append(tokenizer.eos_id)
@@ -242,7 +244,9 @@ def _encode_all(records: list[Record], fmt: str, data: DataArgs, tokenizer: Any,
                 stats: DataStats) -> list[Sample]:
     samples = []
     for start in range(0, len(records), 1024):  # in chunks: bounded memory, one parallel encode call per chunk
-        for ids, trained in _encode_records(records[start:start + 1024], fmt, data, tokenizer):
+        # the first max_seq_length + 2 tokens decide the sample (+1 for the shifted labels, +1 for whether that
+        # last token ends an assistant turn): a huge row is only tokenized that far
+        for ids, trained in _encode_records(records[start:start + 1024], fmt, data, tokenizer, max_seq_length + 2):
             if len(ids) > max_seq_length + 1:  # the model sees ids[:-1]: at most max_seq_length positions
                 ids, trained = ids[: max_seq_length + 1], trained[: max_seq_length + 1]
                 stats.truncated += 1

@@ -26,7 +26,11 @@ row's keys.
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
+
+import yaml
 
 from litft.data.loader import Record
 
@@ -34,6 +38,9 @@ if TYPE_CHECKING:
     from litft.data import DataArgs
 
 FORMATS = ("auto", "alpaca", "instruction", "input_output", "text", "template", "chat")
+# the message roles of a conversation, in training data as in `litft chat`, LLM.chat and the server's
+# /v1/chat/completions (which also takes OpenAI's "developer" as "system")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 PROMPT_STYLES = ("alpaca", "plain")
 
 Segments = list[tuple[str, bool]]
@@ -101,23 +108,59 @@ def _field(record: Record, name: str, required: bool = True, what: str = "") -> 
     return str(value)
 
 
+def _output_placeholder(data: "DataArgs") -> "re.Match[str]":
+    template = data.template
+    assert template is not None
+    match = next((m for m in PLACEHOLDER.finditer(template) if m.group(1) == data.output_field), None)
+    if match is None:
+        raise ValueError(
+            f"data.template has no {{{{{data.output_field}}}}} placeholder and data.response_template is not set: "
+            f"cannot tell where the response starts"
+        )
+    return match
+
+
+def _fill(template: str, record: Record, blank: tuple[str, ...] = ()) -> str:
+    """``template`` with its {{field}} placeholders filled from the row (fields in ``blank`` may be missing: "")."""
+    return PLACEHOLDER.sub(lambda m: _field(record, m.group(1), required=m.group(1) not in blank,
+                                            what=" used by the template"), template)
+
+
+def _is_src_tgt(fmt: str, data: "DataArgs", record: Record) -> bool:
+    return fmt == "instruction" and "src" in record.data and data.instruction_field not in record.data
+
+
+def _prompt_text(fmt: str, data: "DataArgs", record: Record) -> str:
+    """The prompt of an alpaca, instruction, input_output or template (``{{output}}``) row: the text before its
+    response, as training renders it and as inference must give it to the model."""
+    if fmt in ("alpaca", "instruction"):
+        if _is_src_tgt(fmt, data, record):
+            return _field(record, "src")
+        style = "alpaca" if fmt == "alpaca" else data.prompt_style
+        return format_prompt(_field(record, data.instruction_field), _field(record, data.input_field, required=False),
+                             style)
+    if fmt == "input_output":
+        return _field(record, data.input_field)
+    if fmt == "template":
+        return _fill(data.template[: _output_placeholder(data).start()], record)  # type: ignore[index]
+    raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
 def render_segments(fmt: str, data: "DataArgs", record: Record) -> Segments:
     """Row → prompt/response segments for every format except ``chat`` (see :func:`chat_segments`)."""
-    if fmt in ("alpaca", "instruction"):
-        if fmt == "instruction" and "src" in record.data and data.instruction_field not in record.data:
-            return [(_field(record, "src"), False), (_field(record, "tgt"), True)]
-        style = "alpaca" if fmt == "alpaca" else data.prompt_style
-        prompt = format_prompt(
-            _field(record, data.instruction_field), _field(record, data.input_field, required=False), style
-        )
-        return [(prompt, False), (_field(record, data.output_field), True)]
-    if fmt == "input_output":
-        return [(_field(record, data.input_field), False), (_field(record, data.output_field), True)]
     if fmt == "text":
         return _split_at_response_template(_field(record, data.text_field), data.response_template, record)
+    if fmt == "template" and data.response_template is not None:
+        # fms-hf-tuning style: render the whole row, then split at the marker
+        return _split_at_response_template(_fill(data.template, record), data.response_template,  # type: ignore
+                                           record)
+    prompt = _prompt_text(fmt, data, record)
     if fmt == "template":
-        return _render_template(data, record)
-    raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        after = _fill(data.template[_output_placeholder(data).end():], record)  # type: ignore[index]
+        return [(prompt, False), (_field(record, data.output_field, what=" used by the template"), True),
+                (after, True)]
+    response = _field(record, "tgt") if _is_src_tgt(fmt, data, record) else _field(record, data.output_field)
+    return [(prompt, False), (response, True)]
 
 
 def _split_at_response_template(text: str, response_template: Optional[str], record: Record) -> Segments:
@@ -132,24 +175,87 @@ def _split_at_response_template(text: str, response_template: Optional[str], rec
     return [(text[:end], False), (text[end:], True)]
 
 
-def _render_template(data: "DataArgs", record: Record) -> Segments:
-    template = data.template
-    assert template is not None
+# ---------------------------------------------------------------------------------------------- inference
 
-    def fill(part: str) -> str:
-        return PLACEHOLDER.sub(lambda m: _field(record, m.group(1), what=" used by the template"), part)
+PROMPT_FORMAT_FILE = "prompt_format.yaml"
 
-    if data.response_template is not None:  # fms-hf-tuning style: render the whole row, then split at the marker
-        return _split_at_response_template(fill(template), data.response_template, record)
-    match = next((m for m in PLACEHOLDER.finditer(template) if m.group(1) == data.output_field), None)
-    if match is None:
-        raise ValueError(
-            f"data.template has no {{{{{data.output_field}}}}} placeholder and data.response_template is not set: "
-            f"cannot tell where the response starts"
-        )
-    return [(fill(template[: match.start()]), False),
-            (_field(record, data.output_field, what=" used by the template"), True),
-            (fill(template[match.end():]), True)]
+
+@dataclass
+class PromptFormat:
+    """How a run rendered its rows, written to its ``final/`` (:data:`PROMPT_FORMAT_FILE`) so that generation gives
+    the model its prompts exactly as training did. ``format`` is the resolved data format (never "auto"); the other
+    fields are the run's ``data.*`` settings of the same names ("chat": the checkpoint's own chat template)."""
+
+    format: str
+    prompt_style: str = "alpaca"
+    template: Optional[str] = None
+    response_template: Optional[str] = None
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+
+    @classmethod
+    def of(cls, fmt: str, data: Any) -> "PromptFormat":
+        """The rendering of a run with data arguments ``data`` whose rows resolved to format ``fmt``."""
+        return cls(format=fmt, **{f.name: getattr(data, f.name) for f in fields(cls) if f.name != "format"})
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / PROMPT_FORMAT_FILE).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def load(cls, directory: Optional[Path]) -> Optional["PromptFormat"]:
+        """The rendering recorded in a checkpoint folder; None when it has none (not a run's output)."""
+        path = None if directory is None else Path(directory) / PROMPT_FORMAT_FILE
+        if path is None or not path.is_file():
+            return None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or data.get("format") not in FORMATS[1:] or set(data) - known:
+            raise ValueError(f"{path}: expected the mapping a run writes: format (one of {', '.join(FORMATS[1:])}) "
+                             f"and {', '.join(sorted(known - {'format'}))}")
+        return cls(**data)
+
+    def text_prompt(self, text: str) -> Optional[str]:
+        """A plain prompt rendered as the run rendered its rows' prompts: the instruction of an alpaca/instruction
+        run, the input of an input_output run, the one field of a template's prompt part; None for a chat run
+        (the caller applies the chat template)."""
+        if self.format == "chat":
+            return None
+        if self.format in ("alpaca", "instruction"):
+            return format_prompt(text, "", "alpaca" if self.format == "alpaca" else self.prompt_style)
+        if self.format == "input_output":
+            return text
+        if self.format == "text":
+            return text if self.response_template is None or self.response_template in text \
+                else text + self.response_template
+        assert self.template is not None
+        prompt_part = self.template if self.response_template is not None \
+            else self.template[: _output_placeholder(self).start()]  # type: ignore[arg-type]
+        names = {m.group(1) for m in PLACEHOLDER.finditer(prompt_part)} - {self.output_field}
+        if len(names) != 1:
+            raise ValueError(f"the run's template {self.template!r} takes the fields {', '.join(sorted(names))}: a "
+                             "plain prompt fills only one; give rows with those fields (generate --input)")
+        return self.row_prompt(Record({names.pop(): text}, "the prompt"))[0]
+
+    def row_prompt(self, record: Record) -> tuple[str, Optional[str]]:
+        """(prompt, reference) of a training-format row (not chat): the prompt exactly as training rendered it and
+        the row's response when it has one (None otherwise)."""
+        fmt = self.format
+        if fmt == "text":
+            text = _field(record, self.text_field)
+            if self.response_template is None:
+                return text, None
+            prompt, response = _split_at_response_template(text, self.response_template, record)
+            return prompt[0], response[0] or None
+        if fmt == "template" and self.response_template is not None:
+            text = _fill(self.template, record, blank=(self.output_field,))  # type: ignore[arg-type]
+            prompt, _ = _split_at_response_template(text, self.response_template, record)
+            return prompt[0], _field(record, self.output_field, required=False) or None
+        reference_field = "tgt" if _is_src_tgt(fmt, self, record) else self.output_field  # type: ignore[arg-type]
+        return (_prompt_text(fmt, self, record),  # type: ignore[arg-type]
+                _field(record, reference_field, required=False) or None)
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -166,6 +272,9 @@ def chat_messages(data: "DataArgs", record: Record) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{record.source}: message {i} must be an object with 'role' and 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(f"{record.source}: message {i} has role {message['role']!r}: expected one of "
+                             f"{', '.join(CHAT_ROLES)} (the roles chat, generate and serve accept)")
     return messages
 
 
@@ -226,9 +335,57 @@ def encode_segments(tokenizer: Any, segments: Segments, bos: Optional[bool] = No
     return encode_segments_batch(tokenizer, [segments], bos)[0]
 
 
-def encode_segments_batch(tokenizer: Any, rows: list[Segments], bos: Optional[bool] = None
-                          ) -> list[tuple[list[int], list[bool]]]:
-    """:func:`encode_segments` for many rows, with one (parallel) ``encode_batch`` call when the tokenizer has it."""
+# a row longer than this many characters per token of ``max_tokens`` is tokenized from a prefix of its text
+_CHARS_PER_TOKEN = 8
+
+
+def _cut(segments: Segments, chars: int) -> Segments:
+    """The segments of the first ``chars`` characters of the row."""
+    out: Segments = []
+    for text, trained in segments:
+        if chars <= 0:
+            break
+        out.append((text[:chars], trained))
+        chars -= len(text)
+    return out
+
+
+def _encode_long(tokenizer: Any, segments: Segments, bos: Optional[bool], max_tokens: int
+                 ) -> tuple[list[int], list[bool]]:
+    """The first ``max_tokens`` ids and flags of a very long row, tokenizing only a prefix of its text.
+
+    Cutting the text can change the tokens near the cut, never the ones far before it: the text is cut at ``c`` and
+    at ``2c`` characters, and the first ``max_tokens`` tokens are taken once both cuts agree on them (``c`` doubles
+    until they do; at the latest the second cut is the whole row). Inner segment boundaries before the cut are the
+    same texts as without it, so the flags agree too.
+    """
+    total = sum(len(text) for text, _ in segments)
+    chars = max_tokens * _CHARS_PER_TOKEN
+    while True:
+        (short_ids, short_flags), (long_ids, long_flags) = encode_segments_batch(
+            tokenizer, [_cut(segments, chars), _cut(segments, 2 * chars)], bos)
+        if 2 * chars >= total or (len(short_ids) >= max_tokens and short_ids[:max_tokens] == long_ids[:max_tokens]
+                                  and short_flags[:max_tokens] == long_flags[:max_tokens]):
+            return long_ids[:max_tokens], long_flags[:max_tokens]
+        chars *= 2
+
+
+def encode_segments_batch(tokenizer: Any, rows: list[Segments], bos: Optional[bool] = None,
+                          max_tokens: Optional[int] = None) -> list[tuple[list[int], list[bool]]]:
+    """:func:`encode_segments` for many rows, with one (parallel) ``encode_batch`` call when the tokenizer has it.
+
+    With ``max_tokens`` (the caller keeps no more), a row of more than ``2 * _CHARS_PER_TOKEN * max_tokens``
+    characters is tokenized from a prefix of its text (see :func:`_encode_long`), so one huge row costs what
+    ``max_tokens`` allows; it gives exactly ``max_tokens`` ids, the first ``max_tokens`` of the whole row's ids.
+    Shorter rows are tokenized whole.
+    """
+    if max_tokens is not None:
+        limit = 2 * _CHARS_PER_TOKEN * max_tokens
+        long = {i for i, segments in enumerate(rows) if sum(len(text) for text, _ in segments) > limit}
+        if long:
+            short = iter(encode_segments_batch(tokenizer, [r for i, r in enumerate(rows) if i not in long], bos))
+            return [_encode_long(tokenizer, r, bos, max_tokens) if i in long else next(short)
+                    for i, r in enumerate(rows)]
     fulls = ["".join(text for text, _ in segments) for segments in rows]
     prefixes: list[str] = []  # the text up to every inner segment boundary
     for segments, full in zip(rows, fulls):

@@ -1,7 +1,9 @@
-"""Reading records from JSON / JSONL files, each record tagged with ``file:line`` for error messages."""
+"""Reading text files (:func:`read_text`) and records from JSON / JSONL files, each record tagged with ``file:line``
+for error messages."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,23 @@ class Record:
     source: str  # "path:line", used in every error about this row
 
 
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file (training data, prompts, documents): every text input litft reads goes through
+    here, so a byte-order mark is accepted (and dropped) alike for .jsonl, .json and .txt, and bytes that are not
+    UTF-8 are a ValueError naming the file, the line and the byte offset."""
+    data = Path(path).read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at column {column}, byte offset "
+                         f"{offset}: {e.reason}); the file must be UTF-8 (convert it, e.g. with "
+                         "`iconv -f latin1 -t utf-8`)") from None
+
+
 def read_records(path: Path) -> list[Record]:
     """Read a ``.jsonl`` file (one object per line) or a ``.json`` file (a list of objects, or JSONL content).
 
@@ -28,7 +47,7 @@ def read_records(path: Path) -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist" if not path.exists()
                                 else f"dataset path {str(path)!r} is not a file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         records = _read_json_array(path, text)

@@ -134,7 +134,7 @@ def score(
 def accuracy(
     *,
     generations: Path,
-    references: Path,
+    references: Optional[Path] = None,
     extract: Literal["gsm8k", "exact", "regex"] = "gsm8k",
     regex: Optional[str] = None,
     id_field: str = "id",
@@ -147,7 +147,9 @@ def accuracy(
 
     Args:
         generations: JSONL written by ``litft generate --input ... --output ...`` (one object per line).
-        references: JSONL with the expected answers (e.g. the test split the prompts came from).
+        references: JSONL with the expected answers (e.g. the test split the prompts came from). Default: the
+            ``reference`` field of the generations themselves (``litft generate --input`` writes it for rows in a
+            training format, from their response).
         extract: How answers are compared: ``gsm8k`` (number after ``####``, else the last number; by value),
             ``exact`` (whole text, whitespace normalised) or ``regex`` (first match of ``--regex``).
         regex: Pattern for ``--extract regex``; its first matching group (else the whole match) is the answer.
@@ -166,6 +168,8 @@ def accuracy(
 
     _extractor(extract, regex)  # validate the mode before reading files
     gens = _load(Path(generations), generation_field, generation_id_field, "generation")
+    if references is None:
+        references, answer_field, id_field = Path(generations), "reference", generation_id_field
     refs = _load(Path(references), answer_field, id_field, "answer")
     if len(gens) != len(refs):
         raise ValueError(f"{generations} has {len(gens)} rows but {references} has {len(refs)}: "

@@ -362,7 +362,7 @@ def evaluate(
     include_defaults: bool = True,
     max_length: Optional[int] = None,
     max_gen_toks: int = 256,
-    apply_chat_template: bool = False,
+    apply_chat_template: Optional[bool] = None,
     log_samples: bool = False,
     bootstrap_iters: int = 100000,
     device: str = "auto",
@@ -389,6 +389,8 @@ def evaluate(
             prompt-tuned model).
         max_gen_toks: Default most new tokens for generation tasks that do not set their own.
         apply_chat_template: Format prompts with the tokenizer's chat template (instruction-tuned models).
+            Default: as the run that wrote the checkpoint rendered its rows (``final/prompt_format.yaml``): true
+            for a run trained on chat messages, false for other runs and for checkpoints that are not a run's.
         log_samples: Also write every request and response into the results JSON.
         bootstrap_iters: Bootstrap resamples for the stderr of non-mean metrics (0 = skip them).
         device: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ``cuda:1``...
@@ -420,6 +422,11 @@ def evaluate(
 
     if limit is not None and limit >= 1:
         limit = int(limit)
+    if apply_chat_template is None:
+        from litft.data.formats import PromptFormat
+
+        run_format = PromptFormat.load(Path(checkpoint_dir))
+        apply_chat_template = run_format is not None and run_format.format == "chat"
     model = _lm_class()(pretrained=str(checkpoint_dir), batch_size=batch_size, max_length=max_length,
                         max_gen_toks=max_gen_toks, device=device, precision=precision)
     results = lm_eval.simple_evaluate(

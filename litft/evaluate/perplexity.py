@@ -32,11 +32,12 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    from litft.data.loader import read_records, read_text
+
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [read_text(path)]
     if path.suffix not in (".jsonl", ".json"):
         raise ValueError(f"{path}: expected a .txt, .jsonl or .json file")
-    from litft.data.loader import read_records
 
     documents = []
     for r in read_records(path):

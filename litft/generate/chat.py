@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, TextIO
 
+from litft.data.formats import CHAT_ROLES as ROLES
 from litft.generate.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from litft.api import LLM
-
-ROLES = ("system", "user", "assistant", "tool")
 
 HELP = ("Type a message and press Enter. End a line with \\ to continue on the next line. "
         "Ctrl-C stops a reply; /reset clears the history, /exit, Ctrl-D or Ctrl-C at the prompt leaves.")
@@ -31,12 +30,17 @@ def check_messages(messages: Sequence[Any]) -> None:
 
 class ChatSession:
     """A conversation with history. When it outgrows the context, the oldest turns are dropped (the system
-    message stays)."""
+    message stays). A fine-tune run trained on single prompt/response rows (alpaca, instruction, template, ...:
+    its ``final/prompt_format.yaml``) answers each message alone, rendered as training rendered a prompt."""
 
     def __init__(self, llm: "LLM", params: SamplingParams, system: Optional[str] = None) -> None:
         self.llm = llm
         self.params = params
         self.system = system
+        self.single_turn = llm.prompt_format is not None and llm.prompt_format.format != "chat"
+        if self.single_turn and system:
+            raise ValueError(f"a system message is for chat models; {llm.checkpoint_dir} was trained on "
+                             f"{llm.prompt_format.format!r} rows, which have none")  # type: ignore[union-attr]
         self.messages: list[dict[str, str]] = []
         self.dropped = 0  # messages dropped so far to fit the context
         self.reset()
@@ -49,13 +53,22 @@ class ChatSession:
         if not text.strip():
             raise ValueError("the message is empty")
         messages = self.messages + [{"role": "user", "content": text}]
-        ids = self._fit(messages)
+        if self.single_turn:  # each message alone, as the run's rows rendered their prompts
+            messages = []
+            ids = self.llm.encode_chat([{"role": "user", "content": text}])
+            limit = self.llm.engine.max_seq_length - self.params.max_new_tokens
+            if len(ids) > limit:
+                raise ValueError(f"the message is {len(ids)} tokens in the run's prompt format, more than the "
+                                 f"{limit} the context leaves after max_new_tokens={self.params.max_new_tokens}")
+        else:
+            ids = self._fit(messages)
         request = self.llm.engine.new_request(ids, self.params)
         reply = []
         for piece in self.llm.engine.stream(request):
             reply.append(piece)
             yield piece
-        self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
+        if not self.single_turn:
+            self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]
 
     def _fit(self, messages: list[dict[str, str]]) -> list[int]:
         limit = self.llm.engine.max_seq_length - self.params.max_new_tokens

@@ -406,6 +406,7 @@ def fit(
 
     # ---- data (bad rows, empty files, missing chat templates fail here, before any write)
     from litft.data import BatchIterator, load_datasets
+    from litft.data.formats import PromptFormat
     from litft.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(checkpoint_dir)
@@ -736,6 +737,7 @@ def fit(
     if rank_zero:
         with _atomic_overwrite(final_dir) as tmp:
             ckpt.write_model_files(final_model, tmp, save_weights, checkpoint_dir, base_dir, method.name)
+            PromptFormat.of(stats.format, data).save(tmp)  # how rows were rendered: generation renders prompts alike
             if method.finalize is not None:
                 method.finalize(final_model, tmp)
         mem_kind, mem = peak_memory(fabric.device)

@@ -219,7 +219,7 @@ def read_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict], Optional[float
         full = params.get("full_attention") or {}
         sliding = params.get("sliding_attention") or {}
         theta = full.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = _scaling(full, hf)
+        scaling = _scaling(full, hf, per_layer=True)
         local_theta = sliding.get("rope_theta", local_theta)
         return float(theta), scaling, None if local_theta is None else float(local_theta)
     if isinstance(params, dict):
@@ -230,14 +230,40 @@ def read_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict], Optional[float
     return float(theta), scaling, None if local_theta is None else float(local_theta)
 
 
-def _scaling(params: dict[str, Any], hf: dict[str, Any]) -> Optional[dict]:
+# the keys each RoPE scaling type needs in config.json's rope_scaling / rope_parameters (as transformers validates them)
+ROPE_REQUIRED_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                      "longrope": ("short_factor", "long_factor")}
+_ORIGINAL_MAX = "original_max_position_embeddings"
+
+
+def _scaling(params: dict[str, Any], hf: dict[str, Any], per_layer: bool = False) -> Optional[dict]:
+    """The rope scaling dict of one rope_parameters/rope_scaling entry; unsupported types and missing keys are
+    refused naming the key. A missing ``original_max_position_embeddings`` is filled as transformers does: the
+    top-level key of config.json when present (it wins over the nested one, as for Phi-3), else
+    ``max_position_embeddings``."""
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return None
+    if kind not in ROPE_REQUIRED_KEYS:
+        raise ValueError(f"config.json: rope_scaling rope_type {kind!r} is not supported (supported: default, "
+                         f"{', '.join(ROPE_REQUIRED_KEYS)})")
+    missing = [key for key in ROPE_REQUIRED_KEYS[kind] if key not in params]
+    if missing:
+        raise ValueError(f"config.json: rope_scaling of rope_type {kind!r} has no {missing[0]!r} (it needs "
+                         f"{', '.join(ROPE_REQUIRED_KEYS[kind])})")
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
     scaling["rope_type"] = kind
-    if kind in ("longrope", "yarn") and "original_max_position_embeddings" not in scaling:
-        scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
+    if kind in ("llama3", "longrope", "yarn"):
+        top_level = None if per_layer else hf.get(_ORIGINAL_MAX)
+        if top_level is not None:
+            scaling[_ORIGINAL_MAX] = top_level
+        elif scaling.get(_ORIGINAL_MAX) is None:
+            scaling[_ORIGINAL_MAX] = hf.get("max_position_embeddings")
+        if not isinstance(scaling[_ORIGINAL_MAX], int) or scaling[_ORIGINAL_MAX] <= 0:
+            raise ValueError(f"config.json: rope_scaling of rope_type {kind!r} needs {_ORIGINAL_MAX!r} (or "
+                             "'max_position_embeddings') as a positive integer, got "
+                             f"{scaling[_ORIGINAL_MAX]!r}")
     return scaling
 
 
