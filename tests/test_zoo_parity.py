@@ -118,7 +118,7 @@ def test_numeric_constants_come_from_config_json(converted):
 
 # ------------------------------------------------------------------------------ nothing keyed on model names
 
-_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo")
+_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo", "gpt_oss", "gpt-oss")
 _ALLOWED_LITERALS = {"llama3"}  # an HF rope_type value, read from config.json like any other field
 _NAME_FIELDS = {"name", "hf_id", "model_name", "repo_id", "model_id", "name_or_path", "_name_or_path"}
 _STRING_TESTS = {"startswith", "endswith", "match", "search", "fullmatch", "find", "index", "count"}
@@ -235,7 +235,7 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
     assert json.loads((out / "config.json").read_text())["model_type"] == variant
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
@@ -267,8 +267,10 @@ def test_named_configs_build_the_transformers_model_with_the_same_weights(model_
         if config.tie_embeddings:
             ours.pop("lm_head.weight")
             theirs.pop("lm_head.weight", None)
+        from litft.convert.hf import native_tensors_to_hf
+
         mapped = _fuse_experts_as_transformers_holds_them(
-            {family.native_to_hf(k)[2]: tuple(v.shape) for k, v in ours.items()})
+            {k: tuple(v.shape) for k, v in native_tensors_to_hf(Path(config.name), config, state=ours)})
         assert mapped == {k: tuple(v.shape) for k, v in theirs.items()}, config.name
 
 
