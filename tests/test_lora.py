@@ -109,6 +109,8 @@ CASES = {
     "smollm3-all-linear": ("smollm3", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
     # PEFT reaches attention only: transformers holds the experts as 3-D parameters (see the test below)
     "qwen3_moe-attention": ("qwen3_moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
+    # attention with biases and sinks (the experts are 3-D parameters in transformers, as for Qwen3-MoE)
+    "gpt_oss-attention": ("gpt_oss", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
 }
 
 

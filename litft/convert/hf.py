@@ -62,7 +62,8 @@ class _HFSource:
 
     An MXFP4 checkpoint (``quantization_config.quant_method`` "mxfp4", gpt-oss) stores some tensors as a pair
     ``<name>_blocks`` (packed 4-bit values) + ``<name>_scales`` (one power-of-two exponent per 32 values): the pair
-    reads as ``<name>``, dequantized to bfloat16 (exact) by transformers' ``convert_moe_packed_tensors``."""
+    reads as ``<name>``, dequantized by transformers' ``convert_moe_packed_tensors`` to the dtype of the checkpoint's
+    other floating-point tensors (bfloat16 in the released ones: exact)."""
 
     def __init__(self, hf_dir: Path) -> None:
         quant = read_hf_config(hf_dir).get("quantization_config")
@@ -88,6 +89,15 @@ class _HFSource:
             yield f, {k: (lambda v=v: v) for k, v in state.items()}
 
 
+    def _plain_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's first floating-point tensor that is not MXFP4 (bfloat16 if none is)."""
+        for key in self.reader.keys():
+            if not key.endswith(("_blocks", "_scales")):
+                tensor = self.reader.get(key)
+                if tensor.is_floating_point():
+                    return tensor.dtype
+        return torch.bfloat16
+
     def _dequantized(self, f: Path, getters: dict[str, Any]) -> dict[str, Any]:
         """``getters`` with every ``_blocks``/``_scales`` pair (scales in any shard) replaced by its dequantized
         tensor; a lone half of a pair is an error."""
@@ -104,7 +114,7 @@ class _HFSource:
             if name + "_scales" not in self.reader.location:
                 raise ValueError(f"{f}: MXFP4 tensor {key!r} has no {name + '_scales'!r} in the checkpoint")
             out[name] = lambda name=name: convert_moe_packed_tensors(
-                self.reader.get(name + "_blocks"), self.reader.get(name + "_scales"), dtype=torch.bfloat16)
+                self.reader.get(name + "_blocks"), self.reader.get(name + "_scales"), dtype=self._plain_dtype())
         for key in getters:
             if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" not in self.reader.location:
                 raise ValueError(f"{f}: MXFP4 tensor {key!r} has no {key.removesuffix('_scales') + '_blocks'!r} "
