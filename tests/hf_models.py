@@ -64,8 +64,9 @@ FAMILY_VARIANTS = {
     "gpt_oss": ("gpt_oss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                                 swiglu_alpha=1.5, swiglu_limit=0.5, rms_norm_eps=1e-6, eos_token_id=2,
                                 pad_token_id=0,
-                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
-                                                 "beta_slow": 1.0, "truncate": False, "rope_theta": 20000.0,
+                                # betas that put the YaRN ramp between dims, where truncation would change it
+                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 4.0,
+                                                 "beta_slow": 0.5, "truncate": False, "rope_theta": 20000.0,
                                                  "original_max_position_embeddings": 16})),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),

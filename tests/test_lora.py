@@ -114,6 +114,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("proj", ["gate_proj", "up_proj", "down_proj"])
+def test_expert_lora_of_stacked_experts_has_no_peft_name(proj):
+    """gpt-oss stacks every expert in one transformers tensor (gate and up interleaved): a LoRA on one expert's
+    projection is refused by name, never written under the stacked tensor's name."""
+    with pytest.raises(ValueError, match="mixture-of-experts weights are 3-D parameters in transformers"):
+        lora_name_to_peft(f"blocks.0.mlp.experts.1.{proj}.lora_A.weight", "gpt_oss")
+    assert lora_name_to_peft("blocks.0.attn.q_proj.lora_A.weight", "gpt_oss").endswith("self_attn.q_proj.lora_A.weight")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_grads_and_merge_match_peft(tiny, case):
     variant, args = CASES[case]
