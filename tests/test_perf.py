@@ -95,6 +95,11 @@ def test_flex_attention_is_refused_for_a_model_with_attention_sinks():
     with pytest.raises(ValueError, match=r"attention='flex' cannot train here: this model has attention sinks "
                                          r"\(attention_sinks: true\)"):
         resolve_attention("flex", cuda, sinks)
+    # the model itself never computes a BlockMask attention without its sinks
+    model = tiny(attention_sinks=True)
+    model.attention_backend = "flex"
+    with pytest.raises(ValueError, match="FlexAttention has no attention sinks"):
+        model(torch.zeros(1, 8, dtype=torch.long), segment_ids=torch.ones(1, 8, dtype=torch.long))
 
 
 def test_cpu_refuses_flex_attention_and_activation_offloading_clearly():

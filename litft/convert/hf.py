@@ -90,12 +90,12 @@ class _HFSource:
 
 
     def _plain_dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's first floating-point tensor that is not MXFP4 (bfloat16 if none is)."""
+        """The dtype of the checkpoint's first floating-point tensor that is not MXFP4 (bfloat16 if none is), read
+        from the headers."""
+        floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         for key in self.reader.keys():
-            if not key.endswith(("_blocks", "_scales")):
-                tensor = self.reader.get(key)
-                if tensor.is_floating_point():
-                    return tensor.dtype
+            if not key.endswith(("_blocks", "_scales")) and self.reader.dtype_name(key) in floats:
+                return floats[self.reader.dtype_name(key)]
         return torch.bfloat16
 
     def _dequantized(self, f: Path, getters: dict[str, Any]) -> dict[str, Any]:
