@@ -95,6 +95,25 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
+def test_gpt_oss_gradients_match_transformers_for_every_tensor(tmp_path):
+    """The backward through sinks, biases, the router bias and the clamped SwiGLU: litft's gradients, mapped to
+    transformers' names by the weight table (experts stacked, gate and up interleaved), equal transformers'."""
+    from litft.convert.hf import native_tensors_to_hf
+
+    hf_model = make_hf_model("gpt_oss", tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens(5)
+    model(idx).pow(2).mean().backward()
+    hf_model(idx).logits.pow(2).mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    ours = dict(native_tensors_to_hf(tmp_path / "native", model.config, state=grads))
+    theirs = {name: p.grad for name, p in hf_model.named_parameters()}
+    assert sorted(ours) == sorted(theirs)
+    for name, grad in theirs.items():
+        assert (ours[name] - grad).abs().max() <= TOL * max(1.0, grad.abs().max().item()), name
+    assert all(theirs[f"model.layers.{i}.self_attn.sinks"].abs().sum() > 0 for i in range(len(model.blocks)))
+
+
 def test_numeric_constants_come_from_config_json(converted):
     """Norm epsilon, RoPE bases and softcaps are the checkpoint's, never a family default copied by hand."""
     import json
