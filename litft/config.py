@@ -43,6 +43,8 @@ class Config:
     qk_norm_across_heads: bool = False  # with qk_norm: one RMSNorm over the whole q and k projections (OLMo 2)
     query_pre_attn_scalar: Optional[float] = None  # scores are scaled by this ** -0.5; None = head_size (Gemma 2/3)
     attn_logit_softcapping: Optional[float] = None  # Gemma 2
+    # a learned logit per head as one more softmax column: it takes probability mass and adds no value (gpt-oss)
+    attention_sinks: bool = False
     sliding_window: Optional[int] = None  # window size for layers of type "sliding"
     # per-layer attention kind: "full" or "sliding"; None = all "sliding" if sliding_window else all "full"
     layer_types: Optional[list[str]] = None
@@ -62,11 +64,16 @@ class Config:
     pre_block_norms: bool = True  # norms before attention and before the MLP; False: only the post norms (OLMo 2)
 
     # MLP
-    mlp_activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"
+    # "clamped_swiglu" (gpt-oss): gate clamped above at swiglu_limit, up clamped to +-swiglu_limit,
+    # (up + 1) * gate * sigmoid(swiglu_alpha * gate)
+    mlp_activation: Literal["silu", "gelu_tanh", "gelu", "clamped_swiglu"] = "silu"
+    swiglu_alpha: Optional[float] = None
+    swiglu_limit: Optional[float] = None
     mlp_bias: bool = False
     n_expert: int = 0  # > 0: mixture of experts (Mixtral, Qwen3-MoE)
     n_expert_per_token: int = 0
     moe_normalize_topk: bool = True  # the top-k routing weights are renormalised to sum to 1
+    moe_router_bias: bool = False  # the router has a bias (gpt-oss)
     moe_intermediate_size: Optional[int] = None  # each expert's hidden size; None = intermediate_size
     moe_dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP among the MoE ones
 
@@ -113,6 +120,11 @@ class Config:
             raise ValueError("qk_norm_across_heads needs qk_norm")
         if not self.pre_block_norms and not self.post_block_norms:
             raise ValueError("pre_block_norms and post_block_norms are both false: a block needs norms somewhere")
+        clamped = self.mlp_activation == "clamped_swiglu"
+        if clamped != (self.swiglu_alpha is not None) or clamped != (self.swiglu_limit is not None):
+            raise ValueError("swiglu_alpha and swiglu_limit are set exactly when mlp_activation is 'clamped_swiglu' "
+                             f"(got mlp_activation={self.mlp_activation!r}, swiglu_alpha={self.swiglu_alpha}, "
+                             f"swiglu_limit={self.swiglu_limit})")
         if not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
 

@@ -72,6 +72,8 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
+            elif isinstance(module, CausalSelfAttention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -259,6 +261,8 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = (config.query_pre_attn_scalar or hs) ** -0.5
+        # attention sinks: one learned logit per head, an extra softmax column (see ``attend``)
+        self.sinks = nn.Parameter(torch.zeros(nh)) if config.attention_sinks else None
         self.kv_cache: Optional[KVCache] = None
         # PEFT hook (LLaMA-Adapter): ``adapter(attn, q)`` returns a term added to the attention output (B, nh, T, hs)
         self.adapter: Optional[nn.Module] = None
@@ -295,28 +299,38 @@ class CausalSelfAttention(nn.Module):
         return (out, own_kv) if return_kv else out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(q k^T * scale, masked) v over (B, nh, T, hs) queries and (B, ng, S, hs) keys/values; with
+        softcapping the scores are capped before the mask, with sinks each head's sink logit is one more column of
+        the softmax, dropped after it (it sees every query, so a row never has all its columns masked)."""
         cap = self.config.attn_logit_softcapping
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            if self.sinks is not None:
+                raise ValueError("FlexAttention has no attention sinks: use attention 'sdpa' for this model")
             from litft.attention import flex_attend
 
             return flex_attend(q, k, v, mask, self.scale, cap)
-        if cap is None:
+        if cap is None and self.sinks is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
             )
-        # softcapping needs the scores themselves: cap them, then mask them (never add a mask to capped scores)
+        # the scores themselves: cap them, then mask them (never add a mask to capped scores), then the sinks
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-2, -1)) * self.scale
-        scores = torch.tanh(scores / cap) * cap
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
         if mask is None:
             T, S = scores.shape[-2:]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return probs @ v
+        if self.sinks is None:
+            return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        B, nh, T, _ = scores.shape
+        sink = self.sinks.to(scores.dtype).view(1, nh, 1, 1).expand(B, nh, T, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)
+        return probs[..., :-1].to(q.dtype) @ v
 
 
 def build_attention_mask(
@@ -386,9 +400,15 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(config.n_embd, size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(size, config.n_embd, bias=config.mlp_bias)
         self.activation = config.mlp_activation
+        self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(activate(self.gate_proj(x), self.activation) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.activation == "clamped_swiglu":
+            gate = gate.clamp(max=self.swiglu_limit)
+            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+            return self.down_proj((up + 1) * gate * torch.sigmoid(gate * self.swiglu_alpha))
+        return self.down_proj(activate(gate, self.activation) * up)
 
 
 def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -402,7 +422,7 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Sparse mixture of gated-MLP experts with top-k softmax routing (Mixtral, Qwen3-MoE).
+    """Sparse mixture of gated-MLP experts with top-k softmax routing (Mixtral, Qwen3-MoE, gpt-oss).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
     on its contiguous group of rows, and every token's k outputs are summed with their routing weights.
@@ -410,7 +430,7 @@ class MoE(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=config.moe_router_bias)
         size = config.moe_intermediate_size or config.intermediate_size
         self.experts = nn.ModuleList(GatedMLP(config, size) for _ in range(config.n_expert))
         self.top_k = config.n_expert_per_token

@@ -93,6 +93,10 @@ class SafetensorsReader:
             n *= d
         return n * _DTYPE_SIZES.get(s.get_dtype(), 4)
 
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype of a tensor ("BF16", "F32", "U8", ...), read from the header alone."""
+        return self._handles[self.location[key]].get_slice(key).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._handles[self.location[key]].get_tensor(key)

@@ -59,6 +59,15 @@ FAMILY_VARIANTS = {
     # explicit NoPE flags and sliding layers (transformers slides the NoPE layers 0 and 2)
     "smollm3-sliding": ("smollm3", dict(no_rope_layers=[0, 1, 0], use_sliding_window=True, sliding_window=4,
                                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # attention sinks, biases everywhere (made non-zero below), top-2 of 4 experts, sliding layers (window 4)
+    # alternating with full ones, YaRN without truncation, a clamp that binds at this scale
+    "gpt_oss": ("gpt_oss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                swiglu_alpha=1.5, swiglu_limit=0.5, rms_norm_eps=1e-6, eos_token_id=2,
+                                pad_token_id=0,
+                                # betas that put the YaRN ramp between dims, where truncation would change it
+                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 4.0,
+                                                 "beta_slow": 0.5, "truncate": False, "rope_theta": 20000.0,
+                                                 "original_max_position_embeddings": 16})),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),
@@ -79,10 +88,10 @@ def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dty
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
-    with torch.no_grad():  # non-trivial norm weights so that norm variants are really exercised
+    with torch.no_grad():  # non-trivial norm weights, biases and sinks so that they are really exercised
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+            if "norm" in name or name.endswith(("bias", "sinks")):
+                p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
     model.eval()
     model.save_pretrained(directory)
     return model

@@ -97,18 +97,29 @@ def test_first_fit_matches_reference_and_never_splits():
         first_fit([5, 40], 32)
 
 
-def tiny_gpt():
+# gpt-oss's features: attention sinks (non-zero below), biases, MoE with a router bias and the clamped SwiGLU
+SINKS = dict(attn_logit_softcapping=None, final_logit_softcapping=None, post_block_norms=False, attention_sinks=True,
+             attention_bias=True, attention_out_bias=True, mlp_bias=True, n_expert=4, n_expert_per_token=2,
+             moe_router_bias=True, mlp_activation="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=0.5)
+
+
+def tiny_gpt(**overrides):
     from litft.config import Config
     from litft.model import GPT
 
     # sliding-window + full layers, softcapping: attention masking has to be right on every path
-    config = Config(vocab_size=64, block_size=64, n_layer=3, n_embd=32, n_head=4, n_query_groups=2,
-                    intermediate_size=48, sliding_window=5, layer_types=["sliding", "full", "sliding"],
-                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, post_block_norms=True)
+    config = Config(**{**dict(vocab_size=64, block_size=64, n_layer=3, n_embd=32, n_head=4, n_query_groups=2,
+                              intermediate_size=48, sliding_window=5, layer_types=["sliding", "full", "sliding"],
+                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0, post_block_norms=True),
+                       **overrides})
     torch.manual_seed(0)
     model = GPT(config)
     model.reset_parameters(std=0.1)
     model.init_buffers()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "bias")):
+                p.normal_(std=1.0 if name.endswith("sinks") else 0.1)
     return model.eval()
 
 
@@ -123,8 +134,9 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_losses(model, batch).double().sum()
 
 
-def test_packed_loss_equals_unpacked_loss():
-    model = tiny_gpt()
+@pytest.mark.parametrize("features", [{}, SINKS], ids=["softcap", "sinks-moe"])
+def test_packed_loss_equals_unpacked_loss(features):
+    model = tiny_gpt(**features)
     samples = random_samples([7, 12, 3, 9, 15, 5, 11, 2, 8], seed=3)
     with torch.no_grad():
         padded = sum(token_loss_sum(model, b) for b in BatchIterator(samples, 2, 24, pad_id=0, shuffle=False))

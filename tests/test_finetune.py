@@ -183,6 +183,9 @@ NEW_ARCHITECTURES = {
     "olmo2": {},
     "olmo3": dict(sliding_window=4, layer_types=["sliding", "full"], rope_local_theta=1000.0),
     "smollm3": dict(nope_layers=[1]),
+    # sinks, biases, router bias, clamped SwiGLU (traits); sliding and full layers; LoRA on every expert
+    "gpt_oss": dict(n_expert=4, n_expert_per_token=2, sliding_window=4, layer_types=["sliding", "full"],
+                    attention_bias=True, attention_out_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0),
 }
 
 

@@ -111,7 +111,7 @@ def test_continuous_batching_equals_alone(llama) -> None:
     assert all(r.finish_reason == "length" for r in together)
 
 
-@pytest.mark.parametrize("variant", ["gemma2", "phi3", "olmo3", "smollm3-sliding", "qwen3_moe"])
+@pytest.mark.parametrize("variant", ["gemma2", "phi3", "olmo3", "smollm3-sliding", "qwen3_moe", "gpt_oss"])
 def test_requests_join_a_running_batch_and_the_cache_shifts(variant: str, tmp_path: Path) -> None:
     """The step-wise API a server schedules with: a longer prompt joins mid-decode (slots shift right), the cache
     fills up (slots shift left); sliding windows, softcapping, LongRoPE, NoPE layers and MoE routing still give the
@@ -176,9 +176,9 @@ def test_a_step_decodes_only_the_rows_in_use(llama) -> None:
     assert engine.last_step_rows == 1  # the longest request ended alone in row 0
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "gemma3", "gpt_oss"])
 def test_chunked_prefill_equals_one_shot(variant: str, tmp_path: Path) -> None:
-    """Prompts longer than the sliding window (4 tokens for mistral, gemma2 and gemma3) prefilled 3 tokens at a
+    """Prompts longer than the sliding window (4 tokens for mistral, gemma2, gemma3 and gpt_oss) prefilled 3 tokens at a
     time give the tokens of a one-shot prefill."""
     make_hf_model(variant, tmp_path / "hf")
     model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))

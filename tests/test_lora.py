@@ -109,7 +109,18 @@ CASES = {
     "smollm3-all-linear": ("smollm3", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
     # PEFT reaches attention only: transformers holds the experts as 3-D parameters (see the test below)
     "qwen3_moe-attention": ("qwen3_moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
+    # attention with biases and sinks (the experts are 3-D parameters in transformers, as for Qwen3-MoE)
+    "gpt_oss-attention": ("gpt_oss", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
 }
+
+
+@pytest.mark.parametrize("proj", ["gate_proj", "up_proj", "down_proj"])
+def test_expert_lora_of_stacked_experts_has_no_peft_name(proj):
+    """gpt-oss stacks every expert in one transformers tensor (gate and up interleaved): a LoRA on one expert's
+    projection is refused by name, never written under the stacked tensor's name."""
+    with pytest.raises(ValueError, match="mixture-of-experts weights are 3-D parameters in transformers"):
+        lora_name_to_peft(f"blocks.0.mlp.experts.1.{proj}.lora_A.weight", "gpt_oss")
+    assert lora_name_to_peft("blocks.0.attn.q_proj.lora_A.weight", "gpt_oss").endswith("self_attn.q_proj.lora_A.weight")
 
 
 @pytest.mark.parametrize("case", list(CASES))

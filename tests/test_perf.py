@@ -86,6 +86,22 @@ def test_checkpointing_setting_accepts_booleans_and_names():
             TrainArgs(**bad).validate()
 
 
+def test_flex_attention_is_refused_for_a_model_with_attention_sinks():
+    """litft's FlexAttention path has no sinks: auto picks SDPA for such a model, flex is refused by name (the check
+    needs only the device type, so a CUDA device object shows it here)."""
+    cuda = torch.device("cuda")
+    sinks = Config(n_layer=1, n_embd=32, n_head=2, intermediate_size=64, attention_sinks=True)
+    assert resolve_attention("auto", cuda, sinks) == "sdpa"
+    with pytest.raises(ValueError, match=r"attention='flex' cannot train here: this model has attention sinks "
+                                         r"\(attention_sinks: true\)"):
+        resolve_attention("flex", cuda, sinks)
+    # the model itself never computes a BlockMask attention without its sinks
+    model = tiny(attention_sinks=True)
+    model.attention_backend = "flex"
+    with pytest.raises(ValueError, match="FlexAttention has no attention sinks"):
+        model(torch.zeros(1, 8, dtype=torch.long), segment_ids=torch.ones(1, 8, dtype=torch.long))
+
+
 def test_cpu_refuses_flex_attention_and_activation_offloading_clearly():
     assert resolve_attention("auto", CPU) == "sdpa"
     with pytest.raises(ValueError, match="attention='flex'.*no backward.*cpu"):

@@ -95,6 +95,25 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
+def test_gpt_oss_gradients_match_transformers_for_every_tensor(tmp_path):
+    """The backward through sinks, biases, the router bias and the clamped SwiGLU: litft's gradients, mapped to
+    transformers' names by the weight table (experts stacked, gate and up interleaved), equal transformers'."""
+    from litft.convert.hf import native_tensors_to_hf
+
+    hf_model = make_hf_model("gpt_oss", tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens(5)
+    model(idx).pow(2).mean().backward()
+    hf_model(idx).logits.pow(2).mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    ours = dict(native_tensors_to_hf(tmp_path / "native", model.config, state=grads))
+    theirs = {name: p.grad for name, p in hf_model.named_parameters()}
+    assert sorted(ours) == sorted(theirs)
+    for name, grad in theirs.items():
+        assert (ours[name] - grad).abs().max() <= TOL * max(1.0, grad.abs().max().item()), name
+    assert all(theirs[f"model.layers.{i}.self_attn.sinks"].abs().sum() > 0 for i in range(len(model.blocks)))
+
+
 def test_numeric_constants_come_from_config_json(converted):
     """Norm epsilon, RoPE bases and softcaps are the checkpoint's, never a family default copied by hand."""
     import json
@@ -118,7 +137,7 @@ def test_numeric_constants_come_from_config_json(converted):
 
 # ------------------------------------------------------------------------------ nothing keyed on model names
 
-_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo")
+_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo", "gpt_oss", "gpt-oss")
 _ALLOWED_LITERALS = {"llama3"}  # an HF rope_type value, read from config.json like any other field
 _NAME_FIELDS = {"name", "hf_id", "model_name", "repo_id", "model_id", "name_or_path", "_name_or_path"}
 _STRING_TESTS = {"startswith", "endswith", "match", "search", "fullmatch", "find", "index", "count"}
@@ -235,7 +254,7 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
     assert json.loads((out / "config.json").read_text())["model_type"] == variant
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
@@ -267,8 +286,10 @@ def test_named_configs_build_the_transformers_model_with_the_same_weights(model_
         if config.tie_embeddings:
             ours.pop("lm_head.weight")
             theirs.pop("lm_head.weight", None)
+        from litft.convert.hf import native_tensors_to_hf
+
         mapped = _fuse_experts_as_transformers_holds_them(
-            {family.native_to_hf(k)[2]: tuple(v.shape) for k, v in ours.items()})
+            {k: tuple(v.shape) for k, v in native_tensors_to_hf(Path(config.name), config, state=ours)})
         assert mapped == {k: tuple(v.shape) for k, v in theirs.items()}, config.name
 
 
@@ -292,3 +313,71 @@ def _fuse_experts_as_transformers_holds_them(shapes: dict[str, tuple]) -> dict[s
         out[f"{prefix}.gate_up_proj"] = (n, 2 * inter, hidden)
         out[f"{prefix}.down_proj"] = (n, hidden, inter)
     return out
+
+
+def _mxfp4_checkpoint(directory: Path):
+    """The tiny gpt-oss checkpoint with its expert weights stored as transformers' MXFP4 checkpoints hold them:
+    ``<name>_blocks`` (E, out, in/32, 16) packed 4-bit values and ``<name>_scales`` (E, out, in/32) exponents + 127,
+    and ``quantization_config`` in config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    make_hf_model("gpt_oss", directory)
+    state = load_file(directory / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for k in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        n_expert, fan_in, fan_out = state.pop(k).shape
+        state[k + "_blocks"] = torch.randint(0, 256, (n_expert, fan_out, fan_in // 32, 16), dtype=torch.uint8,
+                                             generator=g)
+        state[k + "_scales"] = torch.randint(122, 126, (n_expert, fan_out, fan_in // 32), dtype=torch.uint8,
+                                             generator=g)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    hf = json.loads((directory / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (directory / "config.json").write_text(json.dumps(hf))
+
+
+def test_mxfp4_experts_are_dequantized_on_import_and_exported_plain(tmp_path):
+    """gpt-oss's MXFP4 expert weights: litft's import equals transformers' own dequantization (its MXFP4 loader
+    with dequantize=True) weight for weight and in the logits; to_hf writes the plain weights, no quantization."""
+    import json
+
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    _mxfp4_checkpoint(tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=Mxfp4Config(dequantize=True),
+                                                  dtype=torch.float32, attn_implementation="eager").eval()
+    native = convert_from_hf(tmp_path / "hf", tmp_path / "native")
+    ours = load_model(native)
+    for i, block in enumerate(ours.blocks):
+        experts = theirs.model.layers[i].mlp.experts
+        for e, expert in enumerate(block.mlp.experts):
+            assert torch.equal(expert.gate_proj.weight, experts.gate_up_proj[e, :, 0::2].T), (i, e)
+            assert torch.equal(expert.up_proj.weight, experts.gate_up_proj[e, :, 1::2].T), (i, e)
+            assert torch.equal(expert.down_proj.weight, experts.down_proj[e].T), (i, e)
+    idx = _tokens(6)
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= TOL
+    out = convert_to_hf(native, tmp_path / "plain")
+    exported = load_file(out / "model.safetensors")
+    assert not [k for k in exported if k.endswith(("_blocks", "_scales"))]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    for name, p in theirs.state_dict().items():
+        assert torch.equal(exported[name], p), name
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (reloaded(idx).logits - theirs(idx).logits).abs().max().item() <= TOL
+
+
+def test_an_unknown_quantization_of_gpt_oss_is_refused_by_name(tmp_path):
+    import json
+
+    make_hf_model("gpt_oss", tmp_path / "hf")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "fp8"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"quantization_config.quant_method='fp8' is not a format litft imports"):
+        convert_from_hf(tmp_path / "hf", tmp_path / "native")
+    assert not (tmp_path / "native").exists()

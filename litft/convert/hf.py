@@ -58,9 +58,16 @@ def hf_config_to_config(hf_dir: Path, name: str = "", hf_id: str = "") -> Config
 
 
 class _HFSource:
-    """Tensors of an HF checkpoint (safetensors, or legacy .bin loaded with weights_only=True)."""
+    """Tensors of an HF checkpoint (safetensors, or legacy .bin loaded with weights_only=True).
+
+    An MXFP4 checkpoint (``quantization_config.quant_method`` "mxfp4", gpt-oss) stores some tensors as a pair
+    ``<name>_blocks`` (packed 4-bit values) + ``<name>_scales`` (one power-of-two exponent per 32 values): the pair
+    reads as ``<name>``, dequantized by transformers' ``convert_moe_packed_tensors`` to the dtype of the checkpoint's
+    other floating-point tensors (bfloat16 in the released ones: exact)."""
 
     def __init__(self, hf_dir: Path) -> None:
+        quant = read_hf_config(hf_dir).get("quantization_config")
+        self.mxfp4 = isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
         files = weight_files(hf_dir)
         self.reader: Optional[SafetensorsReader] = SafetensorsReader(files) if files else None
         self.bins: list[Path] = []
@@ -73,10 +80,46 @@ class _HFSource:
         """(file, lazy tensor getter per name) for each shard."""
         if self.reader is not None:
             for f in self.reader.files:
-                yield f, {k: (lambda k=k: self.reader.get(k)) for k in self.reader.keys_in(f)}
+                getters = {k: (lambda k=k: self.reader.get(k)) for k in self.reader.keys_in(f)}
+                if self.mxfp4:
+                    getters = self._dequantized(f, getters)
+                yield f, getters
         for f in self.bins:
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             yield f, {k: (lambda v=v: v) for k, v in state.items()}
+
+
+    def _plain_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's first floating-point tensor that is not MXFP4 (bfloat16 if none is), read
+        from the headers."""
+        floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        for key in self.reader.keys():
+            if not key.endswith(("_blocks", "_scales")) and self.reader.dtype_name(key) in floats:
+                return floats[self.reader.dtype_name(key)]
+        return torch.bfloat16
+
+    def _dequantized(self, f: Path, getters: dict[str, Any]) -> dict[str, Any]:
+        """``getters`` with every ``_blocks``/``_scales`` pair (scales in any shard) replaced by its dequantized
+        tensor; a lone half of a pair is an error."""
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        out = {}
+        for key, get in getters.items():
+            if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" in self.reader.location:
+                continue  # read with its blocks
+            if not key.endswith("_blocks"):
+                out[key] = get
+                continue
+            name = key.removesuffix("_blocks")
+            if name + "_scales" not in self.reader.location:
+                raise ValueError(f"{f}: MXFP4 tensor {key!r} has no {name + '_scales'!r} in the checkpoint")
+            out[name] = lambda name=name: convert_moe_packed_tensors(
+                self.reader.get(name + "_blocks"), self.reader.get(name + "_scales"), dtype=self._plain_dtype())
+        for key in getters:
+            if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" not in self.reader.location:
+                raise ValueError(f"{f}: MXFP4 tensor {key!r} has no {key.removesuffix('_scales') + '_blocks'!r} "
+                                 "in the checkpoint")
+        return out
 
 
 def hf_tensors_to_native(
@@ -98,7 +141,11 @@ def hf_tensors_to_native(
             if natives == ("lm_head.weight",) and config.tie_embeddings:
                 continue  # a tied head is the embedding; some checkpoints store a copy
             tensor = get()
-            parts = tensor.split(rule.split(config), dim=0) if rule.split else (tensor,)
+            natives = rule.part_names(natives, config)
+            if rule.unstack is not None and (tensor.dim() < 2 or tensor.shape[0] != config.n_expert):
+                raise ValueError(f"{path}: tensor {hf_key!r} of shape {list(tensor.shape)} should stack "
+                                 f"{config.n_expert} experts along dim 0 as config.json implies")
+            parts = rule.to_native(tensor, config)
             if len(parts) != len(natives) or (rule.split and sum(rule.split(config)) != tensor.shape[0]):
                 raise ValueError(f"{path}: tensor {hf_key!r} of shape {list(tensor.shape)} cannot be split into "
                                  f"{rule.split(config)} as config.json implies")
@@ -175,13 +222,12 @@ def native_tensors_to_hf(
         if match is None:
             raise ValueError(f"{checkpoint_dir}: tensor {name!r} has no {family.architecture} name")
         rule, part, hf_key = match
-        plan.setdefault(hf_key, [None] * len(rule.natives))[part] = name
+        plan.setdefault(hf_key, [None] * len(rule.part_names(rule.natives, config)))[part] = name
         rules[hf_key] = rule
     for hf_key, parts in plan.items():
         if None in parts:
             raise ValueError(f"{checkpoint_dir}: {hf_key!r} needs {rules[hf_key].natives} but some are missing")
-        tensors = [get(p) for p in parts]
-        tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        tensor = rules[hf_key].to_hf([get(p) for p in parts], config)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         yield hf_key, tensor

@@ -505,14 +505,14 @@ def lora_name_to_peft(name: str, family: Any) -> str:
     if match is None:
         raise ValueError(f"{name!r}: {m['module']} has no {fam.architecture} counterpart")
     rule, _, hf_key = match
+    if "{e}" in rule.hf or rule.unstack is not None:  # per-expert checkpoint names or stacked experts
+        raise ValueError(f"{name!r}: mixture-of-experts weights are 3-D parameters in transformers, which PEFT's "
+                         "LoRA does not target by module name. Merge the adapter instead (convert to_hf)")
     if len(rule.natives) > 1:
         fused = ", ".join(n.replace("{i}", "*") for n in rule.natives)
         leaf = m["module"].rsplit(".", 1)[-1]
         raise ValueError(f"{name!r}: {fam.architecture} fuses {fused} into one tensor ({rule.hf.replace('{i}', '*')}); "
                          f"a LoRA on {leaf} alone has no PEFT module. Merge the adapter instead (convert to_hf)")
-    if "{e}" in rule.hf:
-        raise ValueError(f"{name!r}: mixture-of-experts weights are 3-D parameters in transformers, which PEFT's "
-                         "LoRA does not target by module name. Merge the adapter instead (convert to_hf)")
     return f"{PEFT_PREFIX}{hf_key.removesuffix('.weight')}.{m['kind']}"
 
 

@@ -188,18 +188,21 @@ def compile_blocks(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
-def resolve_attention(attention: str, device: torch.device) -> str:
-    """The attention backend ("sdpa" or "flex") for ``train.attention`` on ``device``; a clear error when flex
-    cannot train there."""
+def resolve_attention(attention: str, device: torch.device, config: Optional[Config] = None) -> str:
+    """The attention backend ("sdpa" or "flex") for ``train.attention`` on ``device`` and the model's ``config``; a
+    clear error when flex cannot train there or cannot compute that model."""
     from litft.attention import flex_available
 
+    sinks = config is not None and config.attention_sinks
     if attention == "auto":
-        return "flex" if device.type == "cuda" and flex_available() is None else "sdpa"
+        return "flex" if device.type == "cuda" and flex_available() is None and not sinks else "sdpa"
     if attention == "flex":
         reason = flex_available()
         if device.type != "cuda":
             reason = (f"PyTorch's FlexAttention has no backward pass on {device.type} (torch {torch.__version__}); "
                       "it trains on CUDA only")
+        elif sinks:
+            reason = "this model has attention sinks (attention_sinks: true), which litft's FlexAttention path lacks"
         if reason is not None:
             raise ValueError(f"train.attention='flex' cannot train here: {reason}. Use train.attention=sdpa (or auto)")
     return attention
@@ -212,7 +215,7 @@ def prepare_training(model: nn.Module, train: TrainArgs, device: torch.device) -
     if train.activation_offloading and device.type != "cuda":
         raise ValueError(f"train.activation_offloading=true needs a CUDA device (it moves activations from GPU to CPU "
                          f"memory); this run is on {device.type}")
-    model.attention_backend = resolve_attention(train.attention, device)
+    model.attention_backend = resolve_attention(train.attention, device, model.config)
     mode = train.checkpointing_mode()
     if mode != "none":
         enable_activation_checkpointing(model, mode, train.activation_checkpointing_every)

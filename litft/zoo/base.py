@@ -58,15 +58,40 @@ class WeightRule:
 
     A fused HF tensor (Phi-3 ``qkv_proj``) maps to several native tensors: ``native`` is then a tuple,
     and ``split`` gives each part's size along dim 0 for a config.
+
+    An HF tensor that stacks every expert (gpt-oss's ``experts.gate_up_proj``) has ``{e}`` in ``native`` only:
+    ``unstack(tensor, config)`` gives the natives' tensors expert by expert (expert 0's natives, then expert 1's, ...)
+    and ``stack`` is its inverse.
     """
 
     native: str | tuple[str, ...]
     hf: str
     split: Optional[Callable[[Config], list[int]]] = None
+    unstack: Optional[Callable[[torch.Tensor, Config], list[torch.Tensor]]] = None
+    stack: Optional[Callable[[list[torch.Tensor], Config], torch.Tensor]] = None
 
     @property
     def natives(self) -> tuple[str, ...]:
         return self.native if isinstance(self.native, tuple) else (self.native,)
+
+    def part_names(self, natives: tuple[str, ...], config: Config) -> tuple[str, ...]:
+        """The native names of one HF tensor's parts (``natives`` filled for its layer), every expert for a stacked
+        rule."""
+        if self.unstack is None:
+            return natives
+        return tuple(n.replace("{e}", str(e)) for e in range(config.n_expert) for n in natives)
+
+    def to_native(self, tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
+        """One HF tensor as its native parts (in ``part_names`` order)."""
+        if self.unstack is not None:
+            return self.unstack(tensor, config)
+        return list(tensor.split(self.split(config), dim=0)) if self.split else [tensor]
+
+    def to_hf(self, parts: list[torch.Tensor], config: Config) -> torch.Tensor:
+        """The HF tensor of native parts (in ``part_names`` order)."""
+        if self.stack is not None:
+            return self.stack(parts, config)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -154,7 +179,8 @@ class Family:
         for hf_key, cfg_key in OPTIONAL_CONFIG_KEYS.items():
             if getattr(config, cfg_key) is not None:
                 hf[hf_key] = getattr(config, cfg_key)
-        hf["hidden_act"] = HF_ACTIVATIONS[config.mlp_activation]
+        if config.mlp_activation in HF_ACTIVATIONS:  # else the family's write_hf says how its config names it
+            hf["hidden_act"] = HF_ACTIVATIONS[config.mlp_activation]
         hf["attention_bias"] = config.attention_bias
         hf["mlp_bias"] = config.mlp_bias
         hf["rope_theta"] = config.rope_theta
@@ -194,12 +220,18 @@ class Family:
             for regex, rule, part in entries:
                 m = regex.match(native_key)
                 if m:
+                    if rule.unstack is not None:  # expert e's parts come after those of experts 0..e-1
+                        part += int(m["e"]) * len(rule.natives)
                     return rule, part, _fill(rule.hf, m)
         return None
 
 
 def _fill(template: str, m: re.Match) -> str:
-    return template.replace("{i}", m.groupdict().get("i") or "").replace("{e}", m.groupdict().get("e") or "")
+    """``template`` with the layer and expert numbers of ``m``; an ``{e}`` the match has no number for stays (a
+    stacked rule's HF name holds every expert)."""
+    groups = m.groupdict()
+    out = template.replace("{i}", groups.get("i") or "")
+    return out if groups.get("e") is None else out.replace("{e}", groups["e"])
 
 
 def _layer_kind(hf_type: str) -> str:
