@@ -1,0 +1,197 @@
+"""Generation caches: what each attention layer keeps between forward passes, behind one interface.
+
+The model owns the layout: :meth:`litft.model.GPT.make_cache` builds a :class:`ModelCache` holding one
+:class:`Cache` per layer, of the class the layer's attention kind needs, and the engine passes it back to
+``model(idx, input_pos=..., cache=cache)``. The engine (``litft/generate/engine.py``) only schedules rows: it
+calls the operations below and never reads or writes cache tensors or model attributes itself.
+
+Slots. A cache has ``rows`` sequences and ``length`` slots; a forward pass with ``input_pos`` (T,) writes the T new
+tokens of its first B rows at those slots (prefill: a run of slots; decode: one). Rows are independent; a slot
+index means the same thing in every row (the engine left-pads rows so that they decode at a shared slot).
+
+Operations (every :class:`Cache` implements them):
+
+- ``update(input_pos, *entries)``: store this step's entries (keys and values) of rows ``0..B-1`` at
+  ``input_pos`` and return what attention reads for those rows (all slots).
+- ``copy_rows_from(source, rows, first_slot)``: prefill rows: a cache of ``len(rows)`` rows that a prompt batch
+  was prefilled into (made by ``make_cache`` like this one) lands in ``rows``, its slot 0 at ``first_slot``.
+- ``move_rows(src, dst)``: row ``src[i]`` becomes row ``dst[i]`` (compaction into fewer rows).
+- ``reset_rows(rows)``: those rows start empty.
+- ``shift_slots(start, end, offset)``: slots ``[start, end)`` of every row move by ``offset`` (the engine makes room
+  left of the decode slot, or reclaims it); attention depends on slot differences only, so results are unchanged.
+- ``bytes_per_row(config, length, dtype)`` (class method): memory one row of ``length`` slots takes, what the
+  engine sizes ``--kv_cache_memory`` with before allocating.
+
+Kinds implemented today: :class:`KVCache` for full-attention layers and :class:`SlidingKVCache` for sliding-window
+layers. Both keep every slot: the sliding window is applied by the attention mask (``GPT.forward`` builds one per
+layer kind), so a prompt longer than the window prefills in chunks like any other. How the kinds litft does not
+have yet fit the same interface:
+
+- Chunked local attention (Llama 4): a :class:`SlotCache` like :class:`SlidingKVCache`; only the mask differs
+  (a key is visible when it is in the query's chunk).
+- Sliding-window ring buffer (memory bounded by the window): a :class:`SlotCache` of ``window`` slots where slot
+  ``s`` lives at ``s % window``; ``update`` returns the ring with the new chunk, ``shift_slots`` rolls the ring,
+  ``copy_rows_from`` keeps the source's last ``window`` slots, ``bytes_per_row`` stops growing past the window, and
+  the cache gives the mask builder the slot each column holds.
+- MLA latent (DeepSeek-V3): a :class:`SlotCache` whose entries are the compressed latent (rows, 1, length,
+  kv_lora_rank) and the decoupled RoPE key (rows, 1, length, rope_dim) instead of keys and values; the
+  attention expands them after ``update``.
+- KV shared across layers (Gemma 4): the reading layer's cache is a view of the writing layer's: ``update``
+  ignores its entries and returns the source's, ``bytes_per_row`` is 0 and the row and slot operations do nothing
+  (the source layer's cache does them).
+- Linear attention (Gated DeltaNet): a :class:`Cache` holding a per-row convolution window (rows, channels,
+  kernel - 1) and recurrent state (rows, heads, dk, dv) instead of slots: ``update`` runs the state forward
+  over the new tokens, ``copy_rows_from`` takes the source's final state, ``move_rows``/``reset_rows`` copy or
+  zero it, ``shift_slots`` does nothing, and ``bytes_per_row`` is independent of ``length``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from litft.config import Config
+
+
+class Cache(nn.Module, abc.ABC):
+    """One layer's generation state for ``rows`` sequences of up to ``length`` slots (see the module docstring)."""
+
+    def __init__(self, rows: int, length: int) -> None:
+        super().__init__()
+        self.rows, self.length = rows, length
+
+    @classmethod
+    @abc.abstractmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        """Bytes one row of ``length`` slots takes."""
+
+    @abc.abstractmethod
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store this step's entries of rows 0..B-1 at ``input_pos``; return what attention reads."""
+
+    @abc.abstractmethod
+    def copy_rows_from(self, source: "Cache", rows: torch.Tensor, first_slot: int) -> None:
+        """Prefill rows: ``source``'s rows become ``rows``, its slot 0 at ``first_slot``."""
+
+    @abc.abstractmethod
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Row ``src[i]`` becomes row ``dst[i]``."""
+
+    @abc.abstractmethod
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Those rows start empty."""
+
+    @abc.abstractmethod
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        """Slots ``[start, end)`` of every row move by ``offset``."""
+
+
+class SlotCache(Cache):
+    """A cache of per-slot entries: buffers of shape (rows, heads, length, dim), one per entry, slots on dim 2."""
+
+    def __init__(self, rows: int, length: int, entries: dict[str, tuple[int, int]], dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        super().__init__(rows, length)
+        for name, (heads, dim) in entries.items():
+            # zeros, not empty: masked slots must not hold NaNs that 0 * NaN would leak through
+            buf = torch.zeros(rows, heads, length, dim, dtype=dtype, device=device)
+            # the buffers keep their address for the cache's life: compiled decode (CUDA graphs) reads them in place
+            torch._dynamo.mark_static_address(buf)
+            self.register_buffer(name, buf, persistent=False)
+
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write the entries (B, heads, T, dim) of rows 0..B-1 at slots ``input_pos`` (T,); return those rows'
+        buffers (B, heads, length, dim). A decode step may run on the first rows only."""
+        batch = entries[0].shape[0]
+        if batch > self.rows:
+            raise ValueError(f"batch of {batch} rows but the cache holds {self.rows}")
+        out = []
+        for buf, new in zip(self.buffers(), entries, strict=True):
+            rows = buf[:batch]
+            rows.index_copy_(2, input_pos, new.to(rows.dtype))
+            out.append(rows)
+        return tuple(out)
+
+    def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
+        if type(source) is not type(self):
+            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        end = first_slot + source.length
+        if first_slot < 0 or end > self.length:
+            raise ValueError(f"slots [{first_slot}, {end}) are outside the cache's {self.length} slots")
+        for buf, src in zip(self.buffers(), source.buffers(), strict=True):
+            buf[rows, :, first_slot:end] = src.to(buf.dtype)
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for buf in self.buffers():
+            buf.index_copy_(0, dst, buf.index_select(0, src))
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        for buf in self.buffers():
+            buf.index_fill_(0, rows, 0)
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        if start + offset < 0 or end + offset > self.length:
+            raise ValueError(f"cannot shift slots [{start}, {end}) by {offset} in a cache of {self.length} slots")
+        for buf in self.buffers():
+            buf[:, :, start + offset:end + offset] = buf[:, :, start:end].clone()
+
+
+class KVCache(SlotCache):
+    """Keys and values of a full-attention layer: ``k`` and ``v`` of shape (rows, n_query_groups, length,
+    head_size), keys after RoPE."""
+
+    def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        shape = (config.n_query_groups, config.head_size)
+        super().__init__(rows, length, {"k": shape, "v": shape}, dtype, device)
+
+    @classmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        return 2 * config.n_query_groups * config.head_size * length * dtype.itemsize
+
+
+class SlidingKVCache(KVCache):
+    """Keys and values of a sliding-window layer. Every slot is kept (the same layout as :class:`KVCache`): the
+    window is applied by the layer's attention mask, so rows at any slot and prompts longer than the window
+    (prefilled in chunks) need nothing special. ``window``: how far back a query sees."""
+
+    def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        super().__init__(config, rows, length, dtype, device)
+        self.window = config.sliding_window
+
+
+CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache}
+
+
+class ModelCache(nn.Module):
+    """Every layer's :class:`Cache` for ``rows`` sequences of ``length`` slots, made by
+    :meth:`litft.model.GPT.make_cache`; the row and slot operations apply to every layer."""
+
+    def __init__(self, layers: Sequence[Cache], rows: int, length: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.rows, self.length, self.dtype = rows, length, dtype
+
+    def copy_rows_from(self, source: "ModelCache", rows: torch.Tensor, first_slot: int) -> None:
+        """Prefill rows: ``source`` (a cache of ``len(rows)`` rows) becomes ``rows``, its slot 0 at ``first_slot``."""
+        for layer, src in zip(self.layers, source.layers, strict=True):
+            layer.copy_rows_from(src, rows, first_slot)
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Row ``src[i]`` becomes row ``dst[i]`` (its old place keeps stale entries until reset or overwritten)."""
+        for layer in self.layers:
+            layer.move_rows(src, dst)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Those rows start empty."""
+        for layer in self.layers:
+            layer.reset_rows(rows)
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        """Slots ``[start, end)`` of every row move by ``offset``."""
+        for layer in self.layers:
+            layer.shift_slots(start, end, offset)
