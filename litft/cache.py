@@ -73,6 +73,10 @@ class Cache(nn.Module, abc.ABC):
         """Store this step's entries of rows 0..B-1 at ``input_pos``; return what attention reads."""
 
     @abc.abstractmethod
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """The slot (S,) each column of what ``update(input_pos, ...)`` returns holds; negative: none."""
+
+    @abc.abstractmethod
     def copy_rows_from(self, source: "Cache", rows: torch.Tensor, first_slot: int) -> None:
         """Prefill rows: ``source``'s rows become ``rows``, its slot 0 at ``first_slot``."""
 
@@ -152,16 +156,75 @@ class KVCache(SlotCache):
     def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
         return 2 * config.n_query_groups * config.head_size * length * dtype.itemsize
 
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.length, device=input_pos.device)
 
-class SlidingKVCache(KVCache):
-    """Keys and values of a sliding-window layer. Every slot is kept (the same layout as :class:`KVCache`): the
-    window is applied by the layer's attention mask, so rows at any slot and prompts longer than the window
-    (prefilled in chunks) need nothing special. ``window``: how far back a query sees."""
+
+class SlidingKVCache(SlotCache):
+    """Keys and values of a sliding-window layer in a ring buffer: ``k`` and ``v`` of shape (rows, n_query_groups,
+    ring, head_size) with ``ring = min(length, window)``, slot ``s`` at ring position ``s % ring``. Memory stops
+    growing at the window.
+
+    A step's slots must be consecutive and follow the last slot written (as the engine's prefill chunks and decode
+    steps do). One new token (decode) is written first and attends over the ring, which then holds exactly its
+    window; a chunk of several tokens (prefill) attends over the ring as it was plus its own keys, then its last
+    ``ring`` entries are written, so chunks longer than the window need nothing special.
+    """
 
     def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
                  device: Optional[torch.device]) -> None:
-        super().__init__(config, rows, length, dtype, device)
-        self.window = config.sliding_window
+        ring = min(length, config.sliding_window)
+        shape = (config.n_query_groups, config.head_size)
+        super().__init__(rows, ring, {"k": shape, "v": shape}, dtype, device)
+        self.window, self.ring = config.sliding_window, ring
+        self.length = length  # slots addressed; only the last ``ring`` of them are held
+
+    @classmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        return KVCache.bytes_per_row(config, min(length, config.sliding_window), dtype)
+
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, steps = entries[0].shape[0], entries[0].shape[2]
+        if batch > self.rows:
+            raise ValueError(f"batch of {batch} rows but the cache holds {self.rows}")
+        keep = min(steps, self.ring)  # the step's last entries the ring keeps
+        where = input_pos[steps - keep:] % self.ring
+        out = []
+        for buf, new in zip(self.buffers(), entries, strict=True):
+            held = buf[:batch]
+            if steps > 1:  # a prefill chunk attends over the ring before it and itself
+                out.append(torch.cat((held, new.to(held.dtype)), dim=2))
+            held.index_copy_(2, where, new[:, :, steps - keep:].to(held.dtype))
+            if steps == 1:
+                out.append(held)
+        return tuple(out)
+
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        steps = input_pos.shape[0]
+        last = input_pos[0] if steps == 1 else input_pos[0] - 1  # the last slot in the ring when attending
+        position = torch.arange(self.ring, device=input_pos.device)
+        held = last - (last - position) % self.ring  # the latest slot <= last at each ring position
+        return held if steps == 1 else torch.cat((held, input_pos))
+
+    def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
+        if type(source) is not type(self):
+            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        if first_slot < 0 or first_slot + source.length > self.length:
+            raise ValueError(f"slots [{first_slot}, {first_slot + source.length}) are outside the cache's "
+                             f"{self.length} slots")
+        kept = min(source.ring, self.ring)  # the source's last slots that land in the ring
+        slots = torch.arange(source.length - kept, source.length, device=rows.device)
+        for buf, src in zip(self.buffers(), source.buffers(), strict=True):
+            held = buf[rows]
+            held[:, :, (first_slot + slots) % self.ring] = src[:, :, slots % source.ring].to(buf.dtype)
+            buf[rows] = held
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        """Slots ``[start, end)`` move by ``offset``; ``end`` must follow the last slot written."""
+        if start + offset < 0 or end + offset > self.length:
+            raise ValueError(f"cannot shift slots [{start}, {end}) by {offset} in a cache of {self.length} slots")
+        for buf in self.buffers():
+            buf.copy_(buf.roll(offset, dims=2))
 
 
 CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache}
@@ -171,10 +234,16 @@ class ModelCache(nn.Module):
     """Every layer's :class:`Cache` for ``rows`` sequences of ``length`` slots, made by
     :meth:`litft.model.GPT.make_cache`; the row and slot operations apply to every layer."""
 
-    def __init__(self, layers: Sequence[Cache], rows: int, length: int, dtype: torch.dtype) -> None:
+    def __init__(self, layers: Sequence[Cache], kinds: Sequence[str], rows: int, length: int,
+                 dtype: torch.dtype) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.kinds = list(kinds)  # each layer's attention kind (``Config.layer_types``)
         self.rows, self.length, self.dtype = rows, length, dtype
+
+    def key_slots(self, kind: str, input_pos: torch.Tensor) -> torch.Tensor:
+        """The slot each key column of a layer of ``kind`` holds for a step at ``input_pos`` (for its mask)."""
+        return self.layers[self.kinds.index(kind)].key_slots(input_pos)
 
     def copy_rows_from(self, source: "ModelCache", rows: torch.Tensor, first_slot: int) -> None:
         """Prefill rows: ``source`` (a cache of ``len(rows)`` rows) becomes ``rows``, its slot 0 at ``first_slot``."""

@@ -94,9 +94,9 @@ class GPT(nn.Module):
         length = length or self.config.block_size
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        layers = [CACHE_BY_LAYER_TYPE[kind](self.config, rows, length, dtype, device)
-                  for kind in self.config.layer_types]
-        return ModelCache(layers, rows, length, dtype)
+        kinds = self.config.layer_types
+        layers = [CACHE_BY_LAYER_TYPE[kind](self.config, rows, length, dtype, device) for kind in kinds]
+        return ModelCache(layers, kinds, rows, length, dtype)
 
     def cache_bytes_per_row(self, length: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes one row of ``length`` slots takes in :meth:`make_cache`'s cache (every layer)."""
@@ -153,7 +153,8 @@ class GPT(nn.Module):
 
                 masks[kind] = block_mask(T, window, segment_ids, idx.device)
             else:
-                masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached)
+                k_slots = cache.key_slots(kind, input_pos) if cached else None
+                masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached, k_slots)
             if n_virtual:
                 masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len)
 
@@ -308,13 +309,17 @@ class CausalSelfAttention(nn.Module):
 
 def build_attention_mask(
     q_slots: torch.Tensor, kv_len: int, window: Optional[int], segment_ids: Optional[torch.Tensor], cached: bool,
+    k_slots: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
-    """Boolean mask (B or 1, 1, T, S) of what each query may attend to; None means plain causal."""
+    """Boolean mask (B or 1, 1, T, S) of what each query may attend to; None means plain causal. ``k_slots``: the
+    slot each key column holds (S,), negative for none (a cache's ``key_slots``); default column j = slot j."""
     if not cached and window is None and segment_ids is None:
         return None
-    k_slots = torch.arange(kv_len, device=q_slots.device)
-    diff = q_slots.unsqueeze(-1) - k_slots.unsqueeze(0)  # (T, S)
+    columns = torch.arange(kv_len, device=q_slots.device) if k_slots is None else k_slots
+    diff = q_slots.unsqueeze(-1) - columns.unsqueeze(0)  # (T, S)
     mask = diff >= 0
+    if k_slots is not None:
+        mask = mask & (k_slots >= 0)
     if window is not None:
         mask = mask & (diff < window)
     mask = mask.unsqueeze(0)
@@ -322,7 +327,8 @@ def build_attention_mask(
         if segment_ids.shape[-1] != kv_len:
             raise ValueError(f"segment_ids covers {segment_ids.shape[-1]} slots, expected {kv_len}")
         q_seg = segment_ids.index_select(1, q_slots)  # (B, T)
-        mask = mask & (q_seg.unsqueeze(-1) == segment_ids.unsqueeze(1))
+        k_seg = segment_ids if k_slots is None else segment_ids.index_select(1, k_slots.clamp_min(0))
+        mask = mask & (q_seg.unsqueeze(-1) == k_seg.unsqueeze(1))
     return mask.unsqueeze(1)
 
 
@@ -339,7 +345,7 @@ def with_virtual_columns(mask: Optional[torch.Tensor], positions: torch.Tensor, 
     else:
         seen = (positions.unsqueeze(-1) - torch.arange(n_virtual, device=device) < window).unsqueeze(1)
     b = max(mask.shape[0], seen.shape[0])
-    return torch.cat((seen.expand(b, 1, T, n_virtual), mask.expand(b, 1, T, kv_len)), dim=-1)
+    return torch.cat((seen.expand(b, 1, T, n_virtual), mask.expand(b, 1, T, mask.shape[-1])), dim=-1)
 
 
 class GatedMLP(nn.Module):

@@ -36,7 +36,8 @@ def test_the_model_makes_one_cache_per_layer_of_its_kind(gemma3) -> None:
     cache = model.make_cache(rows=2, length=20)
     assert model.config.layer_types == ["sliding", "full", "sliding"]
     assert [type(layer) for layer in cache.layers] == [SlidingKVCache, KVCache, SlidingKVCache]
-    assert cache.layers[0].window == 4 < 14
+    # sliding layers keep their window of 4 slots (a ring), full layers every slot
+    assert [layer.k.shape[2] for layer in cache.layers] == [4, 20, 4]
     allocated = sum(buf.numel() * buf.element_size() for buf in cache.buffers())
     assert model.cache_bytes_per_row(20) * 2 == allocated
 
@@ -44,7 +45,8 @@ def test_the_model_makes_one_cache_per_layer_of_its_kind(gemma3) -> None:
 @pytest.mark.parametrize("chunk", [3, 7])
 def test_chunked_prefill_and_decode_through_the_cache_equal_transformers(gemma3, chunk: int) -> None:
     """A 9-token prompt prefilled ``chunk`` tokens at a time (chunks shorter and longer than the window of 4),
-    then 5 decode steps: every position's logits equal transformers' full forward."""
+    then 5 decode steps (the sliding layers' ring wraps around several times): every position's logits equal
+    transformers' full forward."""
     hf, model = gemma3
     idx = _ids(14, rows=2)
     with torch.no_grad():
@@ -83,11 +85,10 @@ def test_rows_copied_in_moved_and_shifted_keep_their_sequence(gemma3) -> None:
         assert (_decode_logits(model, main, idx[0, 9].item(), 12, 3) - theirs).abs().max() <= TOL
         main.shift_slots(3, 12, -3)
         assert (_decode_logits(model, main, idx[0, 9].item(), 9, 0) - theirs).abs().max() <= TOL
+    row_1 = [buf[1].clone() for buf in main.buffers()]
     main.reset_rows(torch.tensor([0, 2]))
-    for layer, source in zip(main.layers, other.layers):
-        assert not layer.k[[0, 2]].any() and not layer.v[[0, 2]].any()
-        for buf, src in ((layer.k, source.k), (layer.v, source.v)):  # row 1: its slots shifted with the others
-            assert torch.equal(buf[1, :, :9], src[0, :, 3:12]) and torch.equal(buf[1, :, 9:], src[0, :, 9:])
+    assert all(not buf[[0, 2]].any() and torch.equal(buf[1], kept) for buf, kept in zip(main.buffers(), row_1))
+    assert any(kept.any() for kept in row_1)
 
 
 
