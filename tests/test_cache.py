@@ -42,6 +42,22 @@ def test_the_model_makes_one_cache_per_layer_of_its_kind(gemma3) -> None:
     assert model.cache_bytes_per_row(20) * 2 == allocated
 
 
+def test_the_memory_budget_counts_what_is_allocated(gemma3) -> None:
+    """The engine sizes ``--kv_cache_memory`` with the caches' own sizes: sliding layers cost their window only."""
+    from litft.generate.engine import Engine
+
+    _, model = gemma3
+    engine = Engine(model, max_seq_length=20)
+    row = engine.kv_cache_bytes_per_row
+    per_slot = 2 * model.config.n_query_groups * model.config.head_size * 4  # one layer's k and v, float32
+    assert row == per_slot * (20 + 4 + 4)  # the full layer holds 20 slots, each sliding layer 4
+    assert engine.kv_cache_rows(3 * row + row // 2, max_rows=8) == 3
+    engine.allocate(3, 20)
+    assert sum(buf.numel() * buf.element_size() for buf in engine.cache.buffers()) == 3 * row
+    # the longest row a budget holds: 10 slots cost per_slot * (10 + 4 + 4)
+    assert engine.kv_cache_longest_row(per_slot * 18) == 10 and engine.kv_cache_longest_row(per_slot * 18 - 1) == 9
+    assert engine.kv_cache_longest_row(per_slot * 2) == 0
+
 @pytest.mark.parametrize("chunk", [3, 7])
 def test_chunked_prefill_and_decode_through_the_cache_equal_transformers(gemma3, chunk: int) -> None:
     """A 9-token prompt prefilled ``chunk`` tokens at a time (chunks shorter and longer than the window of 4),

@@ -233,15 +233,28 @@ class Engine:
         self.num_shifts = 0  # how often occupied slots were moved (for tests)
 
     @property
+    def kv_cache_bytes_per_row(self) -> int:
+        """Bytes one row of ``max_seq_length`` slots takes in the cache (every layer, in the model's dtype;
+        sliding-window layers hold only their window)."""
+        return self.model.cache_bytes_per_row(self.max_seq_length)
+
+    @property
     def kv_cache_bytes_per_token(self) -> int:
-        """Bytes one token takes in the cache (keys and values of every layer, in the model's dtype): what one
-        row of ``max_seq_length`` slots takes, per slot."""
-        return self.model.cache_bytes_per_row(self.max_seq_length) // self.max_seq_length
+        """Bytes per slot of a row of ``max_seq_length`` slots (keys and values of every layer)."""
+        return self.kv_cache_bytes_per_row // self.max_seq_length
+
+    def kv_cache_longest_row(self, memory_bytes: int) -> int:
+        """The most slots (at most ``max_seq_length``) one row may have in a cache of ``memory_bytes``; 0 if none."""
+        lo, hi = 0, self.max_seq_length  # a row's bytes grow with its slots: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.model.cache_bytes_per_row(mid) <= memory_bytes else (lo, mid - 1)
+        return lo
 
     def kv_cache_rows(self, memory_bytes: int, max_rows: int) -> int:
         """How many rows of ``max_seq_length`` slots a cache of at most ``memory_bytes`` holds (at most
         ``max_rows``); ValueError when not even one does."""
-        row_bytes = self.model.cache_bytes_per_row(self.max_seq_length)
+        row_bytes = self.kv_cache_bytes_per_row
         if memory_bytes < row_bytes:
             tokens = memory_bytes // self.kv_cache_bytes_per_token
             raise ValueError(
