@@ -7,12 +7,16 @@ calls the operations below and never reads or writes cache tensors or model attr
 
 Slots. A cache has ``rows`` sequences and ``length`` slots; a forward pass with ``input_pos`` (T,) writes the T new
 tokens of its first B rows at those slots (prefill: a run of slots; decode: one). Rows are independent; a slot
-index means the same thing in every row (the engine left-pads rows so that they decode at a shared slot).
+index means the same thing in every row (the engine left-pads rows so that they decode at a shared slot), and
+the attention mask is built from slots: a query at slot q sees the key at slot k when ``k <= q`` (within the
+window on sliding layers) and both slots belong to the same segment.
 
 Operations (every :class:`Cache` implements them):
 
 - ``update(input_pos, *entries)``: store this step's entries (keys and values) of rows ``0..B-1`` at
-  ``input_pos`` and return what attention reads for those rows (all slots).
+  ``input_pos`` and return what attention reads for those rows.
+- ``key_slots(input_pos)``: the slot each column of what ``update`` returns holds (negative: none), from which
+  ``GPT.forward`` builds the layer kind's mask.
 - ``copy_rows_from(source, rows, first_slot)``: prefill rows: a cache of ``len(rows)`` rows that a prompt batch
   was prefilled into (made by ``make_cache`` like this one) lands in ``rows``, its slot 0 at ``first_slot``.
 - ``move_rows(src, dst)``: row ``src[i]`` becomes row ``dst[i]`` (compaction into fewer rows).
@@ -22,27 +26,23 @@ Operations (every :class:`Cache` implements them):
 - ``bytes_per_row(config, length, dtype)`` (class method): memory one row of ``length`` slots takes, what the
   engine sizes ``--kv_cache_memory`` with before allocating.
 
-Kinds implemented today: :class:`KVCache` for full-attention layers and :class:`SlidingKVCache` for sliding-window
-layers. Both keep every slot: the sliding window is applied by the attention mask (``GPT.forward`` builds one per
-layer kind), so a prompt longer than the window prefills in chunks like any other. How the kinds litft does not
+Kinds implemented: :class:`KVCache` (full attention: every slot) and :class:`SlidingKVCache` (sliding window: a
+ring buffer of the window's slots; prompts longer than the window prefill in chunks). How the kinds litft does not
 have yet fit the same interface:
 
-- Chunked local attention (Llama 4): a :class:`SlotCache` like :class:`SlidingKVCache`; only the mask differs
-  (a key is visible when it is in the query's chunk).
-- Sliding-window ring buffer (memory bounded by the window): a :class:`SlotCache` of ``window`` slots where slot
-  ``s`` lives at ``s % window``; ``update`` returns the ring with the new chunk, ``shift_slots`` rolls the ring,
-  ``copy_rows_from`` keeps the source's last ``window`` slots, ``bytes_per_row`` stops growing past the window, and
-  the cache gives the mask builder the slot each column holds.
+- Chunked local attention (Llama 4): a ring like :class:`SlidingKVCache` of one chunk's slots, whose
+  ``key_slots`` cover the query's chunk; the mask keeps a key when it is in the query's chunk.
 - MLA latent (DeepSeek-V3): a :class:`SlotCache` whose entries are the compressed latent (rows, 1, length,
   kv_lora_rank) and the decoupled RoPE key (rows, 1, length, rope_dim) instead of keys and values; the
-  attention expands them after ``update``.
+  attention expands them after ``update``. Every slot operation is :class:`SlotCache`'s.
 - KV shared across layers (Gemma 4): the reading layer's cache is a view of the writing layer's: ``update``
-  ignores its entries and returns the source's, ``bytes_per_row`` is 0 and the row and slot operations do nothing
-  (the source layer's cache does them).
+  ignores its entries and returns the source's, ``key_slots`` are the source's, ``bytes_per_row`` is 0 and the row
+  and slot operations do nothing (the source layer's cache does them).
 - Linear attention (Gated DeltaNet): a :class:`Cache` holding a per-row convolution window (rows, channels,
   kernel - 1) and recurrent state (rows, heads, dk, dv) instead of slots: ``update`` runs the state forward
-  over the new tokens, ``copy_rows_from`` takes the source's final state, ``move_rows``/``reset_rows`` copy or
-  zero it, ``shift_slots`` does nothing, and ``bytes_per_row`` is independent of ``length``.
+  over the new tokens (padding slots leave it unchanged), ``key_slots`` is empty, ``copy_rows_from`` takes the
+  source's final state, ``move_rows``/``reset_rows`` copy or zero it, ``shift_slots`` does nothing, and
+  ``bytes_per_row`` is independent of ``length``.
 """
 
 from __future__ import annotations
