@@ -42,6 +42,15 @@ def test_the_model_makes_one_cache_per_layer_of_its_kind(gemma3) -> None:
     assert model.cache_bytes_per_row(20) * 2 == allocated
 
 
+
+def test_input_pos_without_a_cache_is_a_clear_error(gemma3) -> None:
+    _, model = gemma3
+    with pytest.raises(ValueError, match=r"input_pos and cache go together: pass both \(cache=model.make_cache"):
+        model(_ids(3), input_pos=torch.arange(3))
+    with pytest.raises(ValueError, match="input_pos and cache go together"):
+        model(_ids(3), cache=model.make_cache(1, 8))
+
+
 def test_the_memory_budget_counts_what_is_allocated(gemma3) -> None:
     """The engine sizes ``--kv_cache_memory`` with the caches' own sizes: sliding layers cost their window only."""
     from litft.generate.engine import Engine
@@ -57,6 +66,7 @@ def test_the_memory_budget_counts_what_is_allocated(gemma3) -> None:
     # the longest row a budget holds: 10 slots cost per_slot * (10 + 4 + 4)
     assert engine.kv_cache_longest_row(per_slot * 18) == 10 and engine.kv_cache_longest_row(per_slot * 18 - 1) == 9
     assert engine.kv_cache_longest_row(per_slot * 2) == 0
+
 
 @pytest.mark.parametrize("chunk", [3, 7])
 def test_chunked_prefill_and_decode_through_the_cache_equal_transformers(gemma3, chunk: int) -> None:
