@@ -101,10 +101,10 @@ class SlotCache(Cache):
         super().__init__(rows, length)
         for name, (heads, dim) in entries.items():
             # zeros, not empty: masked slots must not hold NaNs that 0 * NaN would leak through
-            buf = torch.zeros(rows, heads, length, dim, dtype=dtype, device=device)
-            # the buffers keep their address for the cache's life: compiled decode (CUDA graphs) reads them in place
-            torch._dynamo.mark_static_address(buf)
-            self.register_buffer(name, buf, persistent=False)
+            # module buffers, updated in place: torch.compile treats them as static inputs (CUDA graphs read them
+            # where they are)
+            self.register_buffer(name, torch.zeros(rows, heads, length, dim, dtype=dtype, device=device),
+                                 persistent=False)
 
     def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write the entries (B, heads, T, dim) of rows 0..B-1 at slots ``input_pos`` (T,); return those rows'
