@@ -5,8 +5,9 @@ families is a :class:`litft.config.Config` field. Module and parameter names fol
 Hugging Face Llama layout (``q_proj``, ``gate_proj``, ...) so LoRA targets and PEFT exports
 use the names users already know.
 
-Attention is computed over *slots*: positions in the sequence (or in the KV cache when one is
-set). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
+Attention is computed over *slots*: positions in the sequence, or in the generation cache when one is passed
+(:meth:`GPT.make_cache` builds one :class:`litft.cache.Cache` per layer, of the class its attention kind needs;
+see litft/cache.py). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
 sliding layers, and both slots carry the same segment id (packing and left padding).
 
 Prompt tuning (:mod:`litft.peft.prompt`) sets ``GPT.virtual_prompt``: N learned embeddings that act as N tokens in
@@ -14,7 +15,7 @@ front of every sequence, at positions 0..N-1 (the real tokens then start at posi
 computes it. They never attend to real tokens, so their keys and values in every layer depend only on the
 parameters: :meth:`GPT.virtual_kv` computes them once per forward (once per parameter version under no_grad) and
 every attention layer puts them in front of its keys and values. Every query sees them (within the sliding window,
-by position), so each packed sample and each row of a batch sees its own copy; the KV cache never holds them.
+by position), so each packed sample and each row of a batch sees its own copy; the cache never holds them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from litft.cache import CACHE_BY_LAYER_TYPE, Cache, ModelCache
 from litft.config import Config
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, 1, T, rope_dim)
@@ -42,7 +44,6 @@ class GPT(nn.Module):
         self.rope = RotaryEmbedding(config)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.max_cache_length = 0
         # prompt tuning: a litft.peft.prompt.VirtualPrompt (N learned input embeddings before every sequence)
         self.virtual_prompt: Optional[nn.Module] = None
         # "sdpa" (dense boolean masks) or "flex" (FlexAttention block masks for the uncached forward: packing and
@@ -87,25 +88,25 @@ class GPT(nn.Module):
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         return x
 
-    # ------------------------------------------------------------------ KV cache
+    # ------------------------------------------------------------------ generation cache
 
-    def set_kv_cache(
-        self, batch_size: int, max_length: Optional[int] = None, device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        """Preallocate a KV cache of ``batch_size`` rows and ``max_length`` slots in every block."""
-        max_length = max_length or self.config.block_size
-        device = device or self.embed.weight.device
+    def make_cache(self, rows: int, length: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                   device: Optional[torch.device] = None) -> ModelCache:
+        """A generation cache of ``rows`` sequences and ``length`` slots (default ``block_size``): one
+        :class:`litft.cache.Cache` per layer, of the class its attention kind needs; pass it to :meth:`forward`
+        with ``input_pos``. Default dtype and device: the model's."""
+        length = length or self.config.block_size
         dtype = dtype or self.embed.weight.dtype
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_length,
-                                          self.config.head_size, device, dtype)
-        self.max_cache_length = max_length
+        device = device or self.embed.weight.device
+        kinds = self.config.layer_types
+        layers = [CACHE_BY_LAYER_TYPE[kind](self.config, rows, length, dtype, device) for kind in kinds]
+        return ModelCache(layers, kinds, rows, length, dtype)
 
-    def clear_kv_cache(self) -> None:
-        for block in self.blocks:
-            block.attn.kv_cache = None
-        self.max_cache_length = 0
+    def cache_bytes_per_row(self, length: int, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes one row of ``length`` slots takes in :meth:`make_cache`'s cache (every layer)."""
+        dtype = dtype or self.embed.weight.dtype
+        return sum(CACHE_BY_LAYER_TYPE[kind].bytes_per_row(self.config, length, dtype)
+                   for kind in self.config.layer_types)
 
     # ------------------------------------------------------------------ forward
 
@@ -116,10 +117,11 @@ class GPT(nn.Module):
         positions: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        cache: Optional[ModelCache] = None,
     ) -> torch.Tensor:
         """Logits (or final hidden states) for token ids ``idx`` of shape (B, T).
 
-        input_pos: (T,) cache slots to write this chunk to; requires :meth:`set_kv_cache`.
+        input_pos: (T,) slots of ``cache`` (from :meth:`make_cache`; its first B rows) to write this chunk to.
         positions: (T,) or (B, T) RoPE positions; default = the slots (``input_pos`` or ``arange(T)``). With a
             virtual prompt they count from the first real token: the model adds ``num_virtual_tokens``.
         segment_ids: (B, S) segment of every slot (S = T without a cache, the cache length with one);
@@ -127,14 +129,14 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         cached = input_pos is not None
-        if cached and self.max_cache_length == 0:
-            raise RuntimeError("input_pos given but no KV cache is set: call model.set_kv_cache(...) first")
+        if cached != (cache is not None):
+            raise ValueError("input_pos and cache go together: pass both (cache=model.make_cache(...)) or neither")
         q_slots = input_pos if cached else torch.arange(T, device=idx.device)
         if positions is None:
             positions = q_slots
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, T)
-        kv_len = self.max_cache_length if cached else T
+        kv_len = cache.length if cached else T
         x = self.embed_tokens(idx)
         n_virtual = self.num_virtual_tokens
         virtual_kv: list = [None] * len(self.blocks)
@@ -155,13 +157,16 @@ class GPT(nn.Module):
 
                 masks[kind] = block_mask(T, window, segment_ids, idx.device)
             else:
-                masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached)
+                k_slots = cache.key_slots(kind, input_pos) if cached else None
+                masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached, k_slots)
             if n_virtual:
                 masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len)
 
         rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
-        for i, (block, kind, layer_kv) in enumerate(zip(self.blocks, self.config.layer_types, virtual_kv)):
-            x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv)
+        layer_caches = cache.layers if cached else [None] * len(self.blocks)
+        for i, (block, kind, layer_kv, layer_cache) in enumerate(
+                zip(self.blocks, self.config.layer_types, virtual_kv, layer_caches)):
+            x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv, cache=layer_cache)
         x = self.norm(x)
         if return_hidden:
             return x
@@ -229,11 +234,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                return_kv: bool = False) -> Any:
+                return_kv: bool = False, cache: Optional[Cache] = None) -> Any:
         """The block's output; with ``return_kv``, also this layer's keys and values of ``x`` (see attention).
         ``rope``: None on a NoPE layer."""
         h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, input_pos, virtual_kv,
-                      return_kv)
+                      return_kv, cache)
         if return_kv:
             h, kv = h
         if self.post_attn_norm is not None:
@@ -263,16 +268,16 @@ class CausalSelfAttention(nn.Module):
         self.scale = (config.query_pre_attn_scalar or hs) ** -0.5
         # attention sinks: one learned logit per head, an extra softmax column (see ``attend``)
         self.sinks = nn.Parameter(torch.zeros(nh)) if config.attention_sinks else None
-        self.kv_cache: Optional[KVCache] = None
         # PEFT hook (LLaMA-Adapter): ``adapter(attn, q)`` returns a term added to the attention output (B, nh, T, hs)
         self.adapter: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                return_kv: bool = False) -> Any:
-        """Attention output for ``x`` (B, T, C). ``rope``: None on a NoPE layer. ``virtual_kv``: keys and values
-        (1, ng, N, hs) of virtual tokens put in front of the keys (``mask`` then has N more columns). ``return_kv``:
-        also return ``x``'s own keys and values (after RoPE), as :meth:`GPT.virtual_kv` collects them."""
+                return_kv: bool = False, cache: Optional[Cache] = None) -> Any:
+        """Attention output for ``x`` (B, T, C). ``rope``: None on a NoPE layer. ``cache``: this layer's cache,
+        written at slots ``input_pos`` and attended over. ``virtual_kv``: keys and values (1, ng, N, hs) of virtual
+        tokens put in front of the keys (``mask`` then has N more columns). ``return_kv``: also return ``x``'s own
+        keys and values (after RoPE), as :meth:`GPT.virtual_kv` collects them."""
         B, T, _ = x.shape
         hs = self.config.head_size
         q, k = self.q_proj(x), self.k_proj(x)
@@ -286,8 +291,8 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         own_kv = (k, v) if return_kv else None
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)
         if virtual_kv is not None:
             vk, vv = virtual_kv
             k = torch.cat((vk.to(k.dtype).expand(k.shape[0], -1, -1, -1), k), dim=2)
@@ -335,13 +340,17 @@ class CausalSelfAttention(nn.Module):
 
 def build_attention_mask(
     q_slots: torch.Tensor, kv_len: int, window: Optional[int], segment_ids: Optional[torch.Tensor], cached: bool,
+    k_slots: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
-    """Boolean mask (B or 1, 1, T, S) of what each query may attend to; None means plain causal."""
+    """Boolean mask (B or 1, 1, T, S) of what each query may attend to; None means plain causal. ``k_slots``: the
+    slot each key column holds (S,), negative for none (a cache's ``key_slots``); default column j = slot j."""
     if not cached and window is None and segment_ids is None:
         return None
-    k_slots = torch.arange(kv_len, device=q_slots.device)
-    diff = q_slots.unsqueeze(-1) - k_slots.unsqueeze(0)  # (T, S)
+    columns = torch.arange(kv_len, device=q_slots.device) if k_slots is None else k_slots
+    diff = q_slots.unsqueeze(-1) - columns.unsqueeze(0)  # (T, S)
     mask = diff >= 0
+    if k_slots is not None:
+        mask = mask & (k_slots >= 0)
     if window is not None:
         mask = mask & (diff < window)
     mask = mask.unsqueeze(0)
@@ -349,7 +358,8 @@ def build_attention_mask(
         if segment_ids.shape[-1] != kv_len:
             raise ValueError(f"segment_ids covers {segment_ids.shape[-1]} slots, expected {kv_len}")
         q_seg = segment_ids.index_select(1, q_slots)  # (B, T)
-        mask = mask & (q_seg.unsqueeze(-1) == segment_ids.unsqueeze(1))
+        k_seg = segment_ids if k_slots is None else segment_ids.index_select(1, k_slots.clamp_min(0))
+        mask = mask & (q_seg.unsqueeze(-1) == k_seg.unsqueeze(1))
     return mask.unsqueeze(1)
 
 
@@ -366,28 +376,7 @@ def with_virtual_columns(mask: Optional[torch.Tensor], positions: torch.Tensor, 
     else:
         seen = (positions.unsqueeze(-1) - torch.arange(n_virtual, device=device) < window).unsqueeze(1)
     b = max(mask.shape[0], seen.shape[0])
-    return torch.cat((seen.expand(b, 1, T, n_virtual), mask.expand(b, 1, T, kv_len)), dim=-1)
-
-
-class KVCache(nn.Module):
-    def __init__(self, batch_size: int, n_groups: int, max_length: int, head_size: int,
-                 device: Optional[torch.device], dtype: Optional[torch.dtype]) -> None:
-        super().__init__()
-        shape = (batch_size, n_groups, max_length, head_size)
-        # zeros, not empty: masked slots must not hold NaNs that 0 * NaN would leak through
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a batch of B rows into the cache's first B rows at slots ``input_pos`` (a decode step may run on
-        the rows in use only); returns those rows' keys and values."""
-        rows = k.shape[0]
-        if rows > self.k.shape[0]:
-            raise ValueError(f"batch of {rows} rows but the KV cache holds {self.k.shape[0]}")
-        keys, values = self.k[:rows], self.v[:rows]
-        keys.index_copy_(2, input_pos, k.to(keys.dtype))
-        values.index_copy_(2, input_pos, v.to(values.dtype))
-        return keys, values
+    return torch.cat((seen.expand(b, 1, T, n_virtual), mask.expand(b, 1, T, mask.shape[-1])), dim=-1)
 
 
 class GatedMLP(nn.Module):

@@ -76,18 +76,18 @@ def test_identity_at_init_then_gate_matters(native, variant):
 def test_cached_decoding_equals_full_forward(native, variant):
     model = with_adapter(native(variant))
     full = model(IDX)
-    model.set_kv_cache(batch_size=2, max_length=16)
-    pieces = [model(IDX[:, :4], input_pos=torch.arange(4))]  # prefill a chunk, then one token at a time
+    cache = model.make_cache(rows=2, length=16)
+    pieces = [model(IDX[:, :4], input_pos=torch.arange(4), cache=cache)]  # prefill a chunk, then one token at a time
     for t in range(4, IDX.shape[1]):
-        pieces.append(model(IDX[:, t:t + 1], input_pos=torch.tensor([t])))
+        pieces.append(model(IDX[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
     assert (torch.cat(pieces, dim=1) - full).abs().max() <= TOL
     # the prompt is not written to the cache: the first adapted layer caches exactly what the base model caches
     base = load_model(native(variant)).eval()
-    base.set_kv_cache(batch_size=2, max_length=16)
-    base(IDX[:, :4], input_pos=torch.arange(4))
+    base_cache = base.make_cache(rows=2, length=16)
+    base(IDX[:, :4], input_pos=torch.arange(4), cache=base_cache)
     for t in range(4, IDX.shape[1]):
-        base(IDX[:, t:t + 1], input_pos=torch.tensor([t]))
-    assert torch.equal(model.blocks[1].attn.kv_cache.k, base.blocks[1].attn.kv_cache.k)
+        base(IDX[:, t:t + 1], input_pos=torch.tensor([t]), cache=base_cache)
+    assert torch.equal(cache.layers[1].k, base_cache.layers[1].k)
 
 
 def test_packing_keeps_the_prompt_visible_to_every_sample(native):

@@ -113,11 +113,10 @@ def test_cached_decoding_packing_and_batched_generation_equal_the_full_forward(v
     model = litft_prompt_model(family(variant)[1], 3, seed=2).eval()
     with torch.no_grad():
         full = model(IDX)
-        model.set_kv_cache(batch_size=2, max_length=16)
-        pieces = [model(IDX[:, :4], input_pos=torch.arange(4))]  # prefill a chunk, then one token at a time
-        pieces += [model(IDX[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(4, IDX.shape[1])]
+        cache = model.make_cache(rows=2, length=16)
+        pieces = [model(IDX[:, :4], input_pos=torch.arange(4), cache=cache)]  # prefill a chunk, then one at a time
+        pieces += [model(IDX[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache) for t in range(4, IDX.shape[1])]
         assert (torch.cat(pieces, dim=1) - full).abs().max() <= TOL
-        model.clear_kv_cache()
         # packing: each packed sample sees the virtual tokens before it, as if alone
         a, b = IDX[0, :4], IDX[1, :5]
         packed = model(torch.cat([a, b])[None], positions=torch.cat([torch.arange(4), torch.arange(5)])[None],

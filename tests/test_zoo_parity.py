@@ -44,11 +44,11 @@ def test_kv_cache_decoding_matches_full_forward(converted):
     idx = _tokens(2, (2, 14))  # within LongRoPE's original context, past every sliding window
     with torch.no_grad():
         full = model(idx)
-        model.set_kv_cache(batch_size=2, max_length=32)
+        cache = model.make_cache(rows=2, length=32)
         prefill = 7
-        pieces = [model(idx[:, :prefill], input_pos=torch.arange(prefill))]
+        pieces = [model(idx[:, :prefill], input_pos=torch.arange(prefill), cache=cache)]
         for t in range(prefill, idx.shape[1]):
-            pieces.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])))
+            pieces.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
     cached = torch.cat(pieces, dim=1)
     assert (cached - full).abs().max().item() <= TOL, variant
 

@@ -1,8 +1,13 @@
-"""The one generation engine: prefill + decode over a preallocated KV cache, with rows that come and go.
+"""The one generation engine: prefill + decode over a preallocated cache, with rows that come and go.
 
 Used by ``litft generate``/``chat``, :class:`litft.LLM`, evaluation and the server.
 
-Layout. The KV cache has ``batch_size`` rows and ``cache_length`` slots. Every decode step writes one slot,
+The cache belongs to the model: ``model.make_cache`` builds it (one :class:`litft.cache.Cache` per layer, of its
+attention kind) and the engine passes it to ``model(..., input_pos=..., cache=...)``. The engine only schedules
+rows and slots and calls the cache's operations (prefill rows, move rows, reset rows, shift slots); it never
+touches cache tensors or model attributes.
+
+Layout. The cache has ``batch_size`` rows and ``cache_length`` slots. Every decode step writes one slot,
 ``t``, shared by all rows (the model's 1-D ``input_pos``). A request owns one row; its prompt sits in the
 slots just left of ``t`` when it joins (left padding), so rows of different lengths decode together:
 each row has its own RoPE ``positions`` (slot - start of the row) and ``segment_ids`` mark its real slots
@@ -13,7 +18,7 @@ so shifting never changes results.
 Rows in use. A decode step runs on the first ``n`` rows only, ``n`` the smallest *bucket* (1, 2, 4, 8, ...,
 ``batch_size``) holding every row that decodes, so its cost follows the rows in use while the shapes stay
 static (one compiled graph per bucket). Requests take the lowest free rows, and when the rows in use fit a
-smaller bucket, those beyond it move down into free rows (their KV cache rows are copied).
+smaller bucket, those beyond it move down into free rows (``cache.move_rows``).
 
 Step-wise API (what a continuous-batching scheduler needs)::
 
@@ -189,6 +194,7 @@ class Engine:
         self._ids = itertools.count()
         self.batch_size = 0
         self.cache_length = 0
+        self.cache: Any = None  # the model's generation cache (litft.cache.ModelCache) while allocated
         self.rows: list[Optional[Request]] = []
         self.buckets: list[int] = []
         self.max_rows_in_use = 0  # the most rows that ever decoded together (for tests and the server)
@@ -204,7 +210,8 @@ class Engine:
         if batch_size < 1 or cache_length < 2:
             raise ValueError(f"batch_size={batch_size}, cache_length={cache_length}: expected >= 1 and >= 2")
         dev = self.device
-        self.model.set_kv_cache(batch_size, cache_length, dev)
+        self.cache = None  # free the old cache before allocating the new one
+        self.cache = self.model.make_cache(batch_size, cache_length, device=dev)
         self.batch_size, self.cache_length = batch_size, cache_length
         self.rows = [None] * batch_size
         self.buckets = sorted({min(2 ** i, batch_size) for i in range(batch_size.bit_length() + 1)})
@@ -227,21 +234,35 @@ class Engine:
         self.num_shifts = 0  # how often occupied slots were moved (for tests)
 
     @property
+    def kv_cache_bytes_per_row(self) -> int:
+        """Bytes one row of ``max_seq_length`` slots takes in the cache (every layer, in the model's dtype;
+        sliding-window layers hold only their window)."""
+        return self.model.cache_bytes_per_row(self.max_seq_length)
+
+    @property
     def kv_cache_bytes_per_token(self) -> int:
-        """Bytes one token takes in the KV cache: keys and values of every layer, in the model's dtype."""
-        cfg = self.config
-        return 2 * cfg.n_layer * cfg.n_query_groups * cfg.head_size * self.model.embed.weight.dtype.itemsize
+        """Bytes per slot of a row of ``max_seq_length`` slots (keys and values of every layer)."""
+        return self.kv_cache_bytes_per_row // self.max_seq_length
+
+    def kv_cache_longest_row(self, memory_bytes: int) -> int:
+        """The most slots (at most ``max_seq_length``) one row may have in a cache of ``memory_bytes``; 0 if none."""
+        lo, hi = 0, self.max_seq_length  # a row's bytes grow with its slots: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.model.cache_bytes_per_row(mid) <= memory_bytes else (lo, mid - 1)
+        return lo
 
     def kv_cache_rows(self, memory_bytes: int, max_rows: int) -> int:
-        """How many rows of ``max_seq_length`` slots a KV cache of at most ``memory_bytes`` holds (at most
+        """How many rows of ``max_seq_length`` slots a cache of at most ``memory_bytes`` holds (at most
         ``max_rows``); ValueError when not even one does."""
-        tokens = memory_bytes // self.kv_cache_bytes_per_token
-        if tokens < self.max_seq_length:
+        row_bytes = self.kv_cache_bytes_per_row
+        if memory_bytes < row_bytes:
+            tokens = memory_bytes // self.kv_cache_bytes_per_token
             raise ValueError(
                 f"a KV cache of {memory_bytes / 2**30:.3g} GiB holds {tokens} tokens "
                 f"({self.kv_cache_bytes_per_token} bytes each), less than one request of max_seq_length="
                 f"{self.max_seq_length}: raise kv_cache_memory or lower max_seq_length")
-        return min(max_rows, tokens // self.max_seq_length)
+        return min(max_rows, memory_bytes // row_bytes)
 
     def warm_up(self) -> None:
         """One prefill and one decode step on a one-token prompt in the allocated cache, so that lazy
@@ -265,7 +286,7 @@ class Engine:
         """Free the KV cache (e.g. before training the same model)."""
         if any(r is not None for r in self.rows):
             raise RuntimeError("cannot release the KV cache while requests are active")
-        self.model.clear_kv_cache()
+        self.cache = None
         self.batch_size = self.cache_length = 0
         self.rows = []
 
@@ -442,10 +463,7 @@ class Engine:
         dev = self.device
         src = torch.tensor([a for a, _ in moves], dtype=torch.long, device=dev)
         dst = torch.tensor([b for _, b in moves], dtype=torch.long, device=dev)
-        for block in self.model.blocks:
-            cache = block.attn.kv_cache
-            for buf in (cache.k, cache.v):
-                buf.index_copy_(0, dst, buf.index_select(0, src))
+        self.cache.move_rows(src, dst)
         tensors = [self.segment_ids, self.start, self.active, self.next_token]
         if self.seen is not None:
             tensors.append(self.seen)
@@ -473,7 +491,8 @@ class Engine:
 
     def _decode_logits(self, idx: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor,
                        segment_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(idx, input_pos=input_pos, positions=positions, segment_ids=segment_ids)[:, -1].float()
+        return self.model(idx, input_pos=input_pos, positions=positions, segment_ids=segment_ids,
+                          cache=self.cache)[:, -1].float()
 
     def sync(self) -> list[Request]:
         """Bring the tokens sampled since the last sync to the host and process them in order (text, stop
@@ -522,6 +541,7 @@ class Engine:
         if self.batch_size:
             self.rows = [None] * self.batch_size
             self._active_host = [False] * self.batch_size
+            self.cache.reset_rows(torch.arange(self.batch_size, device=self.device))
             self.active.zero_()
             self.segment_ids.zero_()
             self._flags = Flags()
@@ -550,10 +570,7 @@ class Engine:
         if a + d < 0 or self.t + d > self.cache_length:
             raise RuntimeError(f"cannot shift the KV cache by {d} slots (occupied [{a}, {self.t}) of "
                                f"{self.cache_length})")
-        for block in self.model.blocks:
-            cache = block.attn.kv_cache
-            for buf in (cache.k, cache.v):
-                buf[:, :, a + d:self.t + d] = buf[:, :, a:self.t].clone()
+        self.cache.shift_slots(a, self.t, d)
         self.segment_ids[:, a + d:self.t + d] = self.segment_ids[:, a:self.t].clone()
         if d > 0:
             self.segment_ids[:, a:a + d].zero_()
@@ -564,10 +581,8 @@ class Engine:
         self._set_t(self.t + d)
 
     def _prefill(self, sequences: Sequence[list[int]], rows: list[int], end: int) -> torch.Tensor:
-        """Run token sequences (left-padded to the longest) through the model into a temporary cache, copy it
+        """Run token sequences (left-padded to the longest) through the model into a cache of their own, copy it
         to the rows' slots [end - longest, end) and return the logits of every sequence's last token."""
-        from litft.model import KVCache
-
         dev, n = self.device, len(sequences)
         longest = max(len(s) for s in sequences)
         idx = torch.full((n, longest), PAD_ID, dtype=torch.long)
@@ -579,30 +594,14 @@ class Engine:
             positions[i, longest - L:] = torch.arange(L)
             segments[i, longest - L:] = 1
         idx, positions, segments = idx.to(dev), positions.to(dev), segments.to(dev)
-        main = [block.attn.kv_cache for block in self.model.blocks]
-        main_length = self.model.max_cache_length
-        cfg = self.config
-        dtype = main[0].k.dtype
-        try:
-            for block in self.model.blocks:
-                block.attn.kv_cache = KVCache(n, cfg.n_query_groups, longest, cfg.head_size, dev, dtype)
-            self.model.max_cache_length = longest
-            hidden = None
-            for a in range(0, longest, self.prefill_chunk_size):
-                b = min(a + self.prefill_chunk_size, longest)
-                hidden = self.model(idx[:, a:b], input_pos=torch.arange(a, b, device=dev),
-                                    positions=positions[:, a:b], segment_ids=segments, return_hidden=True)
-            logits = self.model.head(hidden[:, -1]).float()
-            row_idx = torch.tensor(rows, dtype=torch.long, device=dev)
-            lo, hi = end - longest, end
-            for block, cache in zip(self.model.blocks, main):
-                tmp = block.attn.kv_cache
-                cache.k[row_idx, :, lo:hi] = tmp.k
-                cache.v[row_idx, :, lo:hi] = tmp.v
-        finally:
-            for block, cache in zip(self.model.blocks, main):
-                block.attn.kv_cache = cache
-            self.model.max_cache_length = main_length
+        prompts = self.model.make_cache(n, longest, dtype=self.cache.dtype, device=dev)
+        hidden = None
+        for a in range(0, longest, self.prefill_chunk_size):
+            b = min(a + self.prefill_chunk_size, longest)
+            hidden = self.model(idx[:, a:b], input_pos=torch.arange(a, b, device=dev), positions=positions[:, a:b],
+                                segment_ids=segments, return_hidden=True, cache=prompts)
+        logits = self.model.head(hidden[:, -1]).float()
+        self.cache.copy_rows_from(prompts, torch.tensor(rows, dtype=torch.long, device=dev), end - longest)
         return logits
 
     # ------------------------------------------------------------------ built on the step-wise API

@@ -61,7 +61,8 @@ def serve(
         kv_cache_memory: GiB for the KV cache (in the model's dtype); default 1 GiB on the CPU, on a GPU half of
             the memory free once the model is loaded. It holds kv_cache_memory / (2 x layers x kv heads x head
             size x dtype bytes) tokens: e.g. 23,301 for SmolLM2-135M in float32 with the default 1 GiB, i.e. two
-            requests of its whole 8,192-token context.
+            requests of its whole 8,192-token context. Sliding-window layers hold only their window, so models
+            with them fit more.
         quantize: quantized inference, e.g. bnb.nf4 or bnb.int8.
         precision: bf16-true, 16-true or 32-true; default bf16 on GPU, 32-true on CPU.
         device: auto, cpu, cuda or cuda:N.
@@ -98,7 +99,7 @@ def serve(
         engine = llm.engine
         budget = _kv_cache_budget(engine, kv_cache_memory)
         if max_seq_length is None:  # the model's context, or what the budget holds when that is less
-            engine.max_seq_length = max(2, min(engine.max_seq_length, budget // engine.kv_cache_bytes_per_token))
+            engine.max_seq_length = max(2, engine.kv_cache_longest_row(budget))
         rows = engine.kv_cache_rows(budget, max_batch_size)
         app = create_app(llm, name, api_key=api_key, max_batch_size=rows, max_queue=max_queue,
                          max_request_bytes=max_request_bytes)
@@ -125,7 +126,7 @@ def serve(
                     exposed = "" if _is_loopback(actual_host) else " (reachable from other machines)"
                     print(f"litft serve: {name} on http://{shown}:{actual_port}/v1{exposed}, {rows} concurrent "
                           f"requests of up to {engine.max_seq_length} tokens{fewer}, KV cache of {cache_tokens} "
-                          f"tokens ({cache_tokens * engine.kv_cache_bytes_per_token / 2**30:.2f} GiB, {dtype}), "
+                          f"tokens ({rows * engine.kv_cache_bytes_per_row / 2**30:.2f} GiB, {dtype}), "
                           f"device={llm.device}" + ("" if api_key else ", no API key"), file=sys.stderr, flush=True)
 
         # uvicorn's own timeout (cancel the request tasks outright) is only a backstop

@@ -847,7 +847,7 @@ def exact_match(model: nn.Module, tokenizer: Any, samples: Sequence[Any], max_ne
         with torch.no_grad():
             results = engine.generate([p for p, _ in pairs], params)
     finally:
-        model.clear_kv_cache()
+        engine.release()  # the cache's memory goes back before training resumes
         model.train(was_training)
     correct = 0
     lines = []

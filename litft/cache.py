@@ -1,0 +1,266 @@
+"""Generation caches: what each attention layer keeps between forward passes, behind one interface.
+
+The model owns the layout: :meth:`litft.model.GPT.make_cache` builds a :class:`ModelCache` holding one
+:class:`Cache` per layer, of the class the layer's attention kind needs, and the engine passes it back to
+``model(idx, input_pos=..., cache=cache)``. The engine (``litft/generate/engine.py``) only schedules rows: it
+calls the operations below and never reads or writes cache tensors or model attributes itself.
+
+Slots. A cache has ``rows`` sequences and ``length`` slots; a forward pass with ``input_pos`` (T,) writes the T new
+tokens of its first B rows at those slots (prefill: a run of slots; decode: one). Rows are independent; a slot
+index means the same thing in every row (the engine left-pads rows so that they decode at a shared slot), and
+the attention mask is built from slots: a query at slot q sees the key at slot k when ``k <= q`` (within the
+window on sliding layers) and both slots belong to the same segment.
+
+Operations (every :class:`Cache` implements them):
+
+- ``update(input_pos, *entries)``: store this step's entries (keys and values) of rows ``0..B-1`` at
+  ``input_pos`` and return what attention reads for those rows.
+- ``key_slots(input_pos)``: the slot each column of what ``update`` returns holds (negative: none), from which
+  ``GPT.forward`` builds the layer kind's mask.
+- ``copy_rows_from(source, rows, first_slot)``: prefill rows: a cache of ``len(rows)`` rows that a prompt batch
+  was prefilled into (made by ``make_cache`` like this one) lands in ``rows``, its slot 0 at ``first_slot``.
+- ``move_rows(src, dst)``: row ``src[i]`` becomes row ``dst[i]`` (compaction into fewer rows).
+- ``reset_rows(rows)``: those rows start empty.
+- ``shift_slots(start, end, offset)``: slots ``[start, end)`` of every row move by ``offset`` (the engine makes room
+  left of the decode slot, or reclaims it); attention depends on slot differences only, so results are unchanged.
+- ``bytes_per_row(config, length, dtype)`` (class method): memory one row of ``length`` slots takes, what the
+  engine sizes ``--kv_cache_memory`` with before allocating.
+
+Kinds implemented: :class:`KVCache` (full attention: every slot) and :class:`SlidingKVCache` (sliding window: a
+ring buffer of the window's slots; prompts longer than the window prefill in chunks). How the kinds litft does not
+have yet fit the same interface:
+
+- Chunked local attention (Llama 4): a ring like :class:`SlidingKVCache` of one chunk's slots, whose
+  ``key_slots`` cover the query's chunk; the mask keeps a key when it is in the query's chunk.
+- MLA latent (DeepSeek-V3): a :class:`SlotCache` whose entries are the compressed latent (rows, 1, length,
+  kv_lora_rank) and the decoupled RoPE key (rows, 1, length, rope_dim) instead of keys and values; the
+  attention expands them after ``update``. Every slot operation is :class:`SlotCache`'s.
+- KV shared across layers (Gemma 4): the reading layer's cache is a view of the writing layer's: ``update``
+  ignores its entries and returns the source's, ``key_slots`` are the source's, ``bytes_per_row`` is 0 and the row
+  and slot operations do nothing (the source layer's cache does them).
+- Linear attention (Gated DeltaNet): a :class:`Cache` holding a per-row convolution window (rows, channels,
+  kernel - 1) and recurrent state (rows, heads, dk, dv) instead of slots: ``update`` runs the state forward
+  over the new tokens (padding slots leave it unchanged), ``key_slots`` is empty, ``copy_rows_from`` takes the
+  source's final state, ``move_rows``/``reset_rows`` copy or zero it, ``shift_slots`` does nothing, and
+  ``bytes_per_row`` is independent of ``length``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from litft.config import Config
+
+
+class Cache(nn.Module, abc.ABC):
+    """One layer's generation state for ``rows`` sequences of up to ``length`` slots (see the module docstring)."""
+
+    def __init__(self, rows: int, length: int) -> None:
+        super().__init__()
+        self.rows, self.length = rows, length
+
+    @classmethod
+    @abc.abstractmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        """Bytes one row of ``length`` slots takes."""
+
+    @abc.abstractmethod
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store this step's entries of rows 0..B-1 at ``input_pos``; return what attention reads."""
+
+    @abc.abstractmethod
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """The slot (S,) each column of what ``update(input_pos, ...)`` returns holds; negative: none."""
+
+    @abc.abstractmethod
+    def copy_rows_from(self, source: "Cache", rows: torch.Tensor, first_slot: int) -> None:
+        """Prefill rows: ``source``'s rows become ``rows``, its slot 0 at ``first_slot``."""
+
+    @abc.abstractmethod
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Row ``src[i]`` becomes row ``dst[i]``."""
+
+    @abc.abstractmethod
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Those rows start empty."""
+
+    @abc.abstractmethod
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        """Slots ``[start, end)`` of every row move by ``offset``."""
+
+
+class SlotCache(Cache):
+    """A cache of per-slot entries: buffers of shape (rows, heads, length, dim), one per entry, slots on dim 2."""
+
+    def __init__(self, rows: int, length: int, entries: dict[str, tuple[int, int]], dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        super().__init__(rows, length)
+        for name, (heads, dim) in entries.items():
+            # zeros, not empty: masked slots must not hold NaNs that 0 * NaN would leak through
+            # module buffers, updated in place: torch.compile treats them as static inputs (CUDA graphs read them
+            # where they are)
+            self.register_buffer(name, torch.zeros(rows, heads, length, dim, dtype=dtype, device=device),
+                                 persistent=False)
+
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write the entries (B, heads, T, dim) of rows 0..B-1 at slots ``input_pos`` (T,); return those rows'
+        buffers (B, heads, length, dim). A decode step may run on the first rows only."""
+        batch = entries[0].shape[0]
+        if batch > self.rows:
+            raise ValueError(f"batch of {batch} rows but the cache holds {self.rows}")
+        out = []
+        for buf, new in zip(self.buffers(), entries, strict=True):
+            rows = buf[:batch]
+            rows.index_copy_(2, input_pos, new.to(rows.dtype))
+            out.append(rows)
+        return tuple(out)
+
+    def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
+        if type(source) is not type(self):
+            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        end = first_slot + source.length
+        if first_slot < 0 or end > self.length:
+            raise ValueError(f"slots [{first_slot}, {end}) are outside the cache's {self.length} slots")
+        for buf, src in zip(self.buffers(), source.buffers(), strict=True):
+            buf[rows, :, first_slot:end] = src.to(buf.dtype)
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for buf in self.buffers():
+            buf.index_copy_(0, dst, buf.index_select(0, src))
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        for buf in self.buffers():
+            buf.index_fill_(0, rows, 0)
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        if start + offset < 0 or end + offset > self.length:
+            raise ValueError(f"cannot shift slots [{start}, {end}) by {offset} in a cache of {self.length} slots")
+        for buf in self.buffers():
+            buf[:, :, start + offset:end + offset] = buf[:, :, start:end].clone()
+
+
+class KVCache(SlotCache):
+    """Keys and values of a full-attention layer: ``k`` and ``v`` of shape (rows, n_query_groups, length,
+    head_size), keys after RoPE."""
+
+    def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        shape = (config.n_query_groups, config.head_size)
+        super().__init__(rows, length, {"k": shape, "v": shape}, dtype, device)
+
+    @classmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        return 2 * config.n_query_groups * config.head_size * length * dtype.itemsize
+
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.length, device=input_pos.device)
+
+
+class SlidingKVCache(SlotCache):
+    """Keys and values of a sliding-window layer in a ring buffer: ``k`` and ``v`` of shape (rows, n_query_groups,
+    ring, head_size) with ``ring = min(length, window)``, slot ``s`` at ring position ``s % ring``. Memory stops
+    growing at the window.
+
+    A step's slots must be consecutive and follow the last slot written (as the engine's prefill chunks and decode
+    steps do). One new token (decode) is written first and attends over the ring, which then holds exactly its
+    window; a chunk of several tokens (prefill) attends over the ring as it was plus its own keys, then its last
+    ``ring`` entries are written, so chunks longer than the window need nothing special.
+    """
+
+    def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        ring = min(length, config.sliding_window)
+        shape = (config.n_query_groups, config.head_size)
+        super().__init__(rows, ring, {"k": shape, "v": shape}, dtype, device)
+        self.window, self.ring = config.sliding_window, ring
+        self.length = length  # slots addressed; only the last ``ring`` of them are held
+
+    @classmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        return KVCache.bytes_per_row(config, min(length, config.sliding_window), dtype)
+
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, steps = entries[0].shape[0], entries[0].shape[2]
+        if batch > self.rows:
+            raise ValueError(f"batch of {batch} rows but the cache holds {self.rows}")
+        keep = min(steps, self.ring)  # the step's last entries the ring keeps
+        where = input_pos[steps - keep:] % self.ring
+        out = []
+        for buf, new in zip(self.buffers(), entries, strict=True):
+            held = buf[:batch]
+            if steps > 1:  # a prefill chunk attends over the ring before it and itself
+                out.append(torch.cat((held, new.to(held.dtype)), dim=2))
+            held.index_copy_(2, where, new[:, :, steps - keep:].to(held.dtype))
+            if steps == 1:
+                out.append(held)
+        return tuple(out)
+
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        steps = input_pos.shape[0]
+        last = input_pos[0] if steps == 1 else input_pos[0] - 1  # the last slot in the ring when attending
+        position = torch.arange(self.ring, device=input_pos.device)
+        held = last - (last - position) % self.ring  # the latest slot <= last at each ring position
+        return held if steps == 1 else torch.cat((held, input_pos))
+
+    def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
+        if type(source) is not type(self):
+            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        if first_slot < 0 or first_slot + source.length > self.length:
+            raise ValueError(f"slots [{first_slot}, {first_slot + source.length}) are outside the cache's "
+                             f"{self.length} slots")
+        kept = min(source.ring, self.ring)  # the source's last slots that land in the ring
+        slots = torch.arange(source.length - kept, source.length, device=rows.device)
+        for buf, src in zip(self.buffers(), source.buffers(), strict=True):
+            held = buf[rows]
+            held[:, :, (first_slot + slots) % self.ring] = src[:, :, slots % source.ring].to(buf.dtype)
+            buf[rows] = held
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        """Slots ``[start, end)`` move by ``offset``; ``end`` must follow the last slot written."""
+        if start + offset < 0 or end + offset > self.length:
+            raise ValueError(f"cannot shift slots [{start}, {end}) by {offset} in a cache of {self.length} slots")
+        for buf in self.buffers():
+            buf.copy_(buf.roll(offset, dims=2))
+
+
+CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache}
+
+
+class ModelCache(nn.Module):
+    """Every layer's :class:`Cache` for ``rows`` sequences of ``length`` slots, made by
+    :meth:`litft.model.GPT.make_cache`; the row and slot operations apply to every layer."""
+
+    def __init__(self, layers: Sequence[Cache], kinds: Sequence[str], rows: int, length: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.kinds = list(kinds)  # each layer's attention kind (``Config.layer_types``)
+        self.rows, self.length, self.dtype = rows, length, dtype
+
+    def key_slots(self, kind: str, input_pos: torch.Tensor) -> torch.Tensor:
+        """The slot each key column of a layer of ``kind`` holds for a step at ``input_pos`` (for its mask)."""
+        return self.layers[self.kinds.index(kind)].key_slots(input_pos)
+
+    def copy_rows_from(self, source: "ModelCache", rows: torch.Tensor, first_slot: int) -> None:
+        """Prefill rows: ``source`` (a cache of ``len(rows)`` rows) becomes ``rows``, its slot 0 at ``first_slot``."""
+        for layer, src in zip(self.layers, source.layers, strict=True):
+            layer.copy_rows_from(src, rows, first_slot)
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Row ``src[i]`` becomes row ``dst[i]`` (its old place keeps stale entries until reset or overwritten)."""
+        for layer in self.layers:
+            layer.move_rows(src, dst)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Those rows start empty."""
+        for layer in self.layers:
+            layer.reset_rows(rows)
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        """Slots ``[start, end)`` of every row move by ``offset``."""
+        for layer in self.layers:
+            layer.shift_slots(start, end, offset)
