@@ -255,3 +255,41 @@ def save_model(model: torch.nn.Module, checkpoint_dir: Path, max_shard_size: int
     if getattr(model, "config", None) is not None and model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     write_shards(iter(state.items()), Path(checkpoint_dir), parse_size(max_shard_size))
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _safetensors_dtypes(files: list[Path]) -> str:
+    """The dtypes of the tensors in ``files`` (from their headers, no data read), e.g. ``F32`` or ``BF16, F32``."""
+    from safetensors import safe_open
+
+    found: dict[str, int] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                found[dtype] = found.get(dtype, 0) + 1
+    return ", ".join(sorted(found, key=lambda d: -found[d]))
+
+
+def print_written(path: Path, what: str, dtype: Optional[str] = None) -> None:
+    """Tell the user what a command wrote: ``path`` (a folder: each file under it, or one file) with sizes and the
+    weights' dtype (read from the safetensors headers unless given, e.g. a GGUF file's tensor types)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if dtype is None:
+        tensors = [f for f in files if f.suffix == ".safetensors"]
+        dtype = _safetensors_dtypes(tensors) if tensors else None
+    total = sum(f.stat().st_size for f in files)
+    print(f"{what}: {path} ({len(files)} file{'s' if len(files) != 1 else ''}, {_human_size(total)}"
+          + (f", weights {dtype}" if dtype else "") + ")", flush=True)
+    if path.is_dir():
+        width = max(len(str(f.relative_to(path))) for f in files) if files else 0
+        for f in files:
+            print(f"  {str(f.relative_to(path)):<{width}}  {_human_size(f.stat().st_size):>9}", flush=True)
