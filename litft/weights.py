@@ -279,17 +279,21 @@ def _safetensors_dtypes(files: list[Path]) -> str:
 
 
 def print_written(path: Path, what: str, dtype: Optional[str] = None) -> None:
-    """Tell the user what a command wrote: ``path`` (a folder: each file under it, or one file) with sizes and the
-    weights' dtype (read from the safetensors headers unless given, e.g. a GGUF file's tensor types)."""
+    """Tell the user what a command wrote: ``path`` (a folder: each entry in it, a sub-folder as one line; or one
+    file) with sizes, and the weights' dtype (read from the safetensors headers unless given, e.g. GGUF's outtype)."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+    entries = sorted(path.iterdir()) if path.is_dir() else [path]
     if dtype is None:
-        tensors = [f for f in files if f.suffix == ".safetensors"]
+        tensors = [f for f in entries if f.suffix == ".safetensors"]
         dtype = _safetensors_dtypes(tensors) if tensors else None
-    total = sum(f.stat().st_size for f in files)
-    print(f"{what}: {path} ({len(files)} file{'s' if len(files) != 1 else ''}, {_human_size(total)}"
-          + (f", weights {dtype}" if dtype else "") + ")", flush=True)
+    print(f"{what}: {path} ({_human_size(sum(size(p) for p in entries))}" + (f", weights {dtype}" if dtype else "")
+          + ")", flush=True)
     if path.is_dir():
-        width = max(len(str(f.relative_to(path))) for f in files) if files else 0
-        for f in files:
-            print(f"  {str(f.relative_to(path)):<{width}}  {_human_size(f.stat().st_size):>9}", flush=True)
+        names = [p.name + ("/" if p.is_dir() else "") for p in entries]
+        width = max(map(len, names), default=0)
+        for name, entry in zip(names, entries):
+            print(f"  {name:<{width}}  {_human_size(size(entry)):>9}", flush=True)

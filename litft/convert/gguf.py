@@ -59,10 +59,6 @@ def open_gguf(path: Path) -> Any:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... for bad magic, truncation, corruption
         raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > path.stat().st_size:
-        raise ValueError(f"{path}: truncated GGUF file: its tensors need {end} bytes, the file has "
-                         f"{path.stat().st_size}")
     return reader
 
 
@@ -200,7 +196,6 @@ class GGUFArch:
     name: str  # general.architecture
     permute_qk: bool = False  # q/k rows in llama.cpp's rotary layout (pairs (i, i + d/2) → (2i, 2i + 1))
     norm_plus_one: bool = False  # RMSNorm weights stored as 1 + w (Gemma computes x * (1 + w))
-    key_length: bool = False  # head size written as attention.key_length / value_length
     sliding_window: bool = False  # attention.sliding_window written
 
 
@@ -208,7 +203,7 @@ class GGUFArch:
 TO_GGUF_ARCHS = {
     "llama": GGUFArch("llama", permute_qk=True),
     "qwen2": GGUFArch("qwen2"),
-    "gemma3_text": GGUFArch("gemma3", norm_plus_one=True, key_length=True, sliding_window=True),
+    "gemma3_text": GGUFArch("gemma3", norm_plus_one=True, sliding_window=True),
 }
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -233,9 +228,8 @@ def _write_model_metadata(writer: Any, config: Config, arch: GGUFArch, vocab_siz
     writer.add_vocab_size(vocab_size)
     head_size = config.head_size or config.n_embd // config.n_head
     writer.add_rope_dimension_count(int(head_size * config.partial_rotary_factor))
-    if arch.key_length:
-        writer.add_key_length(head_size)
-        writer.add_value_length(head_size)
+    writer.add_key_length(head_size)  # llama.cpp's head size (else n_embd / n_head)
+    writer.add_value_length(head_size)
     if arch.sliding_window and config.sliding_window:
         writer.add_sliding_window(config.sliding_window)
     if config.rope_local_theta is not None:
@@ -260,10 +254,19 @@ def _check_metadata_expresses(config: Config, arch: GGUFArch, vocab_size: int, o
     ignore = {"name", "hf_id", "extra", "tie_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"}
     wrong = [f"{f.name}={getattr(config, f.name)!r} (read back: {getattr(read, f.name)!r})"
              for f in dataclasses.fields(Config) if f.name not in ignore
-             and getattr(config, f.name) != getattr(read, f.name)]
+             and not _same_in_float32(getattr(config, f.name), getattr(read, f.name))]
     if wrong:
         raise ValueError(f"to_gguf: GGUF's {arch.name} metadata cannot describe this model: {'; '.join(wrong)}; "
                          "llama.cpp and transformers would run another model, so nothing was written")
+
+
+def _same_in_float32(a: Any, b: Any) -> bool:
+    """Equal, floats compared as the float32 GGUF stores them."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and np.float32(a) == np.float32(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_in_float32(a[k], b[k]) for k in a)
+    return a == b
 
 
 _PRE_NAMES_LLAMA_CPP_KNOWS = ("llama-bpe", "qwen2", "tekken", "gpt-4o")

@@ -133,7 +133,7 @@ def merge_lora(
         dtype: cast the merged weights to this dtype (float32, bfloat16, float16); default the base's.
         overwrite: replace ``out_dir`` if it exists and is not empty.
     """
-    from litft.weights import atomic_directory, copy_tokenizer_files, parse_dtype, save_model
+    from litft.weights import atomic_directory, copy_tokenizer_files, parse_dtype, print_written, save_model
 
     checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
     torch_dtype = parse_dtype(dtype)
@@ -154,5 +154,5 @@ def merge_lora(
         save_model(model, tmp)
         model.config.save(tmp)
         copy_tokenizer_files(checkpoint_dir, tmp)
-    print(f"merged weights written to {target}", flush=True)
+    print_written(target, "wrote merged weights")
     return target
