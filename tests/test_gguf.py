@@ -32,8 +32,8 @@ def _logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random litft checkpoints GGUF can describe: llama (tied, head_dim != n_embd/n_head) and qwen2 (untied,
-    q/k/v biases) with the byte-level BPE fixture tokenizer, gemma3 (sliding/full pattern of 6, head_dim 256) with the
+    """Tiny random litft checkpoints GGUF can describe: llama (tied, head_dim != n_embd/n_head), qwen2 (untied,
+    q/k/v biases) and qwen3 (qk-norm) with the byte-level BPE fixture tokenizer, gemma3 (sliding/full pattern of 6, head_dim 256) with the
     sentencepiece one."""
     from litft.convert.hf import convert_from_hf
     from tests.fixtures_tokenizers import make_bpe_tokenizer, make_sentencepiece_tokenizer
@@ -44,6 +44,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, variant, overrides, tokenizer in (
         ("llama", "llama-tied", {}, make_bpe_tokenizer),
         ("qwen2", "qwen2", {}, make_bpe_tokenizer),
+        ("qwen3", "qwen3", dict(head_dim=128), make_bpe_tokenizer),  # GGUF's qwen3 has no head size transformers reads
         ("gemma3", "gemma3", dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, layer_types=None,
                                   rope_parameters=None), make_sentencepiece_tokenizer),
     ):
@@ -53,7 +54,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return made
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_to_gguf_f32_loads_in_transformers_with_litft_logits(tiny: dict[str, Path], name: str,
                                                              tmp_path: Path) -> None:
     from litft.convert.gguf import convert_to_gguf
@@ -100,7 +101,7 @@ def test_to_gguf_outtypes(tiny: dict[str, Path], tmp_path: Path, outtype: str, t
         assert (hf(ids).logits - _logits(tiny["llama"], ids)).abs().max().item() <= tolerance
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
 def test_from_gguf_gives_the_model_back(tiny: dict[str, Path], name: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     """to_gguf (f32) then from_gguf: the same logits; the command says what it wrote."""
@@ -203,7 +204,7 @@ def test_to_gguf_refuses_what_it_cannot_write(tiny: dict[str, Path], tiny_llama_
     from litft.convert.hf import convert_from_hf
 
     make_hf_model("phi3", tmp_path / "phi3-hf", overrides={"vocab_size": 400})
-    with pytest.raises(ValueError, match=r"is a 'phi3' model; to_gguf writes gemma3_text, llama, qwen2"):
+    with pytest.raises(ValueError, match=r"is a 'phi3' model; to_gguf writes gemma3_text, llama, qwen2, qwen3"):
         convert_to_gguf(convert_from_hf(tmp_path / "phi3-hf", tmp_path / "phi3"), out)
     with pytest.raises(ValueError, match=r"--outtype 'q4_k': expected one of f32, f16, bf16, q8_0"):
         convert_to_gguf(tiny["llama"], out, outtype="q4_k")

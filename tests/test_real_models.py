@@ -133,3 +133,24 @@ def test_tutorial_real_model(smollm2_gguf: Path, tmp_path: Path) -> None:
     assert before <= 20 and after >= 80, (before, after)
     assert "wrote a GGUF file" in printed and (work / "out" / "reverse-q8_0.gguf").is_file()
     assert re.search(r"transformers: tiger lemon castle|transformers: castle lemon tiger", printed)
+
+
+def test_llama_cpp_runs_the_exported_file(smollm2_litft: Path, tmp_path: Path) -> None:
+    """llama.cpp (llama-cpp-python) runs to_gguf's file of SmolLM2: same prompt tokens, same greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp from "
+                                                        "source: pip install llama-cpp-python)")
+    from litft.api import LLM
+    from litft.convert.gguf import convert_to_gguf
+
+    out = convert_to_gguf(smollm2_litft, tmp_path / "smollm2-f32.gguf", outtype="f32")
+    ours = LLM.load(smollm2_litft, device="cpu", precision="32-true", max_seq_length=256)
+    prompt = "The three primary colours are"
+    ids = ours.tokenizer.encode(prompt)
+    theirs = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=1, verbose=False)
+    assert theirs.tokenize(prompt.encode(), add_bos=ours.tokenizer.add_bos, special=True) == ids
+    generated = []
+    for token in theirs.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        if token in ours.tokenizer.stop_ids or len(generated) == 20:
+            break
+        generated.append(token)
+    assert ours.tokenizer.decode(generated) == ours.generate(prompt, max_new_tokens=20)

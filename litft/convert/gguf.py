@@ -203,6 +203,7 @@ class GGUFArch:
 TO_GGUF_ARCHS = {
     "llama": GGUFArch("llama", permute_qk=True),
     "qwen2": GGUFArch("qwen2"),
+    "qwen3": GGUFArch("qwen3"),
     "gemma3_text": GGUFArch("gemma3", norm_plus_one=True, sliding_window=True),
 }
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -395,7 +396,7 @@ def convert_to_gguf(
     Tensors get llama.cpp's names and conventions, the metadata its keys (``general.architecture``,
     ``<arch>.context_length`` ... ``tokenizer.ggml.*``, ``tokenizer.chat_template``). A LoRA/DoRA/QLoRA run is merged
     into its base first, as ``convert to_hf`` merges it; an adapter or prompt-tuning run has nothing to merge and is
-    refused. Architectures: llama (Llama, SmolLM2), qwen2, gemma3. The file appears only when complete.
+    refused. Architectures: llama (Llama, SmolLM2), qwen2, qwen3, gemma3. The file appears only when complete.
 
     Args:
         checkpoint_dir: a native checkpoint, a LoRA/DoRA/QLoRA run's ``final/``, or a run's out_dir.
