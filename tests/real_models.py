@@ -80,6 +80,7 @@ def fetch(model: RealModel) -> Path:
     target = cache_dir() / model.file
     if target.is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
     try:
