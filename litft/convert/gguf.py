@@ -130,13 +130,14 @@ def _default_dtype(reader: Any) -> torch.dtype:
     return torch.float32
 
 
-def _save_tokenizer(path: Path, directory: Path) -> None:
+def _save_tokenizer(path: Path, directory: Path, hf_config: dict[str, Any]) -> None:
     """tokenizer.json + tokenizer_config.json (bos/eos/unk/pad, add_bos_token, the chat template) as transformers
     builds them from the file's tokenizer.ggml.* and tokenizer.chat_template metadata."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:  # the config read already (else transformers parses the whole metadata again to choose the class)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                  config=AutoConfig.for_model(**hf_config))
     except (ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot build a tokenizer from its tokenizer.ggml.* metadata: {e}") from e
     tokenizer.save_pretrained(str(directory))
@@ -180,7 +181,7 @@ def convert_from_gguf(
         shards = [(path, _hf_tensor_getters(path, reader, hf_config))]
         write_shards(hf_tensors_to_native(path, config, torch_dtype, shards=shards), tmp, parse_size(max_shard_size))
         config.save(tmp)
-        _save_tokenizer(path, tmp)
+        _save_tokenizer(path, tmp, hf_config)
         write_generation_config(config, tmp)
     print_written(out_dir, "wrote a litft checkpoint")
     return out_dir
