@@ -101,7 +101,7 @@ def test_to_gguf_outtypes(tiny: dict[str, Path], tmp_path: Path, outtype: str, t
         assert (hf(ids).logits - _logits(tiny["llama"], ids)).abs().max().item() <= tolerance
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_from_gguf_gives_the_model_back(tiny: dict[str, Path], name: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     """to_gguf (f32) then from_gguf: the same logits; the command says what it wrote."""

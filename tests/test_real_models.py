@@ -32,18 +32,20 @@ def _hf_model(gguf_file: Path) -> torch.nn.Module:
                                                 dtype=torch.float32).eval()
 
 
-def _hf_tokenizer(gguf_file: Path):
+def _hf_tokenizer(gguf_file: Path, model: torch.nn.Module):
+    """transformers' tokenizer of the file (given the model's config: it would otherwise parse the metadata again)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, config=model.config)
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def pair(request: pytest.FixtureRequest) -> dict:
     """{"gguf", "litft", "hf", "hf_tok"} for one real model: the file, its conversion, transformers' load of it."""
     gguf_file = request.getfixturevalue(f"{request.param}_gguf")
+    hf = _hf_model(gguf_file)
     return {"name": request.param, "gguf": gguf_file, "litft": request.getfixturevalue(f"{request.param}_litft"),
-            "hf": _hf_model(gguf_file), "hf_tok": _hf_tokenizer(gguf_file)}
+            "hf": hf, "hf_tok": _hf_tokenizer(gguf_file, hf)}
 
 
 def test_logits_equal_transformers(pair: dict) -> None:
@@ -99,7 +101,8 @@ def test_to_gguf_round_trip_loads_in_transformers(smollm2_litft: Path, tmp_path:
     from litft.weights import load_model
 
     out = convert_to_gguf(smollm2_litft, tmp_path / "smollm2-f32.gguf", outtype="f32")
-    hf, hf_tok = _hf_model(out), _hf_tokenizer(out)
+    hf = _hf_model(out)
+    hf_tok = _hf_tokenizer(out, hf)
     ids = torch.tensor([hf_tok.encode("Write a haiku about the sea, please.")])
     with torch.no_grad():
         diff = (load_model(smollm2_litft)(ids) - hf(ids).logits).abs().max().item()
