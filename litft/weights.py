@@ -329,3 +329,45 @@ def save_model(model: torch.nn.Module, checkpoint_dir: Path, max_shard_size: int
     if getattr(model, "config", None) is not None and model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     write_shards(iter(state.items()), Path(checkpoint_dir), parse_size(max_shard_size))
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _safetensors_dtypes(files: list[Path]) -> str:
+    """The dtypes of the tensors in ``files`` (from their headers, no data read), e.g. ``F32`` or ``BF16, F32``."""
+    from safetensors import safe_open
+
+    found: dict[str, int] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                found[dtype] = found.get(dtype, 0) + 1
+    return ", ".join(sorted(found, key=lambda d: -found[d]))
+
+
+def print_written(path: Path, what: str, dtype: Optional[str] = None) -> None:
+    """Tell the user what a command wrote: ``path`` (a folder: each entry in it, a sub-folder as one line; or one
+    file) with sizes, and the weights' dtype (read from the safetensors headers unless given, e.g. GGUF's outtype)."""
+    path = Path(path)
+
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+    entries = sorted(path.iterdir()) if path.is_dir() else [path]
+    if dtype is None:
+        tensors = [f for f in entries if f.suffix == ".safetensors"]
+        dtype = _safetensors_dtypes(tensors) if tensors else None
+    print(f"{what}: {path} ({_human_size(sum(size(p) for p in entries))}" + (f", weights {dtype}" if dtype else "")
+          + ")", flush=True)
+    if path.is_dir():
+        names = [p.name + ("/" if p.is_dir() else "") for p in entries]
+        width = max(map(len, names), default=0)
+        for name, entry in zip(names, entries):
+            print(f"  {name:<{width}}  {_human_size(size(entry)):>9}", flush=True)

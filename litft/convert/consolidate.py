@@ -46,7 +46,7 @@ def consolidate(step_dir: Path, out_dir: Optional[Path] = None, overwrite: bool 
     """
     from litft.config import Config
     from litft.train import checkpoint as ckpt
-    from litft.weights import atomic_directory, weight_files
+    from litft.weights import atomic_directory, print_written, weight_files
 
     step_dir = Path(step_dir)
     sharded = _check_step_dir(step_dir)
@@ -81,7 +81,7 @@ def consolidate(step_dir: Path, out_dir: Optional[Path] = None, overwrite: bool 
                     shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
                 else:
                     _link_or_copy(entry, tmp / entry.name)
-    print(f"consolidated the {method.name} weights of {step_dir} (step {state.get('step')}) into {target}", flush=True)
+    print_written(target, f"consolidated the {method.name} weights of {step_dir} (step {state.get('step')})")
     return target
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from litft.weights import (
     expected_shapes,
     parse_dtype,
     parse_size,
+    print_written,
     weight_files,
     write_shards,
 )
@@ -124,12 +125,16 @@ class _HFSource:
 
 def hf_tensors_to_native(
     hf_dir: Path, config: Config, dtype: Optional[torch.dtype] = None,
+    shards: Optional[Iterable[tuple[Path, dict[str, Callable[[], torch.Tensor]]]]] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Native (name, tensor) pairs of an HF checkpoint, shard by shard, shapes checked against ``config``."""
+    """Native (name, tensor) pairs of an HF checkpoint, shard by shard, shapes checked against ``config``.
+
+    ``shards`` gives the HF-named tensors from elsewhere (a GGUF file: ``litft.convert.gguf``) as (file, lazy getter
+    per HF name) pairs; by default they are read from the safetensors/.bin files of ``hf_dir``."""
     family = family_for(config.hf_model_type)
     expected = expected_shapes(config)
     seen: set[str] = set()
-    for path, getters in _HFSource(hf_dir).shards():
+    for path, getters in (_HFSource(hf_dir).shards() if shards is None else shards):
         for hf_key, get in getters.items():
             if family.is_ignored_hf(hf_key):
                 continue
@@ -196,6 +201,7 @@ def convert_from_hf(
         copy_tokenizer_files(hf_dir, tmp)
         if not (tmp / "generation_config.json").is_file():
             write_generation_config(config, tmp)
+    print_written(out_dir, "wrote a litft checkpoint")
     return out_dir
 
 
@@ -289,6 +295,7 @@ def convert_to_hf(
         copy_tokenizer_files(checkpoint_dir, tmp)
         if not (tmp / "generation_config.json").is_file():
             write_generation_config(config, tmp)
+    print_written(Path(out_dir), "wrote a Hugging Face folder")
     return Path(out_dir)
 
 

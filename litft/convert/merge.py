@@ -134,7 +134,7 @@ def merge_lora(
         overwrite: replace ``out_dir`` if it exists and is not empty.
     """
     from litft.data.formats import PromptFormat
-    from litft.weights import atomic_directory, copy_tokenizer_files, parse_dtype, save_model
+    from litft.weights import atomic_directory, copy_tokenizer_files, parse_dtype, print_written, save_model
 
     checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
     torch_dtype = parse_dtype(dtype)
@@ -158,5 +158,5 @@ def merge_lora(
         run_format = PromptFormat.load(checkpoint_dir)  # the merged model is still prompted as the run was
         if run_format is not None:
             run_format.save(tmp)
-    print(f"merged weights written to {target}", flush=True)
+    print_written(target, "wrote merged weights")
     return target

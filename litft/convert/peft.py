@@ -17,7 +17,7 @@ import torch
 
 from litft.convert.merge import ADAPTER_REFUSAL, checkpoint_method, resolve_checkpoint
 from litft.train.checkpoint import run_quantize
-from litft.weights import atomic_directory, save_safetensors
+from litft.weights import atomic_directory, print_written, save_safetensors
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -85,8 +85,8 @@ def to_peft(
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(base_model_name_or_path, args, targets))
     quantize = run_quantize(checkpoint_dir, base)
-    print(f"PEFT adapter written to {out_dir} (r={args.r}, lora_alpha={args.alpha}, target_modules={targets}"
-          f"{', use_dora' if args.use_dora else ''}{', use_rslora' if args.use_rslora else ''})", flush=True)
+    print_written(Path(out_dir), f"wrote a PEFT adapter (r={args.r}, lora_alpha={args.alpha}, target_modules={targets}"
+                  f"{', use_dora' if args.use_dora else ''}{', use_rslora' if args.use_rslora else ''})")
     if not base_model_name_or_path:
         print("note: base_model_name_or_path is empty: pass --base_model_name_or_path <hub id or HF folder> for "
               "AutoPeftModelForCausalLM, or load the base yourself and call PeftModel.from_pretrained(base, dir)",
@@ -126,7 +126,7 @@ def _prompt_to_peft(checkpoint_dir: Path, base_dir: Path, out_dir: Path, base_mo
             header + f"# Prompt-tuning adapter\n\nTrained with litft: {args.num_virtual_tokens} virtual tokens, "
             f"initialised {init}.\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained("
             "base_model, \"path/to/this/folder\")\n```\n")
-    print(f"PEFT prompt-tuning adapter written to {out_dir} (num_virtual_tokens={args.num_virtual_tokens})", flush=True)
+    print_written(out_dir, f"wrote a PEFT prompt-tuning adapter (num_virtual_tokens={args.num_virtual_tokens})")
     inner = read_base(base_dir)
     if inner is not None:
         print(f"note: the prompt was trained on {base_dir}, itself a {inner['method']} run: load the adapter onto that "
@@ -255,8 +255,8 @@ def from_peft(
                          f"n_embd={config.n_embd})") from e
     _write_imported(out_dir, overwrite, "lora", LORA_WEIGHTS_FILE, LORA_CONFIG_FILE, state, args, config, base,
                     peft_config)
-    print(f"LoRA checkpoint written to {out_dir} (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
-          f"{', DoRA' if args.use_dora else ''}) on base {base}", flush=True)
+    print_written(out_dir, f"wrote a LoRA checkpoint (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
+                           f"{', DoRA' if args.use_dora else ''}; base {base})")
     return out_dir
 
 
@@ -293,6 +293,6 @@ def _prompt_from_peft(peft_config: dict[str, Any], peft_state: dict[str, torch.T
                          f"in --base {base}'s context (block_size={config.block_size})")
     _write_imported(out_dir, overwrite, "prompt", PROMPT_WEIGHTS_FILE, PROMPT_CONFIG_FILE, state, args, config, base,
                     peft_config)
-    print(f"prompt-tuning checkpoint written to {out_dir} (num_virtual_tokens={args.num_virtual_tokens}) on base "
-          f"{base}", flush=True)
+    print_written(out_dir, f"wrote a prompt-tuning checkpoint (num_virtual_tokens={args.num_virtual_tokens}; base "
+                           f"{base})")
     return out_dir
