@@ -141,7 +141,7 @@ def test_lora_fsdp_full_shard_matches_one_process(fsdp2: Path, ref, work: Path) 
     the reference's), loadable without Fabric; the step checkpoint holds the LoRA weights, not the frozen base."""
     from safetensors.torch import load_file
 
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     assert_close(losses(fsdp2), ref, STEPS)
     final = fsdp2 / "final"
@@ -174,7 +174,7 @@ def test_full_fsdp_shard_grad_op_with_activation_checkpointing(full_runs, work: 
     from transformers import AutoModelForCausalLM
 
     from litft.convert.hf import convert_to_hf
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     assert_close(losses(work / "full2"), losses(work / "full1"), STEPS)
     final = work / "full2" / "final"
@@ -322,7 +322,7 @@ def same_tensors(got: Path, want: Path, atol: float = 1e-4) -> None:
 def same_logits(got: Path, want: Path) -> None:
     import torch
 
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -336,7 +336,7 @@ def test_consolidate_lora_fsdp_step_checkpoint(fsdp2: Path, ref, work: Path, tmp
     resumes."""
     from litft import LLM
     from litft.cli import main
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     shutil.copytree(fsdp2, tmp_path / "run", ignore=shutil.ignore_patterns("final", "logs"))
     step = tmp_path / "run" / "checkpoints" / "step-2"

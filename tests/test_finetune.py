@@ -21,7 +21,7 @@ from litft.config import Config
 from litft.data import DataArgs, Sample, pad_batch
 from litft.model import GPT
 from litft.train.args import EvalArgs, TrainArgs, parse_duration
-from litft.train.checkpoint import load_checkpoint
+from litft.checkpoint import load_checkpoint
 from litft.train.loop import CausalLMLoss, count_targets, count_tokens, forward_backward, prompt_and_reference
 from litft.train.metrics import read_metrics
 from litft.train.schedule import lr_at

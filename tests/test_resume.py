@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from litft.cli import main
-from litft.train.checkpoint import list_checkpoints, load_checkpoint, load_training_state
+from litft.checkpoint import load_checkpoint
+from litft.train.checkpoint import list_checkpoints, load_training_state
 from litft.train.metrics import read_metrics
 from tests.test_finetune import TEMPLATE, make_checkpoint
 

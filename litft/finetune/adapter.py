@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import adapter_method
 from litft.peft import AdapterArgs
 from litft.train.args import EvalArgs, TrainArgs
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 
 def finetune_adapter(
@@ -64,13 +63,3 @@ def finetune_adapter(
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
                overwrite=overwrite, run_config=config)
-
-
-def adapter_method(adapter: AdapterArgs) -> "Method":
-    """The LLaMA-Adapter method for the training loop (and for ``litft convert consolidate``, which rebuilds it from
-    a run's run.yaml): prompts and gates on the frozen base; checkpoints hold adapter.safetensors + adapter.yaml."""
-    from litft.peft import apply_adapter, load_adapter, save_adapter
-    from litft.train.loop import Method
-
-    return Method(name="adapter", full=False, prepare=lambda model: apply_adapter(model, adapter),
-                  save=lambda model, d: save_adapter(model, adapter, d), load=load_adapter)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
-
-import torch
+from typing import Literal, Optional, Union
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import full_method
 from litft.train.args import EvalArgs, TrainArgs
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 
 def finetune_full(
@@ -69,32 +66,3 @@ def finetune_full(
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
                overwrite=overwrite, run_config=config)
-
-
-def full_method(freeze_layers: int = 0) -> "Method":
-    """The full fine-tuning method for the training loop (and for ``litft convert consolidate``): every weight
-    trains but those of the first ``freeze_layers`` blocks; checkpoints hold the whole model (model.safetensors)."""
-    from litft.train.loop import Method
-    from litft.weights import load_model, save_model
-
-    def prepare(model: torch.nn.Module) -> None:
-        model.requires_grad_(True)
-        freeze_blocks(model, freeze_layers)
-
-    def load(model: torch.nn.Module, directory: Path) -> None:
-        state = load_model(directory, device="cpu").state_dict()
-        model.load_state_dict(state, strict=False)
-
-    return Method(name="full", full=True, prepare=prepare, save=save_model, load=load)
-
-
-def freeze_blocks(model: torch.nn.Module, n: int) -> None:
-    """Stop the first ``n`` transformer blocks of ``model`` from training (``requires_grad=False``); a clear error
-    when ``n`` leaves no block to train."""
-    n_layer = len(model.blocks)
-    if n >= n_layer and n > 0:
-        raise ValueError(f"freeze_layers={n} is invalid: the model has {n_layer} transformer blocks (n_layer in its "
-                         f"model_config.yaml), so at least one must train: expected 0 <= freeze_layers <= "
-                         f"{n_layer - 1}")
-    for block in model.blocks[:n]:
-        block.requires_grad_(False)

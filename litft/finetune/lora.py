@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-import torch
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import lora_method
 from litft.peft import LoRAArgs
 from litft.train.args import EvalArgs, TrainArgs
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"]
 
@@ -80,34 +78,3 @@ def finetune_lora(
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
                overwrite=overwrite, run_config=config)
-
-
-
-def lora_method(lora: LoRAArgs, quantize: Optional[Quantize] = None, merge: bool = False) -> "Method":
-    """The LoRA method for the training loop (and for ``litft convert consolidate``, which rebuilds it from a run's
-    run.yaml): LoRA layers on the (quantized) base; checkpoints hold lora.safetensors + lora.yaml."""
-    from litft.peft import apply_lora, load_lora, merge_lora, save_lora
-    from litft.train.loop import Method
-
-    def prepare(model: torch.nn.Module) -> None:
-        if quantize is not None:
-            from litft.peft import quantize_model
-
-            quantize_model(model, quantize)
-        apply_lora(model, lora)
-
-    def finalize(model: torch.nn.Module, directory: Path) -> None:
-        if merge:
-            from litft.weights import save_model
-
-            if quantize is not None:  # into the dequantized base the LoRA weights were trained against, on the CPU,
-                from litft.convert.merge import load_merged  # as `litft convert merge_lora` does
-
-                merged = load_merged(directory, purpose="merge")
-            else:
-                merged = merge_lora(model) or model
-            save_model(merged, directory)
-            merged.config.save(directory)  # merging a LoRA on a tied lm_head unties it
-
-    return Method(name="lora", full=False, prepare=prepare, save=lambda model, d: save_lora(model, lora, d),
-                  load=load_lora, finalize=finalize, quantized=quantize is not None)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import prompt_method
 from litft.peft.prompt import PromptTuningArgs
 from litft.train.args import EvalArgs, TrainArgs
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 
 def finetune_prompt(
@@ -71,24 +70,3 @@ def finetune_prompt(
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
                overwrite=overwrite, run_config=config)
-
-
-def prompt_method(prompt: PromptTuningArgs, tokenizer_dir: Optional[Path] = None) -> "Method":
-    """The prompt-tuning method for the training loop (and for ``litft convert consolidate``, which rebuilds it from
-    a run's run.yaml on the meta device, where nothing is initialised): a virtual prompt on the frozen base,
-    initialised from the text embedded with the tokenizer of ``tokenizer_dir`` (init text); checkpoints hold
-    prompt.safetensors + prompt.yaml."""
-    from litft.peft.prompt import apply_prompt_tuning, load_prompt, save_prompt
-    from litft.train.loop import Method
-
-    def prepare(model: Any) -> None:
-        tokenizer = None
-        if prompt.init == "text" and tokenizer_dir is not None and model.embed.weight.device.type != "meta":
-            from litft.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer(tokenizer_dir)
-        apply_prompt_tuning(model, prompt, tokenizer)
-
-    return Method(name="prompt", full=False, prepare=prepare,
-                  save=lambda model, d: save_prompt(model, prompt, d), load=load_prompt,
-                  virtual_tokens=prompt.num_virtual_tokens)

@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from litft.checkpoint import check_mergeable_chain, load_checkpoint, write_model_files
 from litft.config import Config
+from litft.methods import Method
 from litft.peft.lora import check_trainable, count_parameters
 from litft.train import checkpoint as ckpt
 from litft.train.args import EvalArgs, TrainArgs, parse_duration
@@ -37,34 +39,6 @@ IGNORE_INDEX = -100
 PRECISIONS = ("bf16-true", "bf16-mixed", "16-mixed", "32-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
-
-
-@dataclass
-class Method:
-    """What a fine-tuning method decides; everything else is the loop's.
-
-    Args:
-        name: "full", "lora", "adapter", ...: recorded in ``base.yaml`` and used by :func:`ckpt.load_checkpoint`.
-        full: All weights train: checkpoints hold the whole model (else only the trainable weights plus
-            ``base.yaml`` naming the checkpoint they apply to).
-        prepare: Modify the loaded model in place (quantize, inject modules) and set ``requires_grad``.
-        save: Write the weights a checkpoint of this method holds into a directory.
-        load: Load them back (into a model already ``prepare``-d).
-        finalize: Optional extra step for ``final/`` (e.g. writing merged weights), called after ``save``.
-        quantized: ``prepare`` quantizes the base (QLoRA): known before any process starts, so that a strategy
-            that cannot shard it (FSDP) is refused at once.
-        virtual_tokens: Positions of the model's context the method puts before every sequence (prompt tuning's
-            virtual tokens): the longest sample is the context less these.
-    """
-
-    name: str
-    full: bool
-    prepare: Callable[[nn.Module], None]
-    save: Callable[[nn.Module, Path], None]
-    load: Callable[[nn.Module, Path], None]
-    finalize: Optional[Callable[[nn.Module, Path], None]] = None
-    quantized: bool = False
-    virtual_tokens: int = 0
 
 
 class CausalLMLoss(nn.Module):
@@ -374,7 +348,7 @@ def fit(
                                 "model first: litft download <repo_id>)")
     config = Config.from_checkpoint(checkpoint_dir)
     if method.full:
-        ckpt.check_mergeable_chain(checkpoint_dir, "finetune full")
+        check_mergeable_chain(checkpoint_dir, "finetune full")
     context = config.block_size - method.virtual_tokens
     max_seq_length = train.max_seq_length or context
     if max_seq_length > context:
@@ -440,7 +414,7 @@ def fit(
         raise ValueError(f"{resume_from} is a sharded (FSDP) checkpoint: resume it with --strategy fsdp (any number "
                          "of devices)")
     weights_dir = resume_from if (resume_from is not None and method.full and not sharded) else checkpoint_dir
-    model = ckpt.load_checkpoint(weights_dir, device=fabric.device, dtype=dtype)
+    model = load_checkpoint(weights_dir, device=fabric.device, dtype=dtype)
     method.prepare(model)
     dist.check_strategy(strategy, train.sharding, num_nodes, method.name, quantized=dist.is_quantized(model))
     if resume_from is not None and not method.full and not sharded:
@@ -711,7 +685,7 @@ def fit(
         final_model = dist.plain_model(model.config, method.prepare, full) if rank_zero else None
     if rank_zero:
         with _atomic_overwrite(final_dir) as tmp:
-            ckpt.write_model_files(final_model, tmp, save_weights, checkpoint_dir, base_dir, method.name)
+            write_model_files(final_model, tmp, save_weights, checkpoint_dir, base_dir, method.name)
             if method.finalize is not None:
                 method.finalize(final_model, tmp)
         mem_kind, mem = peak_memory(fabric.device)
