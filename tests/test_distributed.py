@@ -69,7 +69,9 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 150) -> subpro
 
 def litft(work: Path, out: str, *extra: str, method: str = "lora", env: dict | None = None,
           check: bool = True) -> subprocess.CompletedProcess:
-    r = run([sys.executable, "-m", "litft", *args(work, out, *extra, method=method)], env=env)
+    faults = any(k.startswith("LITFT_FAULT_") for k in env or {})  # injected by tests/fault_launcher.py
+    command = [sys.executable, str(REPO / "tests" / "fault_launcher.py")] if faults else [sys.executable, "-m", "litft"]
+    r = run([*command, *args(work, out, *extra, method=method)], env=env)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -420,7 +422,7 @@ def test_consolidate_refuses_what_is_not_an_fsdp_step_checkpoint(ref, work: Path
 
 def test_dead_rank_ends_the_run(work: Path) -> None:
     t0 = time.monotonic()
-    r = litft(work, "dead", "--devices", "2", "--train.timeout", "20", env={"LITFT_TEST_DIE": "1:2"}, check=False)
+    r = litft(work, "dead", "--devices", "2", "--train.timeout", "20", env={"LITFT_FAULT_DIE": "1:2"}, check=False)
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "rank 1: exiting at step 2" in out
@@ -434,7 +436,7 @@ def test_stuck_rank_times_out(work: Path) -> None:
     with a message naming the option, and stops rank 1 (Fabric started it) instead of leaving it behind."""
     timeout = 8
     t0 = time.monotonic()
-    r = litft(work, "stuck", "--devices", "2", "--train.timeout", str(timeout), env={"LITFT_TEST_HANG": "1:2"},
+    r = litft(work, "stuck", "--devices", "2", "--train.timeout", str(timeout), env={"LITFT_FAULT_HANG": "1:2"},
               check=False)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]

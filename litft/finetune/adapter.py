@@ -10,6 +10,7 @@ from litft.finetune import run_config
 from litft.methods import adapter_method
 from litft.peft import AdapterArgs
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
 
 
@@ -19,6 +20,7 @@ def finetune_adapter(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=3e-3, weight_decay=0.02, warmup_steps=20),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     adapter: AdapterArgs = AdapterArgs(),
     optimizer: Union[str, dict] = "AdamW",
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
@@ -40,6 +42,8 @@ def finetune_adapter(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
+            the trained tokens); the objective's options are ``--objective.<option>``.
         adapter: Prompt length and the first layer that gets an adapter (``--adapter.prompt_length 10``).
         optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
             ``{class_path: ..., init_args: {...}}``; lr and weight decay come from ``train``.
@@ -53,13 +57,17 @@ def finetune_adapter(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     method = adapter_method(adapter)
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective,
                         adapter=adapter, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
+
+
+finetune_adapter.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

@@ -9,6 +9,7 @@ from litft.data import DataArgs
 from litft.finetune import run_config
 from litft.methods import full_method
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
 
 
@@ -18,6 +19,7 @@ def finetune_full(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=2e-5, weight_decay=0.01),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     freeze_layers: int = 0,
     optimizer: Union[str, dict] = "AdamW",
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
@@ -37,6 +39,8 @@ def finetune_full(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
+            the trained tokens); the objective's options are ``--objective.<option>``.
         freeze_layers: Freeze the first N transformer blocks (their weights stay as in ``checkpoint_dir``; no
             gradients or optimizer state for them), as llama-recipes' ``--freeze_layers --num_freeze_layers N``
             does: the token embeddings, the later blocks, the final norm and the head still train. At most
@@ -53,16 +57,20 @@ def finetune_full(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) or freeze_layers < 0:
         raise ValueError(f"freeze_layers={freeze_layers!r} is invalid: expected an integer >= 0 (the number of "
                          "transformer blocks, from the first, that do not train)")
     method = full_method(freeze_layers)
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective,
                         freeze_layers=freeze_layers, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
+
+
+finetune_full.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

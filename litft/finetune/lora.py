@@ -11,6 +11,7 @@ from litft.finetune import run_config
 from litft.methods import lora_method
 from litft.peft import LoRAArgs
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
 
 Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"]
@@ -22,6 +23,7 @@ def finetune_lora(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=2e-4),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     lora: LoRAArgs = LoRAArgs(),
     quantize: Optional[Quantize] = None,
     merge: bool = False,
@@ -45,6 +47,8 @@ def finetune_lora(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
+            the trained tokens); the objective's options are ``--objective.<option>``.
         lora: Rank, alpha, dropout, target projections, DoRA and rsLoRA (``--lora.r 16 --lora.targets all-linear``).
         quantize: Quantize the frozen base with bitsandbytes (QLoRA): "bnb.nf4", "bnb.nf4-dq" (double
             quantization), "bnb.fp4" or "bnb.int8". Needs bitsandbytes (the ``quantize`` extra) and a device it
@@ -63,7 +67,7 @@ def finetune_lora(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     if quantize is not None:
         from litft.peft.quantize import import_bitsandbytes
@@ -71,10 +75,14 @@ def finetune_lora(
         import_bitsandbytes(quantize)  # fail before anything is loaded; device support is probed by quantize_model
 
     method = lora_method(lora, quantize, merge)
-    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval, lora=lora,
+    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective, lora=lora,
                         quantize=quantize, merge=merge, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
+
+
+finetune_lora.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

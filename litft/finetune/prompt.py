@@ -10,6 +10,7 @@ from litft.finetune import run_config
 from litft.methods import prompt_method
 from litft.peft.prompt import PromptTuningArgs
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
 
 
@@ -19,6 +20,7 @@ def finetune_prompt(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=3e-2, warmup_steps=10),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     prompt: PromptTuningArgs = PromptTuningArgs(),
     optimizer: Union[str, dict] = "AdamW",
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
@@ -45,6 +47,8 @@ def finetune_prompt(
             wants a large learning rate (default 3e-2). ``max_seq_length`` defaults to the model's context less
             ``num_virtual_tokens``.
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
+            the trained tokens); the objective's options are ``--objective.<option>``.
         prompt: Number of virtual tokens and their initialisation (``--prompt.num_virtual_tokens 8 --prompt.init
             text --prompt.init_text "Classify if the tweet is a complaint or not:"``).
         optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
@@ -60,13 +64,17 @@ def finetune_prompt(
         overwrite: Replace a run already in out_dir.
     """
     from litft.asset_cards import resolve_checkpoint
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     method = prompt_method(prompt, resolve_checkpoint(Path(checkpoint_dir)))
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective,
                         prompt=prompt, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
+
+
+finetune_prompt.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

@@ -25,12 +25,11 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from litft.checkpoint import FINAL, RUN_FILE, SHARDED, write_model_files
+from litft.checkpoint import FINAL, RUN_FILE, SHARDED, write_model_files  # FINAL, RUN_FILE: part of the run layout here
 from litft.weights import atomic_directory
 
 STATE_FILE = "state.pt"
@@ -112,21 +111,14 @@ def save_training_checkpoint(
         write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
         if sharded is not None:
             os.replace(sharded, tmp / SHARDED)
-        torch.save(state, tmp / STATE_FILE)
-        _test_delay(step)
+        write_training_state(tmp, state)
     prune_checkpoints(out_dir, keep_last)
     return target
 
 
-def _test_delay(step: int) -> None:
-    """Tests kill the process in the middle of a save: ``LITFT_TEST_SAVE_DELAY=seconds`` (every save) or
-    ``step:seconds`` (the save of that step) sleeps inside the temp dir, before it is renamed into place."""
-    spec = os.environ.get("LITFT_TEST_SAVE_DELAY", "")
-    if not spec:
-        return
-    at, _, seconds = spec.rpartition(":")
-    if not at or int(at) == step:
-        time.sleep(float(seconds))
+def write_training_state(directory: Path, state: dict[str, Any]) -> None:
+    """``directory/state.pt``: plain values and tensors only (it loads with ``torch.load(weights_only=True)``)."""
+    torch.save(state, Path(directory) / STATE_FILE)
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

@@ -478,19 +478,3 @@ def plain_model(config: Any, prepare: Any, state: dict[str, torch.Tensor]) -> to
         raise RuntimeError(f"consolidating the FSDP checkpoint: parameters missing from the state dict: {missing[:5]}")
     model.init_buffers(torch.device("cpu"))
     return model
-
-
-def test_hook(rank: int, step: int) -> None:
-    """Tests of dead and stuck ranks: ``LITFT_TEST_DIE=rank:step`` makes that rank exit at that step,
-    ``LITFT_TEST_HANG=rank:step`` makes it sleep (stuck outside any collective) until it is killed."""
-    for variable in ("LITFT_TEST_DIE", "LITFT_TEST_HANG"):
-        spec = os.environ.get(variable, "")
-        if not spec:
-            continue
-        at_rank, _, at_step = spec.partition(":")
-        if int(at_rank) == rank and int(at_step) == step:
-            if variable == "LITFT_TEST_DIE":
-                print(f"rank {rank}: exiting at step {step} ({variable})", flush=True)
-                os._exit(3)
-            print(f"rank {rank}: hanging at step {step} ({variable})", flush=True)
-            time.sleep(3600)
