@@ -12,6 +12,7 @@ import yaml
 from litft.cli import main
 from litft.train.checkpoint import list_checkpoints, load_training_state
 from litft.train.metrics import read_metrics
+from litft.train.objectives import ObjectiveOutput, SFTObjective
 from litft.train.trainer import RunState
 from tests.inprocess_cli import litft_error
 from tests.test_finetune import TEMPLATE, ckpt, data_dir  # noqa: F401  (fixtures)
@@ -65,3 +66,40 @@ def test_an_unknown_objective_is_refused_before_anything_is_written(ckpt, data_d
         err = litft_error(capsys, *run_args(ckpt, data_dir, out, "lora", *option))
         assert "objective.name='nope' is invalid: expected one of sft" in err
         assert not out.exists()
+
+
+class _ProbeObjective(SFTObjective):
+    """SFT whose metrics are the summed loss again and the number of units: the Trainer must log the first as the
+    loss itself and the second as exactly 1 (both divided by the step's units, over all micro-batches)."""
+
+    name = "probe"
+    metrics = ("probe/loss", "probe/units")
+    perplexity = False
+
+    def forward(self, **batch):
+        out = super().forward(**batch)
+        units = torch.tensor(float(self.units(batch)), device=out.loss.device)
+        return ObjectiveOutput(out.loss, {"probe/loss": out.loss.detach(), "probe/units": units})
+
+
+def test_objective_metrics_are_means_over_the_units_under_their_own_names(ckpt, data_dir, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    from litft.finetune.lora import finetune_lora
+    from litft.train import objectives
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "probe", _ProbeObjective)
+    from litft.data import DataArgs
+    from litft.train.args import EvalArgs, TrainArgs
+
+    finetune_lora(ckpt, tmp_path / "out", accelerator="cpu", precision="32-true",
+                  data=DataArgs(train_path=data_dir / "train.jsonl", template=TEMPLATE, val_split_fraction=0.1),
+                  train=TrainArgs(max_steps=3, global_batch_size=4, micro_batch_size=2),
+                  eval=EvalArgs(interval=2), objective=objectives.ObjectiveArgs(name="probe"))
+    records = read_metrics(tmp_path / "out")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["probe/loss"] == pytest.approx(r["loss"], rel=1e-6) and r["probe/units"] == pytest.approx(1.0)
+    vals = [r for r in records if "val_loss" in r]
+    assert vals and all(r["val_probe/loss"] == pytest.approx(r["val_loss"], rel=1e-6) for r in vals)
+    assert all(r["val_probe/units"] == pytest.approx(1.0) and "val_ppl" not in r for r in vals)

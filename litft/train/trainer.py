@@ -503,17 +503,29 @@ class Trainer:
 
     def _reduce_means(self, out: ObjectiveOutput, units: int) -> tuple[float, dict[str, float]]:
         """The loss and the metrics of ``out`` (sums on this rank) summed over all ranks and divided by ``units``."""
-        names = sorted(out.metrics)
+        names = self.objective_cls.metrics
         if not names:
             loss_sum = out.loss
             if self.world_size > 1:
                 loss_sum = self.fabric.all_reduce(loss_sum.to(self.fabric.device), reduce_op="sum")
             return float(loss_sum) / max(units, 1), {}
-        sums = torch.stack([out.loss.to(self.fabric.device)] + [out.metrics[n] for n in names])
+        sums = self._sums(out.loss, out.metrics)
         if self.world_size > 1:
             sums = self.fabric.all_reduce(sums, reduce_op="sum")
         values = [float(v) / max(units, 1) for v in sums.cpu()]
         return values[0], dict(zip(names, values[1:]))
+
+    def _sums(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` and the objective's metrics (in its ``metrics`` order; 0 for one not computed on this rank) as one
+        fp32 vector on the device: what one all-reduce sums over the ranks."""
+        undeclared = sorted(set(metrics) - set(self.objective_cls.metrics))
+        if undeclared:
+            raise RuntimeError(f"objective {self.objective_cls.name!r} returned metrics its `metrics` does not name: "
+                               f"{', '.join(undeclared)}")
+        device = self.fabric.device
+        zero = torch.zeros((), device=device)
+        return torch.stack([loss.float().to(device)] + [metrics.get(name, zero).float().to(device)
+                                                        for name in self.objective_cls.metrics])
 
     # ------------------------------------------------------------------------------------------ validation
 
@@ -524,9 +536,8 @@ class Trainer:
             return None
         fabric, objective = self.fabric, self.objective
         objective.eval()
-        loss_sum = torch.zeros((), device=fabric.device)
+        sums = self._sums(torch.zeros(()), {})  # the loss, then the objective's metrics
         n = torch.zeros((), device=fabric.device)
-        metric_sums: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for i, batch in enumerate(self.val_batches.batch(0, k) for k in range(len(self.val_batches))):
                 if self.eval_args.max_batches is not None and i >= self.eval_args.max_batches:
@@ -534,15 +545,12 @@ class Trainer:
                 units = self.objective_cls.units(batch)
                 batch = {k: v.to(fabric.device) for k, v in batch.items()}
                 out = objective(**batch)
-                loss_sum += out.loss.float()
+                sums += self._sums(out.loss, out.metrics)
                 n += units
-                for name, value in out.metrics.items():
-                    metric_sums[name] = metric_sums.get(name, 0) + value.detach().float()
         objective.train()
-        loss_sum, n = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(n, reduce_op="sum")
-        metrics = {name: float(fabric.all_reduce(metric_sums[name], reduce_op="sum") / n.clamp_min(1))
-                   for name in sorted(metric_sums)}
-        return float(loss_sum / n.clamp_min(1)), metrics
+        sums, n = fabric.all_reduce(sums, reduce_op="sum"), fabric.all_reduce(n, reduce_op="sum")
+        means = [float(v) for v in sums / n.clamp_min(1)]
+        return means[0], dict(zip(self.objective_cls.metrics, means[1:]))
 
     def _log_validation(self, result: Optional[tuple[float, dict[str, float]]], step: int) -> None:
         if result is None or not self.rank_zero:

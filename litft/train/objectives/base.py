@@ -50,13 +50,15 @@ class ObjectiveContext:
 
 class Objective(nn.Module):
     """Base of the training objectives. A subclass sets ``name`` (the ``--objective.name`` value), ``args_type``
-    (its options dataclass: ``--objective.<field>``), ``needs_pairs`` (its data must be preference pairs), and
+    (its options dataclass: ``--objective.<field>``), ``needs_pairs`` (its data must be preference pairs),
+    ``metrics`` (the names of the metrics it returns: they are summed over ranks in this order), and
     implements ``__init__(model, args, context)`` (keeping the model as ``self.model``: checkpoints name the
     trainable weights ``model.*``), ``units`` and ``forward``."""
 
     name: ClassVar[str]
     args_type: ClassVar[type]
     needs_pairs: ClassVar[bool] = False
+    metrics: ClassVar[tuple[str, ...]] = ()  # the names of the metrics its forward returns, the same on every rank
     perplexity: ClassVar[bool] = False  # its loss is a mean token cross-entropy: validation also logs val_ppl
 
     @staticmethod
