@@ -503,17 +503,11 @@ class Trainer:
 
     def _reduce_means(self, out: ObjectiveOutput, units: int) -> tuple[float, dict[str, float]]:
         """The loss and the metrics of ``out`` (sums on this rank) summed over all ranks and divided by ``units``."""
-        names = self.objective_cls.metrics
-        if not names:
-            loss_sum = out.loss
-            if self.world_size > 1:
-                loss_sum = self.fabric.all_reduce(loss_sum.to(self.fabric.device), reduce_op="sum")
-            return float(loss_sum) / max(units, 1), {}
         sums = self._sums(out.loss, out.metrics)
         if self.world_size > 1:
             sums = self.fabric.all_reduce(sums, reduce_op="sum")
-        values = [float(v) / max(units, 1) for v in sums.cpu()]
-        return values[0], dict(zip(names, values[1:]))
+        values = [float(v) / max(units, 1) for v in sums.cpu()]  # reading them: the step's one device sync
+        return values[0], dict(zip(self.objective_cls.metrics, values[1:]))
 
     def _sums(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         """``loss`` and the objective's metrics (in its ``metrics`` order; 0 for one not computed on this rank) as one
