@@ -5,18 +5,20 @@
     llm.generate(["prompt one", "prompt two"])           # batched, prompts of any lengths
     for piece in llm.generate("Tell me a story", stream=True): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi!"}])
+    llm.generate("2 + 2 =", logprobs=5)                  # a Generation: token ids, logprobs, top-5 alternatives
     llm.benchmark(); llm.save("out/my-model")
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from litft.generate.engine import Engine, Request
+from litft.generate.engine import Engine, Request, TokenLogprob
 from litft.generate.sampling import SamplingParams
 
 # Lightning-style precision names (and plain dtype names) → the dtype weights and compute use
@@ -27,6 +29,23 @@ PRECISIONS = {
 }
 
 Message = dict[str, str]
+
+
+@dataclass
+class Generation:
+    """What :meth:`LLM.generate` and :meth:`LLM.chat` return with ``logprobs``: the text, the generated token ids
+    (a final stop token excluded), one :class:`~litft.generate.engine.TokenLogprob` per token (its
+    log-probability under the model, i.e. the log-softmax of the model's logits before temperature, filters and
+    penalties, and the ``logprobs`` most likely alternatives) and why generation ended (``"stop"``/``"length"``)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str
+
+    @classmethod
+    def of(cls, request: Request) -> "Generation":
+        return cls(request.text, list(request.tokens), list(request.token_logprobs), request.finish_reason or "")
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
@@ -185,59 +204,72 @@ class LLM:
     # ------------------------------------------------------------------ generation
 
     def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt (the checkpoint's default special tokens added). Tokenizing through
+        ``encode_batch`` lets other threads run meanwhile (the ``tokenizers`` backend releases the GIL there):
+        the server tokenizes in worker threads while its event loop keeps answering."""
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError("the prompt is empty")
-        return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode_batch([prompt])[0]
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of ``messages`` rendered with the checkpoint's chat template, ending with the header of the
+        assistant's turn (tokenized as :meth:`encode` does, without added special tokens)."""
         from litft.generate.chat import check_messages
 
         check_messages(messages)
-        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return self.tokenizer.encode_batch([text], bos=False, eos=False)[0]
 
     def generate(
         self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 256, temperature: float = 0.0,
         top_k: Optional[int] = None, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
         stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None, stream: bool = False,
-        truncate: bool = False, max_batch_size: int = 64,
-    ) -> Union[str, list[str], Iterator[str]]:
+        truncate: bool = False, max_batch_size: int = 64, logprobs: Optional[int] = None,
+    ) -> Union[str, list[str], Iterator[str], Generation, list[Generation]]:
         """Complete a prompt (→ str), a list of prompts (→ list[str], generated as one batch) or stream one
         prompt's text piece by piece (``stream=True`` → iterator of str).
 
         ``temperature=0`` is greedy; ``stop`` strings end the text right before them; ``truncate`` drops the
         oldest prompt tokens when prompt + ``max_new_tokens`` exceeds the context (otherwise that is an error).
+        ``logprobs=k`` (an integer >= 0) returns :class:`Generation` s instead of strings: the token ids, each
+        token's log-probability and its ``k`` most likely alternatives.
         """
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or ())
         if isinstance(prompt, str):
-            return self._complete(self.encode(prompt), params, stream, truncate)
+            return self._complete(self.encode(prompt), params, stream, truncate, logprobs)
         prompts = list(prompt)
         if stream:
             raise ValueError("stream=True streams one prompt: pass a string, not a list")
         if not prompts:
             raise ValueError("the list of prompts is empty")
-        requests = [self.engine.new_request(self.encode(p), params, truncate) for p in prompts]
-        return [r.text for r in self.engine.run(requests, max_batch_size)]
+        requests = [self.engine.new_request(self.encode(p), params, truncate, logprobs) for p in prompts]
+        done = self.engine.run(requests, max_batch_size)
+        return [r.text for r in done] if logprobs is None else [Generation.of(r) for r in done]
 
     def chat(
         self, messages: Sequence[Message], max_new_tokens: int = 256, temperature: float = 0.0,
         top_k: Optional[int] = None, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
         stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None, stream: bool = False,
-    ) -> Union[str, Iterator[str]]:
+        logprobs: Optional[int] = None,
+    ) -> Union[str, Iterator[str], Generation]:
         """The assistant's reply to ``messages`` (``[{"role": "user", "content": ...}, ...]``), formatted with
-        the checkpoint's chat template."""
+        the checkpoint's chat template (a :class:`Generation` with ``logprobs``, as in :meth:`generate`)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or ())
-        return self._complete(self.encode_chat(messages), params, stream, truncate=False)
+        return self._complete(self.encode_chat(messages), params, stream, False, logprobs)
 
-    def _complete(self, ids: list[int], params: SamplingParams, stream: bool,
-                  truncate: bool) -> Union[str, Iterator[str]]:
-        request = self.engine.new_request(ids, params, truncate)
+    def _complete(self, ids: list[int], params: SamplingParams, stream: bool, truncate: bool,
+                  logprobs: Optional[int]) -> Union[str, Iterator[str], Generation]:
+        if stream and logprobs is not None:
+            raise ValueError("logprobs cannot be streamed: pass stream=False to get a Generation with logprobs")
+        request = self.engine.new_request(ids, params, truncate, logprobs)
         if stream:
             return self.engine.stream(request)
-        return self.engine.run([request])[0].text
+        done = self.engine.run([request])[0]
+        return done.text if logprobs is None else Generation.of(done)
 
     # ------------------------------------------------------------------ benchmark and save
 
@@ -326,4 +358,5 @@ class LLM:
         return f"LLM({self.config.name or self.checkpoint_dir}, device={self.device})"
 
 
-__all__ = ["LLM", "load_checkpoint_model", "resolve_device", "resolve_precision", "Request"]
+__all__ = ["LLM", "Generation", "TokenLogprob", "load_checkpoint_model", "resolve_device", "resolve_precision",
+           "Request"]

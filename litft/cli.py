@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import Callable, Optional, Union
 
+from litft.errors import LitftError
+
 # command path → ("module:function", one-line summary shown by `litft --help`)
 Table = dict[str, Union[tuple[str, str], "Table"]]
 # In a sub-table, the "" key is its default leaf: it runs when the next argument is not one of the table's
@@ -119,12 +121,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = getattr(function, "cli_argv", lambda args: args)(argv)
     try:
         CLI(function, args=argv, prog=" ".join(["litft", *path]), as_positional=True)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        # errors litft raises on bad input carry the file/field and what was expected: show them plainly
-        if _debug():  # LITFT_DEBUG=1 shows the traceback
+    except (LitftError, ValueError, RuntimeError, OSError) as e:
+        # the one error boundary: litft's errors on bad input carry the file/field and what was expected, an OS
+        # error its file and cause; each is one line (LITFT_DEBUG=1 shows the traceback)
+        if _debug():
             raise
-        print(f"litft {' '.join(path)}: error: {e}", file=sys.stderr)
+        print(f"litft {' '.join(path)}: error: {error_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an error the CLI reports: its message, or for an OS error that litft did not word, the file
+    and the OS's cause ("/out/final: No space left on device")."""
+    if isinstance(error, OSError) and not isinstance(error, LitftError) and error.strerror:
+        names = [str(n) for n in (error.filename, error.filename2) if n is not None]
+        return f"{' -> '.join(names)}: {error.strerror}" if names else error.strerror
+    return str(error) or type(error).__name__
 
 
 def _debug() -> bool:

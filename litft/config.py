@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import yaml
 
@@ -40,6 +40,7 @@ class Config:
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     attention_out_bias: bool = False  # bias on the output projection
     qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3, Gemma 3)
+    qk_norm_across_heads: bool = False  # with qk_norm: one RMSNorm over the whole q and k projections (OLMo 2)
     query_pre_attn_scalar: Optional[float] = None  # scores are scaled by this ** -0.5; None = head_size (Gemma 2/3)
     attn_logit_softcapping: Optional[float] = None  # Gemma 2
     sliding_window: Optional[int] = None  # window size for layers of type "sliding"
@@ -51,19 +52,23 @@ class Config:
     rope_local_theta: Optional[float] = None  # base for sliding layers when it differs (Gemma 3)
     # {"rope_type": "llama3"|"linear"|"yarn"|"longrope"|"dynamic", ...} as in HF ``rope_parameters``
     rope_scaling: Optional[dict[str, Any]] = None
+    nope_layers: list[int] = field(default_factory=list)  # layers that apply no RoPE at all (SmolLM3's NoPE)
     partial_rotary_factor: float = 1.0  # fraction of each head that is rotated (Phi-4-mini: 0.75)
 
     # normalisation
     norm_eps: float = 1e-5
     norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + weight) (Gemma)
     post_block_norms: bool = False  # extra norms after attention and after the MLP (Gemma 2/3)
+    pre_block_norms: bool = True  # norms before attention and before the MLP; False: only the post norms (OLMo 2)
 
     # MLP
     mlp_activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"
     mlp_bias: bool = False
-    n_expert: int = 0  # > 0: mixture of experts (Mixtral)
+    n_expert: int = 0  # > 0: mixture of experts (Mixtral, Qwen3-MoE)
     n_expert_per_token: int = 0
-    moe_normalize_topk: bool = True
+    moe_normalize_topk: bool = True  # the top-k routing weights are renormalised to sum to 1
+    moe_intermediate_size: Optional[int] = None  # each expert's hidden size; None = intermediate_size
+    moe_dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP among the MoE ones
 
     # embeddings and head
     scale_embeddings: bool = False  # multiply embeddings by sqrt(n_embd) (Gemma)
@@ -98,8 +103,22 @@ class Config:
             raise ValueError("layer_types has 'sliding' layers but sliding_window is not set")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise ValueError(f"n_expert_per_token must be in [1, n_expert={self.n_expert}], got {self.n_expert_per_token}")
+        if self.moe_dense_layers and not self.n_expert:
+            raise ValueError("moe_dense_layers is set but n_expert is 0 (without experts every layer is dense)")
+        for key in ("moe_dense_layers", "nope_layers"):
+            outside = [i for i in getattr(self, key) if not 0 <= i < self.n_layer]
+            if outside:
+                raise ValueError(f"{key} holds layer indices {outside} outside [0, n_layer={self.n_layer})")
+        if self.qk_norm_across_heads and not self.qk_norm:
+            raise ValueError("qk_norm_across_heads needs qk_norm")
+        if not self.pre_block_norms and not self.post_block_norms:
+            raise ValueError("pre_block_norms and post_block_norms are both false: a block needs norms somewhere")
         if not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer ``index`` has the mixture of experts (not a dense MLP)."""
+        return self.n_expert > 0 and index not in self.moe_dense_layers
 
     @property
     def rope_dim(self) -> int:
@@ -180,3 +199,27 @@ def _check_required(data: dict[str, Any], source: str) -> None:
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int, what: str) -> None:
+    """Refuse token ids outside ``[0, vocab_size)``, the rows of the model's embedding (``what``: whose ids)."""
+    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{what} token id(s) {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
+def check_tokenizer_fits(tokenizer: Any, config: Config, checkpoint_dir: Path, samples: Sequence[Any]) -> None:
+    """Refuse training data whose token ids the model has no embedding row for: a tokenizer larger than the
+    model's vocabulary (its ids are only checked when it is larger, so this costs nothing otherwise)."""
+    if tokenizer.vocab_size <= config.vocab_size:
+        return
+    top = {max(s.input_ids) for s in samples if len(s.input_ids)}
+    try:
+        check_token_ids(sorted(top, reverse=True), config.vocab_size, "the training data's")
+    except ValueError as e:
+        files = [f for f in (tokenizer.checkpoint_dir / "tokenizer.json", tokenizer.checkpoint_dir / "tokenizer.model")
+                 if f.is_file()]
+        raise ValueError(
+            f"{files[0] if files else tokenizer.checkpoint_dir}: the tokenizer has {tokenizer.vocab_size} token ids, "
+            f"the model only {config.vocab_size} (vocab_size in {Path(checkpoint_dir) / MODEL_CONFIG_FILE}): {e}. "
+            "Use the tokenizer the model was trained with") from None

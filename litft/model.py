@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from litft.config import Config
 
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, 1, T, rope_dim)
+
 
 class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
@@ -156,8 +158,8 @@ class GPT(nn.Module):
                 masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len)
 
         rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
-        for block, kind, layer_kv in zip(self.blocks, self.config.layer_types, virtual_kv):
-            x = block(x, rope[kind], masks[kind], input_pos, layer_kv)
+        for i, (block, kind, layer_kv) in enumerate(zip(self.blocks, self.config.layer_types, virtual_kv)):
+            x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv)
         x = self.norm(x)
         if return_hidden:
             return x
@@ -187,12 +189,16 @@ class GPT(nn.Module):
             masks[kind] = build_attention_mask(positions[0], n, window if window is not None and n > window
                                                else None, None, False)
         kv = []
-        for block, kind in zip(self.blocks, self.config.layer_types):
-            x, layer_kv = block(x, rope[kind], masks[kind], None, None, True)
+        for i, (block, kind) in enumerate(zip(self.blocks, self.config.layer_types)):
+            x, layer_kv = block(x, self.layer_rope(i, rope[kind]), masks[kind], None, None, True)
             kv.append(layer_kv)
         if key is not None:
             vp.cached_kv = (key, kv)
         return kv
+
+    def layer_rope(self, index: int, rope: RopeTables) -> Optional[RopeTables]:
+        """The cos/sin tables layer ``index`` rotates with; None on a NoPE layer (``Config.nope_layers``)."""
+        return None if index in self.config.nope_layers else rope
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final (normed) hidden states, with the final softcap where the family has one."""
@@ -206,27 +212,32 @@ class GPT(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: Config, index: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        if config.pre_block_norms:
+            self.attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+            self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        else:
+            self.attn_norm = self.mlp_norm = None
         self.attn = CausalSelfAttention(config)
-        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
-        self.mlp = MoE(config) if config.n_expert else GatedMLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(index) else GatedMLP(config)
         if config.post_block_norms:
             self.post_attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
             self.post_mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 return_kv: bool = False) -> Any:
-        """The block's output; with ``return_kv``, also this layer's keys and values of ``x`` (see attention)."""
-        h = self.attn(self.attn_norm(x), rope, mask, input_pos, virtual_kv, return_kv)
+        """The block's output; with ``return_kv``, also this layer's keys and values of ``x`` (see attention).
+        ``rope``: None on a NoPE layer."""
+        h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, input_pos, virtual_kv,
+                      return_kv)
         if return_kv:
             h, kv = h
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return (x + h, kv) if return_kv else x + h
@@ -241,9 +252,10 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
         self.o_proj = nn.Linear(nh * hs, config.n_embd, bias=config.attention_out_bias)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(hs, config.norm_eps, config.norm_unit_offset)
-            self.k_norm = RMSNorm(hs, config.norm_eps, config.norm_unit_offset)
+        if config.qk_norm:  # per head, or (qk_norm_across_heads) over the whole projection
+            q_size, k_size = (nh * hs, ng * hs) if config.qk_norm_across_heads else (hs, hs)
+            self.q_norm = RMSNorm(q_size, config.norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(k_size, config.norm_eps, config.norm_unit_offset)
         else:
             self.q_norm = self.k_norm = None
         self.scale = (config.query_pre_attn_scalar or hs) ** -0.5
@@ -251,20 +263,24 @@ class CausalSelfAttention(nn.Module):
         # PEFT hook (LLaMA-Adapter): ``adapter(attn, q)`` returns a term added to the attention output (B, nh, T, hs)
         self.adapter: Optional[nn.Module] = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 return_kv: bool = False) -> Any:
-        """Attention output for ``x`` (B, T, C). ``virtual_kv``: keys and values (1, ng, N, hs) of virtual tokens
-        put in front of the keys (``mask`` then has N more columns). ``return_kv``: also return ``x``'s own keys
-        and values (after RoPE), as :meth:`GPT.virtual_kv` collects them."""
+        """Attention output for ``x`` (B, T, C). ``rope``: None on a NoPE layer. ``virtual_kv``: keys and values
+        (1, ng, N, hs) of virtual tokens put in front of the keys (``mask`` then has N more columns). ``return_kv``:
+        also return ``x``'s own keys and values (after RoPE), as :meth:`GPT.virtual_kv` collects them."""
         B, T, _ = x.shape
         hs = self.config.head_size
-        q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, ng, T, hs)
-        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)
-        if self.q_norm is not None:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None and self.config.qk_norm_across_heads:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q = q.view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, -1, hs).transpose(1, 2)  # (B, ng, T, hs)
+        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)
+        if self.q_norm is not None and not self.config.qk_norm_across_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         own_kv = (k, v) if return_kv else None
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -386,31 +402,40 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Sparse mixture of gated-MLP experts with top-k softmax routing (Mixtral)."""
+    """Sparse mixture of gated-MLP experts with top-k softmax routing (Mixtral, Qwen3-MoE).
+
+    Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
+    on its contiguous group of rows, and every token's k outputs are summed with their routing weights.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_expert))
+        size = config.moe_intermediate_size or config.intermediate_size
+        self.experts = nn.ModuleList(GatedMLP(config, size) for _ in range(config.n_expert))
         self.top_k = config.n_expert_per_token
         self.normalize = config.moe_normalize_topk
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights (N, k) in ``x``'s dtype and chosen expert ids (N, k) of the rows of ``x`` (N, C)."""
+        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token_idx, slot = torch.where(chosen == e)
-            if token_idx.numel() == 0:
-                continue
-            y = expert(x[token_idx]) * weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out.view(shape)
+        weights, chosen = self.route(x)
+        flat = chosen.reshape(-1)  # (N * k,): the expert of every (token, choice) pair
+        order = flat.argsort(stable=True)  # pairs grouped by expert, tokens in order within a group
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        grouped = x.index_select(0, order // self.top_k)
+        outputs = [expert(rows) for expert, rows in zip(self.experts, grouped.split(counts)) if rows.shape[0]]
+        y = torch.cat(outputs).to(x.dtype) if outputs else grouped
+        unsorted = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, choice) order
+        return (unsorted.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1).view(shape)
 
 
 class RMSNorm(nn.Module):

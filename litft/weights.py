@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from litft.config import Config
+from litft.errors import NonFiniteError, WriteError, check_writable, writing
 
 if TYPE_CHECKING:
     from litft.model import GPT
@@ -107,6 +108,58 @@ _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (read without changing it where Linux allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (made by ``mkdtemp``/``mkstemp``, which make it private) the mode a plain ``mkdir``/``open``
+    gives: 0755 / 0644 under umask 022."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no infinity (non-float tensors always do). A min/max reduction: no copy
+    and no temporary the size of the tensor, even for a non-contiguous view."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    t = tensor.detach()
+    lo, hi = torch.aminmax(t if t.element_size() > 1 else t.to(torch.float16))  # NaN propagates; float8: via fp16
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def check_finite(name: str, tensor: torch.Tensor, path: Path) -> None:
+    """Refuse a tensor holding a NaN or an infinity."""
+    if not is_finite(tensor):
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        raise NonFiniteError(f"{path}: refusing to write tensor {name!r}: {bad:,} of its {tensor.numel():,} values "
+                             "are NaN or infinite")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None,
+                     final_path: Optional[Path] = None) -> None:
+    """The one writer of safetensors files: refuses non-finite tensors (:func:`check_finite`) and reports a failed
+    write (disk full, read-only) as one error naming the file (``final_path`` when ``path`` is a temp name for it).
+    The file gets the mode the umask gives."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    for name, tensor in tensors.items():
+        check_finite(name, tensor, final_path or path)
+    with writing(final_path or path):
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        follow_umask(path)  # safetensors creates its files 0600
+
+
 def write_shards(
     tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int, total: Optional[int] = None,
     metadata: Optional[dict[str, str]] = None,
@@ -114,10 +167,8 @@ def write_shards(
     """Write (name, tensor) pairs to ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_bytes``,
     plus an index, or to a single ``model.safetensors`` when everything fits in one shard.
 
-    Only one shard is held in memory at a time.
+    Only one shard is held in memory at a time. A non-finite tensor is refused (:func:`save_safetensors`).
     """
-    from safetensors.torch import save_file
-
     metadata = metadata or {"format": "pt"}
     shards: list[tuple[Path, list[str]]] = []
     current: dict[str, torch.Tensor] = {}
@@ -128,7 +179,7 @@ def write_shards(
         if not current:
             return
         path = directory / f"shard-{len(shards):05d}.tmp"
-        save_file({k: v.contiguous() for k, v in current.items()}, str(path), metadata=metadata)
+        save_safetensors(current, path, metadata)
         shards.append((path, list(current)))
         current, size = {}, 0
 
@@ -166,22 +217,36 @@ def parse_size(size: int | str) -> int:
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir``, on failure it is removed."""
+    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir``, on failure it is removed.
+
+    The directory gets the mode the umask gives (not ``mkdtemp``'s 0700); a failed write (disk full, read-only file
+    system, a file where a folder must be) is one :class:`~litft.errors.WriteError` naming ``out_dir``, and leaves
+    what ``out_dir`` held before intact."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite true to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    check_writable(out_dir, "", beside=True)
+    with writing(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        follow_umask(tmp)
     try:
-        yield tmp
+        with writing(out_dir, any_os_error=False):
+            yield tmp
+    except WriteError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.path.is_relative_to(tmp):  # a file of the temp dir: name what is being written instead
+            raise WriteError(out_dir, e.cause) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
+    with writing(out_dir):
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+        tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -190,7 +255,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+            shutil.copyfile(Path(src) / name, Path(dst) / name)  # the umask's mode, not the source's
             copied.append(name)
     return copied
 
@@ -289,30 +354,35 @@ def load_state_strict(params: dict[str, torch.nn.Parameter], state: dict[str, to
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """safetensors file written to a temp name beside ``path`` then renamed."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """safetensors file written to a temp name beside ``path`` then renamed (non-finite tensors refused:
+    :func:`save_safetensors`)."""
+    with _atomic_file(path) as tmp:
+        save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata, final_path=path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A text file written to a temp name beside ``path`` then renamed."""
+    with _atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path`` (the umask's mode) that replaces ``path`` when the block succeeds; a failed
+    write is one error naming ``path``."""
+    with writing(path, any_os_error=False):
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            follow_umask(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def read_args_yaml(path: Path, cls: type) -> Any:

@@ -37,6 +37,28 @@ FAMILY_VARIANTS = {
                                                                        "rope_theta": 100000.0},
                                                     "sliding_attention": {"rope_type": "default",
                                                                           "rope_theta": 1000.0}})),
+    # a dense layer (mlp_only_layers) among MoE layers with 4 experts, top-2, renormalised weights
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    norm_topk_prob=True, mlp_only_layers=[1], head_dim=32, rope_theta=1000000.0)),
+    # decoder_sparse_step 2 (layers 0 and 2 dense), top-3 of 5 experts, weights not renormalised, every layer
+    # sliding (use_sliding_window)
+    "qwen3_moe-step": ("qwen3_moe", dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=40,
+                                         norm_topk_prob=False, decoder_sparse_step=2, use_sliding_window=True,
+                                         sliding_window=5)),
+    # norms only after attention and MLP, qk-norm over whole projections (GQA: k_norm spans 2 heads)
+    "olmo2": ("olmo2", dict(rms_norm_eps=1e-6, rope_theta=500000.0, eos_token_id=2)),
+    # OLMo 2 plus a sliding window shorter than the test sequences, its own RoPE base, scaled full layers
+    "olmo3": ("olmo3", dict(rms_norm_eps=1e-6, sliding_window=4, eos_token_id=2,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                "rope_theta": 100000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    # NoPE every 2nd layer (layer 1 applies no RoPE)
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2, rope_theta=20000.0, pad_token_id=0, bos_token_id=1,
+                                eos_token_id=2)),
+    # explicit NoPE flags and sliding layers (transformers slides the NoPE layers 0 and 2)
+    "smollm3-sliding": ("smollm3", dict(no_rope_layers=[0, 1, 0], use_sliding_window=True, sliding_window=4,
+                                        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),

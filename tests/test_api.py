@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -139,3 +140,81 @@ def test_generate_errors_are_clear(llm) -> None:
     assert isinstance(llm.generate("word " * 80, max_new_tokens=4, truncate=True), str)
     with pytest.raises(ValueError, match="one prompt"):
         llm.generate([PROMPT, PROMPT], stream=True)
+
+
+def reference_logprobs(hf_dir: Path, prompt_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax of the same model's logits (fp32, eager) at each generated token's position,
+    teacher-forced: row i is the distribution ``token_ids[i]`` was drawn from."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt_ids + token_ids])).logits[0].float()
+    start = len(prompt_ids) - 1
+    return torch.log_softmax(logits, dim=-1)[start:start + len(token_ids)]
+
+
+def assert_logprobs_match(generation: Any, reference: torch.Tensor, k: int, atol: float = 1e-4) -> None:
+    """Every token's logprob and its k alternatives equal the reference log-softmax (ids and values)."""
+    assert len(generation.logprobs) == len(generation.token_ids) == reference.shape[0] > 0
+    for i, (entry, token) in enumerate(zip(generation.logprobs, generation.token_ids)):
+        assert entry.id == token
+        assert abs(entry.logprob - reference[i, token].item()) <= atol, (i, entry.logprob, reference[i, token])
+        assert len(entry.top) == k
+        top_values = reference[i].topk(k).values.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top_values, abs=atol)
+        for token_id, value in entry.top:  # each alternative's id has that logprob (ties may order differently)
+            assert abs(reference[i, token_id].item() - value) <= atol
+
+
+def test_generate_logprobs_equal_transformers_log_softmax(tiny, llm) -> None:
+    prompts = [PROMPT, "Hello, world! How are you today?", "1"]  # ragged: decoded together
+    greedy = llm.generate(prompts, max_new_tokens=10, logprobs=4)
+    assert [g.text for g in greedy] == llm.generate(prompts, max_new_tokens=10)
+    for prompt, g in zip(prompts, greedy):
+        assert g.finish_reason in ("stop", "length")
+        assert_logprobs_match(g, reference_logprobs(tiny["hf"], llm.encode(prompt), g.token_ids), 4)
+        # the greedy token is the most likely one
+        assert all(entry.top[0][0] == entry.id for entry in g.logprobs)
+
+    # sampled tokens: the model's own distribution (before temperature and top_k) is reported
+    sampled = llm.generate(PROMPT, max_new_tokens=10, temperature=1.5, top_k=20, seed=7, logprobs=2)
+    assert sampled.text == llm.generate(PROMPT, max_new_tokens=10, temperature=1.5, top_k=20, seed=7)
+    assert_logprobs_match(sampled, reference_logprobs(tiny["hf"], llm.encode(PROMPT), sampled.token_ids), 2)
+
+    # logprobs=0: the tokens' own logprobs only; chat returns a Generation too
+    only = llm.generate(PROMPT, max_new_tokens=5, logprobs=0)
+    assert only.token_ids == greedy[0].token_ids[:5] and all(e.top == [] for e in only.logprobs)
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = llm.chat(messages, max_new_tokens=6, logprobs=1)
+    assert chat.text == llm.chat(messages, max_new_tokens=6)
+    assert_logprobs_match(chat, reference_logprobs(tiny["hf"], llm.encode_chat(messages), chat.token_ids), 1)
+
+    with pytest.raises(ValueError, match="logprobs cannot be streamed"):
+        llm.generate(PROMPT, stream=True, logprobs=1)
+    with pytest.raises(ValueError, match="logprobs=-1 is invalid"):
+        llm.generate(PROMPT, logprobs=-1)
+
+
+@pytest.mark.parametrize("sync_every", [1, 4], ids=["sync-every-step", "sync-every-4-steps-as-on-gpu"])
+def test_logprobs_follow_their_request_through_continuous_batching(tiny, sync_every: int) -> None:
+    """Rows that join, leave, move down and shift with the cache keep their own logprobs: each request's equal
+    those it gets alone."""
+    llm = LLM.load(tiny["native"], device="cpu", max_seq_length=32)
+    llm.engine.sync_every = sync_every
+    text = llm.encode("Hello, world! How are you today? The cat likes milk and the dog likes bones. " * 3)
+    prompts = [text[i:i + n] for i, n in enumerate([20, 18, 5, 15, 19])]
+    lengths = [9, 3, 12, 6, 13]
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=[]) for n in lengths]
+    alone = [llm.engine.generate([ids], p, max_batch_size=1)[0] for ids, p in zip(prompts, params)]
+    solo = [llm.engine.run([llm.engine.new_request(ids, p, logprobs=3)])[0] for ids, p in zip(prompts, params)]
+    llm.engine.allocate(4, 32)  # a small cache: it shifts while rows come and go
+    requests = [llm.engine.new_request(ids, p, logprobs=3) for ids, p in zip(prompts, params)]
+    together = llm.engine.run(requests, max_batch_size=4)
+    assert llm.engine.num_shifts > 0 and llm.engine.num_row_moves > 0
+    for a, t, s in zip(alone, together, solo):
+        assert t.tokens == s.tokens == a.tokens and len(t.token_logprobs) == len(t.tokens)
+        for x, y in zip(t.token_logprobs, s.token_logprobs):
+            assert x.id == y.id and abs(x.logprob - y.logprob) < 1e-5
+            assert [i for i, _ in x.top] == [i for i, _ in y.top]
+            assert [v for _, v in x.top] == pytest.approx([v for _, v in y.top], abs=1e-5)

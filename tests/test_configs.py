@@ -13,6 +13,7 @@ REQUIRED = {  # the models and methods issue 3 asks for
     "llama-3.2-1b": {"full", "lora", "qlora", "adapter", "prompt"}, "llama-3.2-3b": {"lora", "qlora"},
     "llama-3.1-8b": {"lora", "qlora"}, "mistral-7b": {"lora", "qlora"}, "gemma-2-2b": {"full", "lora", "qlora"},
     "gemma-3-1b": {"full", "lora", "qlora"}, "qwen2.5-1.5b": {"full", "lora", "qlora"},
+    "qwen3-30b-a3b": {"lora"}, "smollm3-3b": {"lora"},  # issue 18
 }
 
 

@@ -203,6 +203,34 @@ def test_unknown_model_type(tmp_path, tiny_llama_hf):
     _assert_nothing_written(out)
 
 
+_SLIDING_YARN = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                 "sliding_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1000.0,
+                                       "original_max_position_embeddings": 16}}
+
+
+@pytest.mark.parametrize("variant, changes, message", [
+    ("qwen3_moe", {"norm_topk_prob": "yes"}, r"config\.json: norm_topk_prob='yes' is not a value litft implements "
+                                             r"for model_type 'qwen3_moe' \(supported: True, False\)"),
+    ("qwen3_moe", {"mlp_only_layers": [1, 5]}, r"config\.json: mlp_only_layers holds \[5\], outside "
+                                               r"\[0, num_hidden_layers=3\)"),
+    ("qwen3_moe-step", {"decoder_sparse_step": 0}, r"config\.json: decoder_sparse_step must be >= 1, got 0"),
+    ("olmo3", {"rope_parameters": _SLIDING_YARN}, r"config\.json: rope_parameters\.sliding_attention\.rope_type="
+                                                   r"'yarn' is not implemented by litft for model_type 'olmo3'"),
+    ("smollm3", {"no_rope_layers": [1, 0]}, r"config\.json: no_rope_layers must hold 3 flags of 0 or 1"),
+    ("smollm3", {"layer_types": ["sliding_attention", "full_attention", "full_attention"], "sliding_window": 4},
+     r"config\.json: layer_types has sliding_attention layers but use_sliding_window is false"),
+])
+def test_config_features_litft_does_not_implement_are_refused_by_name(tmp_path, variant, changes, message):
+    """A config.json value litft cannot compute is refused naming its key, before anything is written."""
+    hf = tmp_path / "hf"
+    make_hf_model(variant, hf)
+    _edit_json(hf / "config.json", **changes)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        convert_from_hf(hf, out)
+    _assert_nothing_written(out)
+
+
 def test_unknown_model_name_suggests_close_names():
     with pytest.raises(ValueError, match=r"unknown model name 'Llama-3.2-1b-Instrct'\. Did you mean: "
                                          r"Llama-3\.2-1B-Instruct"):

@@ -108,8 +108,9 @@ def test_conversion_holds_about_one_shard_in_memory(tmp_path):
     # sanity: holding every tensor shows up (less the heap the conversions left free for reuse), so the measure would
     # catch a converter that does
     assert m["held_bytes"] == fp32_bytes and m["all_in_memory"] > 0.75 * fp32_bytes, m
-    # streaming: a shard being filled, its serialised copy and one tensor in flight, far from the 94 / 188 MB
-    bound = 5 * SHARD
+    # streaming: a shard being filled, its serialised copy, one tensor in flight and allocator slack, far from the
+    # 94 / 188 MB
+    bound = 6 * SHARD
     assert m["from_hf"] < bound, f"from_hf held {m['from_hf'] / MB:.0f} MB (bound {bound / MB:.0f} MB): {m}"
     assert m["to_hf"] < bound, f"to_hf held {m['to_hf'] / MB:.0f} MB (bound {bound / MB:.0f} MB): {m}"
     shards = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())["weight_map"]

@@ -239,6 +239,25 @@ def test_prompt_tuning_fsdp_matches_one_process(work: Path, tmp_path: Path) -> N
     same_logits(out, work / "prompt1" / "checkpoints" / "step-2")
 
 
+@pytest.mark.slow
+def test_moe_lora_fsdp_matches_one_process(work: Path, tmp_path: Path) -> None:
+    """Qwen3-MoE (4 experts, top-2, a dense layer after the MoE one), LoRA on attention, the dense MLP and every
+    expert, full_shard on 2 processes: the 1-process losses (each rank routes its own tokens; the experts a rank's
+    tokens miss get no gradient there, and the sharded gradients still agree)."""
+    from litft.zoo import family_for
+
+    moe = tmp_path / "moe"
+    make_checkpoint(moe / "base", hf_model_type="qwen3_moe", **family_for("qwen3_moe").traits, n_expert=4,
+                    n_expert_per_token=2, moe_intermediate_size=24, moe_dense_layers=[1])
+    for name in ("train.jsonl", "val.jsonl"):
+        shutil.copy(work / name, moe / name)
+    targets = ["--lora.targets", "[all-linear]"]
+    want = in_process(moe, "moe1", *targets)
+    torchrun2(moe, "moe2", *targets, "--strategy", "fsdp")
+    assert_close(losses(moe / "moe2"), want, STEPS)
+    same_tensors(moe / "moe2" / "final" / "lora.safetensors", moe / "moe1" / "final" / "lora.safetensors", atol=1e-5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

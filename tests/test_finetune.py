@@ -180,6 +180,47 @@ def test_adapter_end_to_end_with_packing_and_activation_checkpointing(ckpt, data
     check_loads_and_generates(final)
 
 
+# the newer architectures, as Config fields on the tiny checkpoint (the family's traits from the zoo)
+NEW_ARCHITECTURES = {
+    "qwen3_moe": dict(n_expert=4, n_expert_per_token=2, moe_intermediate_size=24, moe_dense_layers=[1]),
+    "olmo2": {},
+    "olmo3": dict(sliding_window=4, layer_types=["sliding", "full"], rope_local_theta=1000.0),
+    "smollm3": dict(nope_layers=[1]),
+}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("model_type", sorted(NEW_ARCHITECTURES))
+def test_short_runs_on_the_newer_architectures(model_type, method, data_dir, tmp_path):
+    """A short LoRA run on attention and MLPs (for Qwen3-MoE: the dense layer's and every expert's) and a short full
+    fine-tune learn; the final/ (LoRA merged) loads and generates, and its to_hf export gives litft's logits in
+    transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from litft.convert.hf import convert_to_hf
+    from litft.finetune.full import finetune_full
+    from litft.finetune.lora import finetune_lora
+    from litft.peft import LoRAArgs
+    from litft.zoo import family_for
+
+    ckpt = make_checkpoint(tmp_path / "base", hf_model_type=model_type, **family_for(model_type).traits,
+                           **NEW_ARCHITECTURES[model_type])
+    out = tmp_path / method
+    if method == "lora":
+        lora = LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o", "gate", "up", "down"])
+        final = finetune_lora(ckpt, out, data=data_args(data_dir), train=train_args(lr=2e-2), lora=lora,
+                              merge=True, **COMMON)
+    else:
+        final = finetune_full(ckpt, out, data=data_args(data_dir), train=train_args(lr=3e-3), **COMMON)
+    curve = losses(out)
+    assert sum(curve[-3:]) < sum(curve[:3]) - 0.3, curve
+    check_loads_and_generates(final)
+    hf = AutoModelForCausalLM.from_pretrained(convert_to_hf(final, tmp_path / "hf"), attn_implementation="eager")
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf.eval()(tokens).logits - load_checkpoint(final).eval()(tokens)).abs().max() < 1e-4
+
+
 def test_full_finetune_cannot_start_from_an_adapter_run(ckpt, data_dir, tmp_path, capsys):
     """Full fine-tuning saves plain model weights, which have no place for an adapter's learned prompts: starting it
     from an adapter run's final/ is refused before anything is written, saying what to do instead."""
@@ -414,8 +455,19 @@ def test_nan_loss_stops_with_a_clear_message_and_no_final(ckpt, data_dir, tmp_pa
     weights["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(broken / "model.safetensors"))
     out = tmp_path / "out"
-    _fails(_cli(broken, data_dir, out), capsys, "training loss is nan at step 1")
+    _fails(_cli(broken, data_dir, out), capsys, "training diverged at step 1: the training loss is nan",
+           "no checkpoint was saved before it")
     assert not (out / "final").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
+    small = make_checkpoint(tmp_path / "small", vocab_size=60)  # the tiny tokenizer has 100 ids
+    out = tmp_path / "out"
+    err = _fails(_cli(small, data_dir, out), capsys)
+    assert (f"litft finetune lora: error: {small / 'tokenizer.json'}: the tokenizer has 100 token ids, the model only "
+            f"60 (vocab_size in {small / 'model_config.yaml'}): the training data's token id(s) [") in err, err
+    assert "are outside the vocabulary [0, 60). Use the tokenizer the model was trained with" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------ audit: correctness

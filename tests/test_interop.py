@@ -263,10 +263,11 @@ def test_to_peft_loads_in_peft_with_the_same_logits(method, runs, tokens, tiny_l
                                atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3"])
+@pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3", "olmo3", "smollm3"])
 def test_to_peft_of_other_families_loads_in_peft_with_the_same_logits(variant, tokens, tmp_path):
-    """A LoRA run on a tiny Gemma (tied embeddings, GeGLU, (1 + w) norms), Mistral (sliding window) and Qwen3
-    (q/k norms) exported to_peft: PeftModel over the original HF model computes what litft computes."""
+    """A LoRA run on a tiny Gemma (tied embeddings, GeGLU, (1 + w) norms), Mistral (sliding window), Qwen3
+    (q/k norms), OLMo 3 (post-only norms, whole-projection q/k norms, sliding layers) and SmolLM3 (NoPE layers)
+    exported to_peft: PeftModel over the original HF model computes what litft computes."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

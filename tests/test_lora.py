@@ -104,6 +104,11 @@ CASES = {
     "qwen2-bias-dora-rslora-all-linear": ("qwen2", LoRAArgs(r=8, alpha=8, dropout=0.0, targets=["all-linear"],
                                                             use_dora=True, use_rslora=True)),
     "tied-lm_head": ("llama-tied", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "lm_head"])),
+    "olmo2-all-linear": ("olmo2", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
+    "olmo3-dora-all-linear": ("olmo3", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"], use_dora=True)),
+    "smollm3-all-linear": ("smollm3", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
+    # PEFT reaches attention only: transformers holds the experts as 3-D parameters (see the test below)
+    "qwen3_moe-attention": ("qwen3_moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
 }
 
 
@@ -172,6 +177,43 @@ def test_all_linear_selects_what_peft_selects(tiny, variant):
     theirs = {peft_name_to_lora(k, variant) for k in get_peft_model_state_dict(peft_model)}
     assert theirs == set(lora_state_dict(model))
     assert "lm_head" not in {n.split(".")[0] for n in lora_modules(model)}
+
+
+def test_moe_lora_reaches_dense_mlps_and_experts_merges_and_exports(tiny, tmp_path):
+    """Qwen3-MoE: all-linear wraps attention, the dense layer's MLP and every expert's projections (not the router);
+    gradients reach the experts, merging gives the same logits, and the merged model exported with to_hf gives them
+    in transformers. A PEFT adapter cannot hold expert LoRA: its names are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from litft.convert.hf import convert_to_hf
+    from litft.weights import save_model
+
+    _, native = tiny("qwen3_moe")
+    model = apply_lora(load_model(native), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"]))
+    names = set(lora_modules(model))
+    experts = {f"blocks.{i}.mlp.experts.{e}.{p}" for i in (0, 2) for e in range(4)
+               for p in ("gate_proj", "up_proj", "down_proj")}
+    assert experts <= names and {"blocks.1.mlp.gate_proj", "blocks.1.mlp.down_proj", "blocks.0.attn.q_proj"} <= names
+    assert not any("router" in n for n in names)
+    randomize(model)
+    idx = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    ours = model(idx)
+    ours.pow(2).mean().backward()
+    expert_grads = [m.lora_A.weight.grad for n, m in lora_modules(model).items() if n in experts]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in expert_grads) >= len(experts) // 2
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        to_peft_state_dict(lora_state_dict(model), "qwen3_moe")
+
+    with torch.no_grad():
+        merged = merge_lora(model).eval()
+        assert (merged(idx) - ours).abs().max() <= TOL
+    (tmp_path / "merged").mkdir()
+    save_model(merged, tmp_path / "merged")
+    merged.config.save(tmp_path / "merged")
+    hf = AutoModelForCausalLM.from_pretrained(convert_to_hf(tmp_path / "merged", tmp_path / "hf"),
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - ours).abs().max() <= TOL
 
 
 def test_init_is_identity_and_like_peft(tiny):

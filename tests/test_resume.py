@@ -137,3 +137,18 @@ def test_resume_refuses_a_checkpoint_of_another_method(setup, reference, capsys)
         main(args("adapter", ckpt, root, root / "x", "--resume", str(root / "reference" / "checkpoints" / "step-8")))
     assert "written by a 'lora' run" in capsys.readouterr().err
     assert not (root / "x").exists()
+
+
+def test_resume_refuses_another_global_batch_size(setup, reference, capsys):
+    """The step, data position and schedule of a checkpoint are counted in its run's batches: another
+    train.global_batch_size is refused (naming both values and the checkpoint), before anything is written."""
+    root, ckpt = setup
+    step8 = root / "reference" / "checkpoints" / "step-8"
+    with pytest.raises(SystemExit) as e:
+        main(args("lora", ckpt, root, root / "y", "--resume", str(step8), "--train.global_batch_size", "4"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert (f"litft finetune lora: error: {step8} was saved by a run with train.global_batch_size=8, this run has "
+            "train.global_batch_size=4: resuming would change the samples per step, the data position and the "
+            "schedule mid-run. Resume with --train.global_batch_size 8") in err, err
+    assert not (root / "y").exists()

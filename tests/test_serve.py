@@ -358,6 +358,8 @@ BAD_REQUESTS = [  # (path, body, status, param)
     ("/v1/completions", _body(stream="yes"), 400, "stream"),
     ("/v1/completions", _body(stop=[""]), 400, "stop"),
     ("/v1/completions", _body(stop=5), 400, "stop"),
+    ("/v1/completions", _body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),  # OpenAI allows 4
+    ("/v1/chat/completions", _chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ("/v1/completions", _body(seed="x"), 400, "seed"),
     ("/v1/completions", _body(seed=2**70), 400, "seed"),
     ("/v1/completions", _body(prompt=["Hi"] * 50, n=2), 400, "prompt"),  # more than max_batch_size + max_queue
@@ -365,7 +367,10 @@ BAD_REQUESTS = [  # (path, body, status, param)
     ("/v1/completions", _body(prompt=""), 400, "prompt"),
     ("/v1/completions", _body(prompt=[5, 99999]), 400, "prompt"),
     ("/v1/completions", _body(prompt={"a": 1}), 400, "prompt"),
-    ("/v1/completions", _body(logprobs=3), 400, "logprobs"),
+    ("/v1/completions", _body(logprobs=6), 400, "logprobs"),  # OpenAI allows 5
+    ("/v1/completions", _body(logprobs=-1), 400, "logprobs"),
+    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs"),  # without logprobs: true
     ("/v1/completions", _body(prompt="word " * 3000), 400, "prompt"),  # longer than the context
     ("/v1/completions", _body(max_tokens=CONTEXT), 400, "prompt"),  # prompt + max_tokens > context
     ("/v1/completions", _body(model="gpt-4"), 404, "model"),
@@ -410,10 +415,12 @@ def test_every_error_has_openai_shape_and_status_and_the_server_keeps_serving(se
 # ---------------------------------------------------------------------- the command: API key and SIGTERM
 
 
-def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, int]:
+def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = None,
+               model_name: Optional[str] = MODEL) -> tuple[subprocess.Popen, int]:
+    name = ["--model_name", model_name] if model_name else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", "0", "--model_name", MODEL,
-         "--log_level", "warning", *args],
+        [sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", "0", *name, "--log_level", "warning",
+         *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env={**os.environ, "LITFT_API_KEY": "", **(env or {})}, start_new_session=True,
     )
@@ -430,18 +437,20 @@ def _start_cli(checkpoint: Path, *args: str, env: Optional[dict[str, str]] = Non
     try:
         wait_for(lambda: bool(port) or proc.poll() is not None, 120, "the server to listen")
         assert port, "".join(lines)
+        printed = time.monotonic()
         wait_for(lambda: _health(port[0]), 120, "the server to be ready")
     except BaseException:
         proc.kill()
         raise
     proc.output = lines  # type: ignore[attr-defined]
+    proc.ready_after = time.monotonic() - printed  # type: ignore[attr-defined]  # ready line -> /health 200
     return proc, port[0]
 
 
 def _health(port: int) -> bool:
     try:
         return http_json(port, "GET", "/health")[0] == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
 
 
@@ -523,3 +532,340 @@ def test_cli_busy_port_is_a_clear_error(checkpoint: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", str(port)],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 1 and f"cannot listen on {HOST}:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------- hardening: body size, stop lists, local paths
+
+
+def test_up_to_four_stop_sequences_are_accepted(server: ThreadServer, reference: LLM) -> None:
+    stops = ["zq1", "zq2", "zq3", "zq4"]  # never generated: the text is the plain greedy one
+    out = server.client().completions.create(model=MODEL, prompt=PROMPTS[9], max_tokens=8, temperature=0, stop=stops)
+    assert out.choices[0].text == reference.generate(PROMPTS[9], max_new_tokens=8)
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                stop=stops + ["zq5"])
+    assert e.value.body["param"] == "stop" and "at most 4" in e.value.body["message"]
+
+
+def _timed_health(port: int) -> float:
+    """Seconds /health took to answer 200 (its body holds the status only)."""
+    started = time.monotonic()
+    status, body = http_json(port, "GET", "/health")
+    assert status == 200 and body == {"status": "ok"}, body
+    return time.monotonic() - started
+
+
+def _while_in_flight(port: int, send: Callable[[], Any], timeout: float) -> tuple[Any, list[float], int]:
+    """Run ``send`` in a thread and time /health every 0.1 s until it returns (at most ``timeout`` s). Returns what
+    ``send`` returned, the /health times and how many of them were answered while ``send`` was still running."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(send())
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            result.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    times, during = [], 0
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        times.append(_timed_health(port))
+        during += thread.is_alive()
+        time.sleep(0.1)
+    thread.join(max(deadline - time.monotonic(), 0.1))
+    assert not thread.is_alive(), f"the request did not end within {timeout} s"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0], times, during
+
+
+def test_cli_bounds_request_bodies_and_keeps_health_answering(checkpoint: Path) -> None:
+    """20 MB bodies (declared or chunked) get 413 in OpenAI's shape within seconds while /health answers; a body
+    just under --max_request_bytes whose prompt is too long for the context is tokenized off the event loop
+    (/health answers meanwhile) and gets the usual 400."""
+    httpx = pytest.importorskip("httpx")
+    limit = 1_000_000
+    proc, port = _start_cli(checkpoint, "--max_request_bytes", str(limit), "--max_batch_size", "2")
+    url = f"http://{HOST}:{port}/v1/completions"
+    try:
+        huge = _body(prompt="word " * 4_000_000)  # 20 MB
+        assert len(huge) > 20_000_000
+
+        def post(content: Any) -> tuple[int, Any, float]:
+            started = time.monotonic()
+            r = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+            return r.status_code, r.json(), time.monotonic() - started
+
+        def chunks() -> Any:  # no Content-Length: sent with chunked transfer encoding
+            for i in range(0, len(huge), 1 << 16):
+                yield huge[i:i + (1 << 16)]
+
+        for content in (huge, chunks()):
+            (status, body, seconds), times, _ = _while_in_flight(port, lambda: post(content), 60)
+            error = assert_error(status, body, 413)
+            assert error["code"] == "request_too_large" and str(limit) in error["message"], error
+            assert seconds < 10, f"the 413 took {seconds:.1f} s"
+            assert max(times) < 2, times
+
+        # just under the limit: read, tokenized in a worker thread, refused as longer than the context
+        text = "word " * ((limit - 200) // 5)
+        under = _body(prompt=text)
+        assert limit - 300 < len(under) <= limit
+        (status, body, seconds), times, during = _while_in_flight(port, lambda: post(under), 120)
+        error = assert_error(status, body, 400, "prompt")
+        assert error["code"] == "context_length_exceeded", error
+        assert during >= 1 and max(times) < 2, (times, during, seconds)
+
+        # the server still serves
+        client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0).choices[0].text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(60) == 0, "".join(proc.output)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert "Traceback" not in "".join(proc.output), "".join(proc.output)
+
+
+def test_cli_docs_need_the_key_and_nothing_shows_the_checkpoint_path(checkpoint: Path) -> None:
+    """Without --model_name the model is named after the checkpoint folder; with a key, /docs and /openapi.json
+    need it like /v1/*; /health answers without one and shows the status only."""
+    proc, port = _start_cli(checkpoint, "--max_batch_size", "2", env={"LITFT_API_KEY": "k3y"}, model_name=None)
+    local = {str(checkpoint), str(checkpoint.resolve()), str(checkpoint.parent)}
+    key = {"Authorization": "Bearer k3y"}
+    try:
+        status, body = http_json(port, "GET", "/health")
+        assert status == 200 and body == {"status": "ok"}
+        for path in ("/docs", "/openapi.json", "/metrics", "/v1/models"):
+            assert_error(*http_json(port, "GET", path), 401)
+            conn = http.client.HTTPConnection(HOST, port, timeout=60)
+            try:
+                conn.request("GET", path, headers=key)
+                response = conn.getresponse()
+                text = response.read().decode()
+            finally:
+                conn.close()
+            assert response.status == 200, (path, text)
+            assert not any(p in text for p in local), (path, text)
+        client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="k3y", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [checkpoint.name]
+        out = client.completions.create(model=checkpoint.name, prompt="Hello", max_tokens=3, temperature=0)
+        assert out.model == checkpoint.name
+        output = "".join(proc.output)
+        assert f"litft serve: {checkpoint.name} on http://{HOST}:{port}/v1" in output, output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(60) == 0, "".join(proc.output)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+BROKEN_TEMPLATES = {  # templates that fail while rendering, each in its own way
+    "include": '{% include "other.jinja" %}{{ messages[0]["content"] }}',
+    "call": "{{ messages[0]['content']() }}",
+    "raise": "{{ raise_exception('roles must alternate user/assistant') }}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_TEMPLATES))
+def test_a_chat_template_that_fails_to_render_is_a_400(checkpoint: Path, tmp_path: Path, kind: str) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config["chat_template"] = BROKEN_TEMPLATES[kind]
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    llm = LLM.load(broken, device="cpu", max_seq_length=64)
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=1, max_queue=1)) as s:
+        with pytest.raises(openai.BadRequestError) as e:
+            s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+        error = assert_error(e.value.status_code, e.value.response.json(), 400, "messages")
+        assert "chat template" in error["message"] and str(tmp_path) not in error["message"], error
+        assert "Traceback" not in error["message"]
+        if kind == "raise":
+            assert "roles must alternate user/assistant" in error["message"], error
+        # the server keeps serving
+        out = s.client().completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        assert s.metrics()["requests_failed"] == 0
+
+
+# ---------------------------------------------------------------------- serving memory and readiness
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(60) == 0, "".join(proc.output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the RSS from /proc")
+def test_cli_defaults_size_the_kv_cache_to_a_budget_and_print_ready_when_ready(checkpoint: Path, tmp_path: Path,
+                                                                               reference: LLM) -> None:
+    """A model with a 131,072-token context served with the defaults: the KV cache takes the default 1 GiB (the
+    old 32 rows x the whole context would take 3 GiB), the ready line says how many tokens it holds, /health
+    answers 200 as soon as that line is out, and a request sent while the model loads is answered."""
+    import shutil
+
+    import yaml
+
+    long = tmp_path / "long"
+    shutil.copytree(checkpoint, long)
+    config = yaml.safe_load((long / "model_config.yaml").read_text())
+    config["block_size"] = 131072
+    (long / "model_config.yaml").write_text(yaml.safe_dump(config))
+    per_token = 2 * config["n_layer"] * config["n_query_groups"] * config["head_size"] * 4  # float32
+    with socket.socket() as probe:  # a free port, known before the server prints it
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+
+    early: list[Any] = []
+
+    def request_while_loading() -> None:  # connects as soon as the port listens, before the model is ready
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                early.append(http_json(port, "POST", "/v1/completions", _body(prompt=PROMPTS[3], max_tokens=8,
+                                                                               temperature=0)))
+                return
+            except ConnectionRefusedError:
+                time.sleep(0.01)
+
+    early_thread = threading.Thread(target=request_while_loading, daemon=True)
+    early_thread.start()
+    proc, _ = _start_cli(long, "--port", str(port))
+    try:
+        early_thread.join(60)
+        assert early and early[0][0] == 200, early
+        assert early[0][1]["choices"][0]["text"] == reference.generate(PROMPTS[3], max_new_tokens=8)
+        assert proc.ready_after < 1.0, f"/health answered {proc.ready_after:.1f} s after the ready line"
+        [line] = [x for x in proc.output if "litft serve:" in x]
+        rows = int(line.split(" concurrent requests")[0].rsplit(" ", 1)[1])
+        tokens = int(line.split("KV cache of ")[1].split(" ")[0])
+        assert "of up to 131072 tokens" in line and "float32" in line, line
+        assert tokens == rows * 131072 and tokens * per_token <= 2**30 < (rows + 1) * 131072 * per_token, line
+        assert 1 <= rows < 32
+        assert _rss_bytes(proc.pid) < 2**30 + 2**30, f"RSS {_rss_bytes(proc.pid) / 2**30:.2f} GiB"
+        client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        out = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=8, temperature=0)
+        assert out.choices[0].text == reference.generate(PROMPTS[4], max_new_tokens=8)
+    finally:
+        _stop(proc)
+
+
+def test_cli_kv_cache_memory_too_small_for_one_request_is_a_clear_error(checkpoint: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "litft", "serve", str(checkpoint), "--port", "0", "--kv_cache_memory",
+                        "0.0001", "--max_seq_length", "2048"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "less than one request of max_seq_length=2048" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------- logprobs
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4
+
+
+def test_completion_logprobs_equal_transformers(server: ThreadServer, reference: LLM, checkpoint: Path) -> None:
+    from tests.test_api import reference_logprobs
+
+    client = server.client()
+    prompts = [PROMPTS[10], PROMPTS[11][:20]]  # ragged, decoded together
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=10, temperature=0, logprobs=3)
+    for prompt, choice in zip(prompts, out.choices):
+        expected = reference.generate(prompt, max_new_tokens=10, logprobs=3)
+        ref = reference_logprobs(checkpoint.parent / "hf", reference.encode(prompt), expected.token_ids)
+        lp = choice.logprobs
+        assert choice.text == expected.text
+        assert lp.tokens == [reference.tokenizer.decode([i]) for i in expected.token_ids]
+        assert all(_close(v, ref[i, t].item()) for i, (v, t) in enumerate(zip(lp.token_logprobs,
+                                                                            expected.token_ids)))
+        for i, alternatives in enumerate(lp.top_logprobs):
+            assert 1 <= len(alternatives) <= 3
+            by_text = {}  # the reference logprob of every id whose text is that alternative
+            for token_id, value in enumerate(ref[i].tolist()):
+                by_text.setdefault(reference.tokenizer.decode([token_id]), []).append(value)
+            assert all(any(_close(v, r) for r in by_text[text]) for text, v in alternatives.items())
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    # streamed: the chunks' logprobs together are the same
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=10, temperature=0,
+                                            logprobs=3, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == out.choices[0].logprobs.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == pytest.approx(out.choices[0].logprobs.token_logprobs,
+                                                                               abs=1e-6)
+    assert [o for lp in streamed for o in lp.text_offset] == out.choices[0].logprobs.text_offset
+
+
+def test_chat_logprobs_equal_transformers(server: ThreadServer, reference: LLM, checkpoint: Path) -> None:
+    from tests.test_api import assert_logprobs_match, reference_logprobs
+
+    client = server.client()
+    messages = [{"role": "user", "content": "Hello, world!"}]
+    expected = reference.chat(messages, max_new_tokens=12, logprobs=2)
+    ref = reference_logprobs(checkpoint.parent / "hf", reference.encode_chat(messages), expected.token_ids)
+    assert_logprobs_match(expected, ref, 2)
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True,
+                                         top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert out.choices[0].message.content == expected.text
+    assert [c.token for c in content] == [reference.tokenizer.decode([i]) for i in expected.token_ids]
+    for i, (item, token_id) in enumerate(zip(content, expected.token_ids)):
+        assert _close(item.logprob, ref[i, token_id].item())
+        assert bytes(item.bytes).decode("utf-8") == item.token
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(ref[i].topk(2).values.tolist(), abs=1e-4)
+
+    stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [item for c in stream if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [(s.token, round(s.logprob, 5)) for s in streamed] == [(c.token, round(c.logprob, 5)) for c in content]
+    # without logprobs, none are sent
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_health_is_503_once_the_server_drains(checkpoint: Path) -> None:
+    llm = LLM.load(checkpoint, device="cpu", max_seq_length=64)
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=1, max_queue=1)) as s:
+        assert http_json(s.port, "GET", "/health") == (200, {"status": "ok"})
+        s.app.state.scheduler.drain(30)  # what SIGTERM does first
+        assert http_json(s.port, "GET", "/health") == (503, {"status": "stopping"})
+
+
+def test_an_unexpected_error_is_a_500_without_its_text(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (here: the tokenizer failing in a way nobody planned for) answers 500 in OpenAI's shape; the
+    exception's text, which may hold local paths, stays in the server's log."""
+    llm = LLM.load(checkpoint, device="cpu", max_seq_length=64)
+
+    def broken(prompt: str) -> list[int]:
+        raise RuntimeError(f"cannot read {checkpoint}/secret.bin")
+
+    monkeypatch.setattr(llm, "encode", broken)
+    with ThreadServer(create_app(llm, MODEL, max_batch_size=1, max_queue=1)) as s:
+        status, body = http_json(s.port, "POST", "/v1/completions", _body(max_tokens=2))
+        error = assert_error(status, body, 500)
+        assert "secret" not in error["message"] and str(checkpoint) not in error["message"], error
+        assert http_json(s.port, "GET", "/health")[0] == 200

@@ -148,16 +148,17 @@ def test_first_finetune(tiny_model, tmp_path):
 def test_python_api(tiny_model, tmp_path):
     text = (TUTORIALS / "python-api.md").read_text()
     code = "\n".join(b.text for b in blocks(text) if b.language == "python")
-    for needed in ("from litft import LLM", "LLM.load(", ".generate(", "stream=True", ".chat(", ".benchmark(",
-                   ".save(", HF_MODEL, "out/shout-lora/final"):
+    for needed in ("from litft import LLM", "LLM.load(", ".generate(", "stream=True", "logprobs=", ".chat(",
+                   ".benchmark(", ".save(", HF_MODEL, "out/shout-lora/final"):
         assert needed in code, needed
     ran = _run("python-api.md", tmp_path, tiny_model, {HF_MODEL: str(tiny_model["hf"])})
     outputs = _python_outputs(ran)
     assert len(outputs) == sum(1 for b in blocks(text) if b.language == "python")  # every block ran
     assert "LLM(" in outputs[0]
     assert outputs[2].count("->") == 3  # a batch of three prompts, three answers
-    assert "tokens/s" in outputs[5] and "peak memory" in outputs[5]
-    assert outputs[7].strip() == "True"  # the Hugging Face folder generates what the native checkpoint does
+    assert outputs[4].strip() and all("[(" in line for line in outputs[4].strip().splitlines())  # logprobs
+    assert "tokens/s" in outputs[6] and "peak memory" in outputs[6]
+    assert outputs[8].strip() == "True"  # the Hugging Face folder generates what the native checkpoint does
     assert {"model.safetensors", "model_config.yaml", "tokenizer.json"} <= {p.name for p in (tmp_path / "out" /
                                                                                               "my-model").iterdir()}
     assert (tmp_path / "out" / "shout-lora" / "final" / "lora.safetensors").is_file()
@@ -191,12 +192,13 @@ def test_serving(tiny_model, tmp_path):
     ran = _run("serving.md", tmp_path, tiny_model,
                {"--port 8000": f"--port {port}", "127.0.0.1:8000": f"127.0.0.1:{port}"})
     outputs = _python_outputs(ran)
-    assert len(outputs) == 4
+    assert len(outputs) == 5
     assert outputs[0].splitlines()[0] == "['llama-3.2-1b']"
     assert 1 <= int(re.search(r"completion_tokens=(\d+)", outputs[0])[1]) <= 20  # max_tokens=20
     assert outputs[3].count("->") == 8
     metrics = ast.literal_eval(outputs[3].strip().splitlines()[-1])  # the server's /metrics
     assert metrics["requests_completed"] == 11 and metrics["requests_failed"] == 0  # 1 + 2 chat + 8 at once
+    assert outputs[4].strip() and all("[(" in line for line in outputs[4].strip().splitlines())  # logprobs
     [server] = [r for r in ran if r.kind == "background"]  # stopped with Ctrl-C (exit status 0) by the harness
     assert server.stdout.count('"POST /v1/completions HTTP/1.1" 200') == 9
 

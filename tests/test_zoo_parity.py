@@ -68,6 +68,33 @@ def test_round_trip_is_identical_and_loads_in_transformers(converted):
         assert (reloaded(idx).logits - hf_model(idx).logits).abs().max().item() <= TOL, variant
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step"])
+def test_moe_gradients_match_transformers(variant, tmp_path):
+    """The backward of the MoE computed by expert: router and every expert's weight gradients equal transformers'
+    (which holds the experts as 3-D tensors: gate and up stacked in ``gate_up_proj``)."""
+    hf_model = make_hf_model(variant, tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens(5)
+    model(idx).pow(2).mean().backward()
+    hf_model(idx).logits.pow(2).mean().backward()
+    theirs = dict(hf_model.named_parameters())
+    checked = 0
+    for i, block in enumerate(model.blocks):
+        if not hasattr(block.mlp, "experts"):
+            continue
+        prefix = f"model.layers.{i}.mlp."
+        router = theirs.get(prefix + "gate.weight", theirs.get(prefix + "router.weight"))
+        assert (block.mlp.router.weight.grad - router.grad).abs().max() <= TOL
+        gate_up, down = theirs[prefix + "experts.gate_up_proj"].grad, theirs[prefix + "experts.down_proj"].grad
+        for e, expert in enumerate(block.mlp.experts):
+            size = expert.gate_proj.weight.shape[0]
+            assert (expert.gate_proj.weight.grad - gate_up[e, :size]).abs().max() <= TOL, (i, e)
+            assert (expert.up_proj.weight.grad - gate_up[e, size:]).abs().max() <= TOL, (i, e)
+            assert (expert.down_proj.weight.grad - down[e]).abs().max() <= TOL, (i, e)
+            checked += bool(expert.down_proj.weight.grad.abs().sum() > 0)
+    assert checked >= 4  # experts that got tokens (and so a gradient)
+
+
 def test_numeric_constants_come_from_config_json(converted):
     """Norm epsilon, RoPE bases and softcaps are the checkpoint's, never a family default copied by hand."""
     import json
@@ -91,7 +118,7 @@ def test_numeric_constants_come_from_config_json(converted):
 
 # ------------------------------------------------------------------------------ nothing keyed on model names
 
-_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm")
+_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo")
 _ALLOWED_LITERALS = {"llama3"}  # an HF rope_type value, read from config.json like any other field
 _NAME_FIELDS = {"name", "hf_id", "model_name", "repo_id", "model_id", "name_or_path", "_name_or_path"}
 _STRING_TESTS = {"startswith", "endswith", "match", "search", "fullmatch", "find", "index", "count"}
@@ -206,3 +233,62 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
     import json
 
     assert json.loads((out / "config.json").read_text())["model_type"] == variant
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3"])
+def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
+    """Every named config of the newer families, written as config.json, makes transformers build a model (on the
+    meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
+    the same Config."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from litft.model import GPT
+    from litft.zoo import family_for
+
+    family = family_for(model_type)
+    assert family.configs
+    shapes_seen = set()
+    for config in family.configs:
+        assert family.config_from_hf(family.config_to_hf(config), config.name, config.hf_id) == config, config.name
+        shape = (config.n_embd, config.n_head, config.n_query_groups, config.intermediate_size, config.n_expert)
+        if shape in shapes_seen:  # base and instruct variants of one size
+            continue
+        shapes_seen.add(shape)
+        n = 4  # the first layers only (their kinds as in the full model): every size at the cost of a small one
+        config = dataclasses.replace(config, n_layer=n, layer_types=config.layer_types[:n],
+                                     nope_layers=[i for i in config.nope_layers if i < n],
+                                     moe_dense_layers=[i for i in config.moe_dense_layers if i < n])
+        hf_config = family.config_to_hf(config)
+        with torch.device("meta"):
+            theirs = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config)).state_dict()
+            ours = GPT(dataclasses.replace(config)).state_dict()
+        if config.tie_embeddings:
+            ours.pop("lm_head.weight")
+            theirs.pop("lm_head.weight", None)
+        mapped = _fuse_experts_as_transformers_holds_them(
+            {family.native_to_hf(k)[2]: tuple(v.shape) for k, v in ours.items()})
+        assert mapped == {k: tuple(v.shape) for k, v in theirs.items()}, config.name
+
+
+def _fuse_experts_as_transformers_holds_them(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """Checkpoint names and shapes with per-expert tensors (``mlp.experts.{e}.gate_proj.weight`` ...) replaced by
+    the 3-D parameters a transformers 5 model holds in memory (``mlp.experts.gate_up_proj`` (E, 2I, C) and
+    ``mlp.experts.down_proj`` (E, C, I)); its save_pretrained splits them back into the checkpoint names."""
+    import re
+
+    out, experts = {}, {}
+    for name, shape in shapes.items():
+        m = re.match(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
+        if m is None:
+            out[name] = shape
+        else:
+            experts.setdefault(m[1], {}).setdefault(m[3], []).append(shape)
+    for prefix, parts in experts.items():
+        (inter, hidden), n = parts["gate_proj"][0], len(parts["gate_proj"])
+        assert all(len(v) == n for v in parts.values()) and set(parts["up_proj"]) == {(inter, hidden)}
+        assert set(parts["down_proj"]) == {(hidden, inter)}
+        out[f"{prefix}.gate_up_proj"] = (n, 2 * inter, hidden)
+        out[f"{prefix}.down_proj"] = (n, hidden, inter)
+    return out

@@ -17,7 +17,7 @@ import torch
 
 from litft import methods
 from litft.checkpoint import BASE_FILE, checkpoint_method, resolve_checkpoint, run_quantize
-from litft.weights import atomic_directory
+from litft.weights import atomic_directory, save_safetensors
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -77,10 +77,7 @@ def to_peft(
         base_model_name_or_path = config.hf_id or ""
     peft_config = peft_config_dict(args, targets, base_model_name_or_path)
     with atomic_directory(Path(out_dir), overwrite) as tmp:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in peft_state.items()}, str(tmp / PEFT_WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        save_safetensors(peft_state, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(base_model_name_or_path, args, targets))
     quantize = run_quantize(checkpoint_dir, base)
@@ -100,8 +97,6 @@ def _prompt_to_peft(checkpoint_dir: Path, base_dir: Path, out_dir: Path, base_mo
                     overwrite: bool) -> Path:
     """A prompt-tuning run's virtual prompt (trained on the checkpoint ``base_dir``) as PEFT's PROMPT_TUNING adapter
     (``prompt_embeddings``, float32 as PEFT keeps it)."""
-    from safetensors.torch import save_file
-
     from litft.config import Config
     from litft.peft.prompt import PROMPT_TENSOR, PROMPT_WEIGHTS_FILE, peft_prompt_config_dict, read_prompt_args
     from litft.checkpoint import read_base
@@ -118,8 +113,7 @@ def _prompt_to_peft(checkpoint_dir: Path, base_dir: Path, out_dir: Path, base_mo
         base_model_name_or_path = config.hf_id or ""
     peft_config = peft_prompt_config_dict(args, config, base_model_name_or_path)
     with atomic_directory(out_dir, overwrite) as tmp:
-        save_file({"prompt_embeddings": embeddings.contiguous()}, str(tmp / PEFT_WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        save_safetensors({"prompt_embeddings": embeddings}, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         header = "---\nlibrary_name: peft\n" + (f"base_model: {base_model_name_or_path}\n"
                                                  if base_model_name_or_path else "") + "---\n\n"

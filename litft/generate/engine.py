@@ -22,6 +22,7 @@ Step-wise API (what a continuous-batching scheduler needs)::
     engine.step()                                      # one token for every active row, no host sync
     engine.sync()                                      # tokens → host: text, stop tokens/strings, finish
     request.take_text()                                # streamed text since the last call
+    request.take_logprobs()                            # with new_request(..., logprobs=k): their TokenLogprobs
     engine.remove(request)                             # free its row
 
 :meth:`Engine.generate` and :meth:`Engine.stream` are built on exactly these calls.
@@ -36,9 +37,21 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from litft.config import check_token_ids
 from litft.generate.sampling import Flags, RowParams, SamplingParams, sample
 
 PAD_ID = 0  # id fed at padding slots: never attended to, any valid id works
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token, its log-probability under the model (log-softmax of the model's logits, before
+    temperature, filters or penalties) and the ``k`` most likely tokens at its position as (id, logprob) pairs,
+    the most likely first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -49,7 +62,9 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
+    logprobs: Optional[int] = None  # record each token's logprob and this many top alternatives (0: none)
     tokens: list[int] = field(default_factory=list)  # generated ids, without a final stop token
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of ``tokens`` (with logprobs)
     text: str = ""  # generated text, cut before a stop string
     finish_reason: Optional[str] = None  # "stop" (stop token or string), "length" (max_new_tokens), "aborted"
     num_generated: int = 0  # tokens sampled and processed, a final stop token included
@@ -57,6 +72,7 @@ class Request:
     _dispatched: int = 0  # tokens sampled on the device (may be ahead of num_generated until sync)
     _decoder: Any = None
     _emitted: int = 0
+    _logprobs_taken: int = 0
     _start: int = 0  # host copy of the first cache slot of the prompt
 
     @property
@@ -72,7 +88,13 @@ class Request:
         self._emitted = max(self._emitted, end)
         return piece
 
-    def _consume(self, token: int) -> None:
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The :class:`TokenLogprob` s of the tokens generated since the last call (empty without logprobs)."""
+        new = self.token_logprobs[self._logprobs_taken:]
+        self._logprobs_taken = len(self.token_logprobs)
+        return new
+
+    def _consume(self, token: int, logprob: Optional[tuple[float, list[tuple[int, float]]]] = None) -> None:
         if self.finished:
             return
         self.num_generated += 1
@@ -80,6 +102,8 @@ class Request:
             self._finish("stop")
             return
         self.tokens.append(token)
+        if logprob is not None:
+            self.token_logprobs.append(TokenLogprob(token, logprob[0], logprob[1][:self.logprobs]))
         if self._decoder is not None and self._add_text(self._decoder.add(token)):
             return
         if self.num_generated >= self.params.max_new_tokens:
@@ -197,9 +221,39 @@ class Engine:
         self.next_token = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.row_params = RowParams.empty(batch_size, dev)
         self.seen: Optional[torch.Tensor] = None  # (B, V) tokens seen, for the repetition penalty
-        self._pending: list[tuple[list[tuple[int, Request]], torch.Tensor, bool]] = []
+        # (members, sampled tokens, one token per cache row?, logprobs or None) per prefill or decode step
+        self._pending: list[tuple[list[tuple[int, Request]], torch.Tensor, bool, Any]] = []
         self._flags = Flags()
         self.num_shifts = 0  # how often occupied slots were moved (for tests)
+
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes one token takes in the KV cache: keys and values of every layer, in the model's dtype."""
+        cfg = self.config
+        return 2 * cfg.n_layer * cfg.n_query_groups * cfg.head_size * self.model.embed.weight.dtype.itemsize
+
+    def kv_cache_rows(self, memory_bytes: int, max_rows: int) -> int:
+        """How many rows of ``max_seq_length`` slots a KV cache of at most ``memory_bytes`` holds (at most
+        ``max_rows``); ValueError when not even one does."""
+        tokens = memory_bytes // self.kv_cache_bytes_per_token
+        if tokens < self.max_seq_length:
+            raise ValueError(
+                f"a KV cache of {memory_bytes / 2**30:.3g} GiB holds {tokens} tokens "
+                f"({self.kv_cache_bytes_per_token} bytes each), less than one request of max_seq_length="
+                f"{self.max_seq_length}: raise kv_cache_memory or lower max_seq_length")
+        return min(max_rows, tokens // self.max_seq_length)
+
+    def warm_up(self) -> None:
+        """One prefill and one decode step on a one-token prompt in the allocated cache, so that lazy
+        initialisation (kernels, allocator, compiled graphs of the one-row bucket) happens now rather than in the
+        first request."""
+        if not self.batch_size:
+            raise RuntimeError("allocate the KV cache before warming up")
+        tokens = min(2, self.max_seq_length - 1)  # a decode step after the prefill, when the context allows one
+        request = self.new_request([PAD_ID], SamplingParams(max_new_tokens=tokens, stop_token_ids=[]))
+        self.add([request])
+        self.step()
+        self.remove(request)
 
     def reserve(self, batch_size: int, cache_length: int) -> None:
         """Make sure the cache has exactly ``batch_size`` rows and at least ``cache_length`` slots."""
@@ -223,10 +277,7 @@ class Engine:
         ids = list(ids)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.config.vocab_size
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_token_ids(ids, self.config.vocab_size, "prompt")
         limit = self.max_seq_length
         need = len(ids) + params.max_new_tokens
         if need > limit:
@@ -242,14 +293,19 @@ class Engine:
             ids = ([ids[0]] + ids[len(ids) - room + 1:]) if keep_bos and room > 1 else ids[len(ids) - room:]
         return ids
 
-    def new_request(self, ids: Sequence[int], params: SamplingParams, truncate: bool = False) -> Request:
-        """A validated :class:`Request` (not yet added)."""
+    def new_request(self, ids: Sequence[int], params: SamplingParams, truncate: bool = False,
+                    logprobs: Optional[int] = None) -> Request:
+        """A validated :class:`Request` (not yet added). With ``logprobs`` (an integer >= 0) it records every
+        generated token's log-probability and that many most likely alternatives (``request.token_logprobs``)."""
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= self.config.vocab_size):
+            raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer from 0 to the vocabulary size "
+                             f"{self.config.vocab_size}")
         ids = self.check_prompt(ids, params, truncate)
         stop_ids = self.default_stop_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
         decoder = self.tokenizer.incremental_decoder() if self.tokenizer is not None else None
-        return Request(next(self._ids), ids, params, stop_ids, _decoder=decoder)
+        return Request(next(self._ids), ids, params, stop_ids, logprobs=logprobs, _decoder=decoder)
 
     # ------------------------------------------------------------------ step-wise API
 
@@ -316,7 +372,8 @@ class Engine:
         self.next_token.index_copy_(0, idx, first)
         for r in requests:
             r._dispatched = 1
-        self._pending.append((list(zip(rows, requests)), first, False))
+        members = list(zip(rows, requests))
+        self._pending.append((members, first, False, _logprobs(logits, first, members)))
         self.max_rows_in_use = max(self.max_rows_in_use, len(self.active_requests()))
         return list(requests)
 
@@ -358,7 +415,7 @@ class Engine:
         self.t += 1
         for _, r in live:
             r._dispatched += 1
-        self._pending.append((live, token, True))
+        self._pending.append((live, token, True, _logprobs(logits, token, live)))
 
     def _bucket(self, rows: int) -> int:
         """The smallest bucket (number of leading rows a decode step runs on) that holds ``rows`` rows."""
@@ -423,15 +480,21 @@ class Engine:
         tokens and strings, max_new_tokens). Returns the requests that received tokens."""
         if not self._pending:
             return []
-        flat = torch.cat([t.flatten() for _, t, _ in self._pending]).tolist()
+        flat = torch.cat([t.flatten() for _, t, _, _ in self._pending]).tolist()
         touched: dict[int, Request] = {}
         offset = 0
-        for members, tokens, by_row in self._pending:
+        for members, tokens, by_row, logprobs in self._pending:
             values = flat[offset:offset + tokens.numel()]
             offset += tokens.numel()
+            if logprobs is not None:  # (chosen (B,), top values (B, k), top ids (B, k)) to the host
+                chosen, top_values, top_ids = (t.tolist() for t in logprobs)
             # decode entries hold one token per cache row, prefill entries one per member
             for i, (row, request) in enumerate(members):
-                request._consume(values[row] if by_row else values[i])
+                j = row if by_row else i
+                logprob = None
+                if logprobs is not None and request.logprobs is not None:
+                    logprob = (chosen[j], list(zip(top_ids[j], top_values[j])))
+                request._consume(values[j], logprob)
                 touched[request.id] = request
         self._pending.clear()
         for r in touched.values():
@@ -613,6 +676,18 @@ class Engine:
                 self.step()
         finally:
             self.remove(request)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+              members: Sequence[tuple[int, Request]]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The log-softmax of ``logits`` (B, V) at the sampled ``tokens`` (B,) and its top-k values and ids, k the
+    most alternatives a member asks for; None (nothing computed) when no member asks for logprobs."""
+    asked = [r.logprobs for _, r in members if r.logprobs is not None]
+    if not asked:
+        return None
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top_values, top_ids = logprobs.topk(max(asked), dim=-1)
+    return logprobs.gather(1, tokens[:, None])[:, 0], top_values, top_ids
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -1,9 +1,15 @@
 """An OpenAI-compatible HTTP API over one model: FastAPI app, request/response schemas and errors.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (server-sent events with
-``"stream": true``), ``GET /health`` and ``GET /metrics`` (the scheduler's counters). Errors use OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``: 400 bad body or parameter (prompt too long for the context
-included), 401 missing/wrong API key, 404 unknown model or route, 503 queue full or shutting down.
+``"stream": true``; OpenAI's ``logprobs``/``top_logprobs`` on chat, ``logprobs`` on completions, streamed too),
+``GET /health`` (needs no key; ``{"status": "ok"}``, 503 while shutting down) and ``GET /metrics`` (the
+scheduler's counters). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad
+body or parameter (prompt too long for the context, more than 4 stop sequences, a chat template that cannot
+render the messages included), 401 missing/wrong API key, 404 unknown model or route, 413 request body over
+``max_request_bytes`` (refused before it is read whole), 503 queue full or shutting down.
+
+Request bodies are parsed on the event loop (they are bounded), prompts are tokenized in worker threads, so
+``/health`` and streaming keep answering while a long prompt is tokenized.
 
 Beyond OpenAI's parameters, requests accept ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos``
 (as vLLM does).
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -26,7 +33,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from litft.generate.engine import TokenLogprob
 from litft.generate.sampling import SamplingParams
+from litft.serve.cli import DEFAULT_MAX_REQUEST_BYTES
 from litft.serve.scheduler import Event, Job, QueueFull, Scheduler, SchedulerStopped
 
 if TYPE_CHECKING:
@@ -36,6 +45,11 @@ log = logging.getLogger("litft.serve")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_N = 16
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits on alternatives: /v1/completions' logprobs, chat's top_logprobs
+MAX_TOP_LOGPROBS = 20
+LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a log-probability that is -inf (JSON has no infinity)
+OPEN_PATHS = ("/health",)  # the only route that needs no API key when one is set
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 # ---------------------------------------------------------------------- errors
@@ -78,14 +92,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 class APIKeyMiddleware:
-    """Require ``Authorization: Bearer <api_key>`` on every ``/v1/`` route (``/health`` stays open)."""
+    """Require ``Authorization: Bearer <api_key>`` on every route but ``/health`` (``/v1/*``, ``/metrics``,
+    ``/docs`` and ``/openapi.json`` included)."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
         self.api_key = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] == "/metrics"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             header = dict(scope.get("headers") or ()).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if not header:
@@ -98,6 +113,51 @@ class APIKeyMiddleware:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """Answer 413 to a request whose body is larger than ``max_bytes``, before reading it: at once when its
+    ``Content-Length`` says so, else (chunked upload) as soon as the bytes received pass the limit. A body that
+    fits is read whole, then handed to the app."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return APIError(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes "
+                             f"(litft serve --max_request_bytes)", code="request_too_large").response()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away mid-upload: nobody to answer
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body: Optional[bytes] = b"".join(chunks)
+
+        async def replay() -> dict:
+            nonlocal body
+            if body is None:  # after the body: disconnect notices, as from the server
+                return await receive()
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
+
+        await self.app(scope, replay, send)
 
 
 # ---------------------------------------------------------------------- schemas
@@ -138,7 +198,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(None, ge=1)
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+                                    description="the sampled token's logprob and this many alternatives")
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -165,10 +226,16 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     response_format: Optional[ResponseFormat] = None
+
+
+def _check_stop(body: _SamplingFields) -> None:
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOP:
+        raise APIError(400, f"stop: at most {MAX_STOP} stop sequences are allowed, got {len(body.stop)}",
+                       param="stop", code="invalid_value")
 
 
 def _unsupported(body: _SamplingFields, checks: dict[str, bool]) -> None:
@@ -191,6 +258,19 @@ class _Server:
         self.scheduler = scheduler
         self.model_name = model_name
         self.created = int(time.time())
+
+    def public(self, message: str) -> str:
+        """``message`` with the checkpoint's local path replaced by the model's name (errors go to clients)."""
+        folder = self.llm.checkpoint_dir
+        if folder is None:
+            return message
+        for path in sorted({str(folder.resolve()), str(folder)}, key=len, reverse=True):
+            message = message.replace(path, self.model_name)
+        return message
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, as logprobs show it."""
+        return self.llm.tokenizer.decode([token_id])
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -228,14 +308,15 @@ class _Server:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
         return tokens
 
-    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> tuple[list[Job], asyncio.Queue]:
+    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+               logprobs: Optional[int] = None) -> tuple[list[Job], asyncio.Queue]:
         capacity = self.scheduler.max_batch_size + self.scheduler.max_queue
         if len(prompts) > capacity:
             raise APIError(400, f"this request asks for {len(prompts)} completions (prompts × n) but the server holds "
                                 f"at most {capacity} (max_batch_size + max_queue): split it", param="prompt",
                            code="too_many_completions")
         try:
-            return self.scheduler.submit(prompts, params)
+            return self.scheduler.submit(prompts, params, logprobs)
         except QueueFull as e:
             raise APIError(503, str(e), type="server_error", code="queue_full") from None
         except SchedulerStopped as e:
@@ -273,6 +354,7 @@ async def _collect(server: _Server, request: Request, jobs: list[Job], queue: as
             event, getter = getter.result(), None
             m = merged[event.index]
             m.text += event.text
+            m.logprobs += event.logprobs
             if event.error is not None:
                 raise APIError(500, event.error, type="server_error", code="generation_failed")
             if event.last:
@@ -316,8 +398,8 @@ def _stream(server: _Server, jobs: list[Job], queue: asyncio.Queue, make_chunk: 
                     if event.error is not None:
                         yield _sse(APIError(500, event.error, type="server_error", code="generation_failed").body())
                         return
-                    if event.text:
-                        choices.append(make_chunk(Event(event.index, event.text), False))
+                    if event.text or event.logprobs:
+                        choices.append(make_chunk(Event(event.index, event.text, event.logprobs), False))
                     if event.last:
                         completion_tokens += event.completion_tokens
                         choices.append(make_chunk(Event(event.index, "", finish_reason=event.finish_reason), True))
@@ -334,23 +416,29 @@ def _stream(server: _Server, jobs: list[Job], queue: asyncio.Queue, make_chunk: 
 
 
 def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_batch_size: int = 32,
-               max_queue: int = 256) -> FastAPI:
+               max_queue: int = 256, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving ``llm`` under ``model_name``; its scheduler starts and stops with the app's lifespan
     (``app.state.scheduler``).
 
     Args:
         llm: the loaded model (:meth:`litft.LLM.load`); the app owns its engine while it runs.
         model_name: the ``model`` clients must name (``GET /v1/models`` lists it).
-        api_key: when set, ``/v1/*`` and ``/metrics`` require ``Authorization: Bearer <api_key>``.
+        api_key: when set, every route but ``/health`` (``/v1/*``, ``/metrics``, ``/docs``, ``/openapi.json``)
+            requires ``Authorization: Bearer <api_key>``.
         max_batch_size: the most requests that decode together (KV cache rows).
         max_queue: the most requests waiting for a row; beyond it the server answers 503.
+        max_request_bytes: the largest request body; a larger one gets 413 before it is read.
     """
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes={max_request_bytes} is invalid: expected an integer >= 1")
     scheduler = Scheduler(llm.engine, max_batch_size=max_batch_size, max_queue=max_queue)
     server = _Server(llm, scheduler, model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        # the KV cache is allocated and the engine warmed up before the server accepts its first connection
+        # (connections made meanwhile wait in the listening socket's backlog)
+        await asyncio.to_thread(scheduler.start)
         try:
             yield
         finally:
@@ -359,7 +447,8 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     app = FastAPI(title="litft", summary=f"OpenAI-compatible API serving {model_name}", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.state.model_name = model_name
-    if api_key:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
+    if api_key:  # added last: runs first, so that a request without the key is refused before its body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
@@ -379,11 +468,15 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+        # the text of an unexpected exception may hold local paths or data: it goes to the log only
+        return APIError(500, "internal server error (the server's log has the details)",
+                        type="server_error").response()
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok" if scheduler.running else "stopping", "model": model_name}
+    @app.get("/health", response_model=None)
+    async def health() -> Union[dict[str, Any], JSONResponse]:
+        if scheduler.running:
+            return {"status": "ok"}
+        return JSONResponse({"status": "stopping"}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
@@ -401,30 +494,32 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Union[dict[str, Any], StreamingResponse]:
         server.check_model(body.model)
-        _unsupported(body, {"echo": bool(body.echo), "logprobs": body.logprobs is not None,
-                            "best_of": body.best_of not in (None, 1), "suffix": bool(body.suffix)})
-        prompts = _completion_prompts(server, body.prompt)
-        n = body.n or 1
-        ids_list, params = [], []
-        for ids in prompts:
-            max_tokens = server.check_prompt(ids, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
-            for j in range(n):
-                ids_list.append(ids)
-                params.append(server.params(body, max_tokens, j))
-        prompt_tokens = sum(len(ids) for ids in prompts)
-        jobs, queue = server.submit(ids_list, params)
+        _unsupported(body, {"echo": bool(body.echo), "best_of": body.best_of not in (None, 1),
+                            "suffix": bool(body.suffix)})
+        _check_stop(body)
+        ids_list, params, prompt_tokens = await asyncio.to_thread(_completion_jobs, server, body)
+        jobs, queue = server.submit(ids_list, params, body.logprobs)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
+        offsets = [0] * len(jobs)  # text_offset of each choice's next token
+
+        def logprobs(event: Event) -> Optional[dict[str, Any]]:
+            if body.logprobs is None:
+                return None
+            out = _completion_logprobs(server, event.logprobs, offsets[event.index])
+            offsets[event.index] += sum(len(t) for t in out["tokens"])
+            return out
+
         if body.stream:
             def chunk(event: Event, last: bool) -> dict:
-                return {"index": event.index, "text": event.text, "logprobs": None,
+                return {"index": event.index, "text": event.text, "logprobs": None if last else logprobs(event),
                         "finish_reason": event.finish_reason if last else None}
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream(server, jobs, queue, chunk, base, prompt_tokens, include_usage)
         results = await _collect(server, request, jobs, queue)
         if results is None:
             return _gone()
-        choices = [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+        choices = [{"index": r.index, "text": r.text, "logprobs": logprobs(r), "finish_reason": r.finish_reason}
                    for r in results]
         return {**base, "choices": choices, "usage": _usage(prompt_tokens, sum(r.completion_tokens for r in results))}
 
@@ -432,21 +527,26 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
     async def chat_completions(body: ChatCompletionRequest,
                                request: Request) -> Union[dict[str, Any], StreamingResponse]:
         server.check_model(body.model)
-        _unsupported(body, {"logprobs": bool(body.logprobs), "top_logprobs": body.top_logprobs is not None,
-                            "tools": bool(body.tools), "tool_choice": body.tool_choice not in (None, "none"),
+        _unsupported(body, {"tools": bool(body.tools), "tool_choice": body.tool_choice not in (None, "none"),
                             "response_format": body.response_format is not None
                             and body.response_format.type != "text"})
-        ids = _chat_prompt(server, body.messages)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = server.check_prompt(ids, requested, None, "messages")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        _check_stop(body)
+        ids, max_tokens = await asyncio.to_thread(_chat_job, server, body)
         n = body.n or 1
-        jobs, queue = server.submit([ids] * n, [server.params(body, max_tokens, j) for j in range(n)])
+        alternatives = (body.top_logprobs or 0) if body.logprobs else None
+        jobs, queue = server.submit([ids] * n, [server.params(body, max_tokens, j) for j in range(n)], alternatives)
+
+        def logprobs(event: Event) -> Optional[dict[str, Any]]:
+            return _chat_logprobs(server, event.logprobs) if body.logprobs else None
+
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
                 else "chat.completion", "created": int(time.time()), "model": model_name}
         if body.stream:
             def chunk(event: Event, last: bool) -> dict:
                 delta = {} if last else {"content": event.text}
-                return {"index": event.index, "delta": delta, "logprobs": None,
+                return {"index": event.index, "delta": delta, "logprobs": None if last else logprobs(event),
                         "finish_reason": event.finish_reason if last else None}
 
             def role(index: int) -> dict:
@@ -457,16 +557,61 @@ def create_app(llm: "LLM", model_name: str, api_key: Optional[str] = None, max_b
         results = await _collect(server, request, jobs, queue)
         if results is None:
             return _gone()
-        choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                    "finish_reason": r.finish_reason} for r in results]
+        choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": logprobs(r), "finish_reason": r.finish_reason} for r in results]
         return {**base, "choices": choices, "usage": _usage(len(ids), sum(r.completion_tokens for r in results))}
 
     return app
 
 
+def _logprob(value: float) -> float:
+    return max(value, LOWEST_LOGPROB)
+
+
+def _completion_logprobs(server: _Server, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """``/v1/completions``' ``logprobs`` object for ``entries``, the first token at ``offset`` in the text."""
+    tokens = [server.token_text(e.id) for e in entries]
+    starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))
+    return {"tokens": tokens, "token_logprobs": [_logprob(e.logprob) for e in entries],
+            "top_logprobs": [{server.token_text(i): _logprob(v) for i, v in e.top} for e in entries],
+            "text_offset": starts if tokens else []}
+
+
+def _chat_logprobs(server: _Server, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat completions' ``logprobs`` object (``content``: one item per token) for ``entries``."""
+    def item(token_id: int, value: float) -> dict[str, Any]:
+        text = server.token_text(token_id)
+        return {"token": text, "logprob": _logprob(value), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.id, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]} for e in entries],
+            "refusal": None}
+
+
 def _model_card(server: _Server) -> dict[str, Any]:
     return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "litft",
             "max_model_len": server.engine.max_seq_length}
+
+
+def _completion_jobs(server: _Server,
+                     body: CompletionRequest) -> tuple[list[list[int]], list[SamplingParams], int]:
+    """The prompts (tokenized: run in a worker thread) and sampling parameters of every choice of a completion
+    request, and its prompt token count."""
+    prompts = _completion_prompts(server, body.prompt)
+    n = body.n or 1
+    ids_list, params = [], []
+    for ids in prompts:
+        max_tokens = server.check_prompt(ids, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+        for j in range(n):
+            ids_list.append(ids)
+            params.append(server.params(body, max_tokens, j))
+    return ids_list, params, sum(len(ids) for ids in prompts)
+
+
+def _chat_job(server: _Server, body: ChatCompletionRequest) -> tuple[list[int], int]:
+    """The rendered, tokenized conversation (run in a worker thread) and max_tokens with its default filled."""
+    ids = _chat_prompt(server, body.messages)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return ids, server.check_prompt(ids, requested, None, "messages")
 
 
 def _completion_prompts(server: _Server, prompt: Union[str, list[str], list[int], list[list[int]]]) -> list[list[int]]:
@@ -500,5 +645,10 @@ def _chat_prompt(server: _Server, messages: list[ChatMessage]) -> list[int]:
         plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     try:
         return server.llm.encode_chat(plain)
-    except ValueError as e:  # bad roles, or the template refused the conversation (e.g. roles must alternate)
-        raise APIError(400, str(e), param="messages", code="invalid_value") from None
+    except ValueError as e:  # bad roles, the template refused the conversation (e.g. roles must alternate) or failed
+        raise APIError(400, server.public(str(e)), param="messages", code="invalid_value") from None
+    except Exception as e:  # noqa: BLE001 - a template can fail in any way at render time (e.g. {% include %})
+        log.warning("the chat template cannot render a request's messages: %s: %s", type(e).__name__, e)
+        raise APIError(400, f"messages: the model's chat template cannot render them ({type(e).__name__}: "
+                            f"{server.public(str(e))}); the template must be fixed on the server",
+                       param="messages", code="chat_template_error") from None

@@ -6,9 +6,15 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
+
+if TYPE_CHECKING:
+    from litft.generate.engine import Engine
 
 API_KEY_ENV = "LITFT_API_KEY"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # 4 MiB: ~1M tokens of text, more than any context served here needs
+CPU_KV_CACHE_GIB = 1.0  # the KV cache's default size on the CPU
+GPU_KV_CACHE_FRACTION = 0.5  # on a GPU: this share of the memory free once the model is loaded
 
 
 def serve(
@@ -19,7 +25,9 @@ def serve(
     model_name: Optional[str] = None,
     max_batch_size: int = 32,
     max_queue: int = 256,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_seq_length: Optional[int] = None,
+    kv_cache_memory: Optional[float] = None,
     quantize: Optional[str] = None,
     precision: Optional[str] = None,
     device: str = "auto",
@@ -28,21 +36,32 @@ def serve(
     log_level: Literal["debug", "info", "warning", "error"] = "info",
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)
-    with continuous batching.
+    with continuous batching. The line "litft serve: ... on http://..." is printed once a request is served at
+    once (model loaded, KV cache allocated, engine warmed up); /health answers 200 from then on, and requests
+    sent earlier wait until then.
 
     Args:
         checkpoint: checkpoint folder (litft, Hugging Face, or a fine-tune run's final/).
         host: address to listen on; the default 127.0.0.1 is reachable from this machine only (0.0.0.0 = all).
         port: TCP port (0 = any free port; the address is printed when the server listens).
-        api_key: require "Authorization: Bearer <key>" on /v1/* and /metrics; default: the LITFT_API_KEY
-            environment variable (prefer it: command lines are visible to other users), else no key.
-        model_name: the model name clients must send; default the checkpoint path as given.
-        max_batch_size: the most requests that decode together (rows of the KV cache, allocated at start). A
-            decode step computes only the rows in use (rounded up to a power of two), so a large value costs a lone
-            request no speed, only memory.
+        api_key: require "Authorization: Bearer <key>" on every route but /health (/v1/*, /metrics, /docs and
+            /openapi.json included); default: the LITFT_API_KEY environment variable (prefer it: command lines
+            are visible to other users), else no key. /health answers without a key and shows only the status.
+        model_name: the model name clients must send; default the checkpoint folder's name (no local path is
+            ever shown to clients).
+        max_batch_size: the most requests that decode together (rows of the KV cache, allocated at start), if
+            --kv_cache_memory holds that many rows of --max_seq_length tokens (else as many as it holds; the ready
+            line says how many). A decode step computes only the rows in use (rounded up to a power of two), so a
+            large value costs a lone request no speed.
         max_queue: the most requests waiting for a free row; more get HTTP 503.
+        max_request_bytes: the largest request body accepted (default 4 MiB); a larger one gets HTTP 413 before
+            it is read.
         max_seq_length: longest prompt + completion per request (KV cache slots per row); default the model's
-            context.
+            context, or as many tokens as --kv_cache_memory holds when that is less.
+        kv_cache_memory: GiB for the KV cache (in the model's dtype); default 1 GiB on the CPU, on a GPU half of
+            the memory free once the model is loaded. It holds kv_cache_memory / (2 x layers x kv heads x head
+            size x dtype bytes) tokens: e.g. 23,301 for SmolLM2-135M in float32 with the default 1 GiB, i.e. two
+            requests of its whole 8,192-token context.
         quantize: quantized inference, e.g. bnb.nf4 or bnb.int8.
         precision: bf16-true, 16-true or 32-true; default bf16 on GPU, 32-true on CPU.
         device: auto, cpu, cuda or cuda:N.
@@ -64,6 +83,10 @@ def serve(
         raise ValueError(f"max_batch_size={max_batch_size} is invalid: expected an integer >= 1")
     if max_queue < 0:
         raise ValueError(f"max_queue={max_queue} is invalid: expected an integer >= 0")
+    if kv_cache_memory is not None and not kv_cache_memory > 0:
+        raise ValueError(f"kv_cache_memory={kv_cache_memory} is invalid: expected GiB > 0")
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes={max_request_bytes} is invalid: expected an integer >= 1")
     if shutdown_timeout < 0:
         raise ValueError(f"shutdown_timeout={shutdown_timeout} is invalid: expected seconds >= 0")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -71,9 +94,19 @@ def serve(
     try:
         llm = LLM.load(checkpoint, device=device, precision=precision, quantize=quantize, compile=compile,
                        max_seq_length=max_seq_length)
-        name = model_name or str(checkpoint)
-        app = create_app(llm, name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue)
+        name = model_name or Path(checkpoint).resolve().name or "model"
+        engine = llm.engine
+        budget = _kv_cache_budget(engine, kv_cache_memory)
+        if max_seq_length is None:  # the model's context, or what the budget holds when that is less
+            engine.max_seq_length = max(2, min(engine.max_seq_length, budget // engine.kv_cache_bytes_per_token))
+        rows = engine.kv_cache_rows(budget, max_batch_size)
+        app = create_app(llm, name, api_key=api_key, max_batch_size=rows, max_queue=max_queue,
+                         max_request_bytes=max_request_bytes)
         scheduler = app.state.scheduler
+        cache_tokens = rows * engine.max_seq_length
+        dtype = str(llm.model.embed.weight.dtype).removeprefix("torch.")
+        fewer = (f" (fewer than --max_batch_size {max_batch_size}: lower --max_seq_length or raise --kv_cache_memory "
+                 f"for more)" if rows < max_batch_size else "")
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame: object) -> None:
@@ -82,16 +115,23 @@ def serve(
                 scheduler.drain(shutdown_timeout)
                 super().handle_exit(sig, frame)
 
+            async def startup(self, sockets: Optional[list] = None) -> None:
+                # the app's startup allocated the KV cache and warmed up: print the ready line once the server
+                # accepts connections, i.e. when a request is served at once
+                await super().startup(sockets=sockets)
+                if self.started:
+                    actual_host, actual_port = sock.getsockname()[:2]
+                    shown = f"[{actual_host}]" if ":" in actual_host else actual_host
+                    exposed = "" if _is_loopback(actual_host) else " (reachable from other machines)"
+                    print(f"litft serve: {name} on http://{shown}:{actual_port}/v1{exposed}, {rows} concurrent "
+                          f"requests of up to {engine.max_seq_length} tokens{fewer}, KV cache of {cache_tokens} "
+                          f"tokens ({cache_tokens * engine.kv_cache_bytes_per_token / 2**30:.2f} GiB, {dtype}), "
+                          f"device={llm.device}" + ("" if api_key else ", no API key"), file=sys.stderr, flush=True)
+
         # uvicorn's own timeout (cancel the request tasks outright) is only a backstop
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout + 10,
                                 lifespan="on")
         server = Server(config)
-        actual_host, actual_port = sock.getsockname()[:2]
-        shown = f"[{actual_host}]" if ":" in actual_host else actual_host
-        exposed = "" if _is_loopback(actual_host) else " (reachable from other machines)"
-        print(f"litft serve: {name} on http://{shown}:{actual_port}/v1{exposed}, max_batch_size={max_batch_size}, "
-              f"max_seq_length={llm.engine.max_seq_length}, device={llm.device}"
-              + ("" if api_key else ", no API key"), file=sys.stderr, flush=True)
         # uvicorn handles SIGTERM/SIGINT while it runs (drain, then shut down) and re-raises the signal once it has
         # stopped; answer that re-raise with a no-op so that a graceful stop exits with status 0
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,6 +141,18 @@ def serve(
         sock.close()
     if not server.started:
         raise RuntimeError("the server failed to start (see the log above)")
+
+
+def _kv_cache_budget(engine: "Engine", kv_cache_memory: Optional[float]) -> int:
+    """Bytes for the KV cache: ``kv_cache_memory`` GiB, else the device's default (see :func:`serve`)."""
+    import torch
+
+    if kv_cache_memory is not None:
+        return int(kv_cache_memory * 2**30)
+    if engine.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        return int(free * GPU_KV_CACHE_FRACTION)
+    return int(CPU_KV_CACHE_GIB * 2**30)
 
 
 def _listen(host: str, port: int) -> "socket.socket":

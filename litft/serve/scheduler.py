@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from litft.generate.engine import Engine, Request
+from litft.generate.engine import Engine, Request, TokenLogprob
 from litft.generate.sampling import SamplingParams
 
 log = logging.getLogger("litft.serve")
@@ -35,11 +35,13 @@ class SchedulerStopped(RuntimeError):
 
 @dataclass
 class Event:
-    """What a job's queue receives: new ``text`` and, on the last event, ``finish_reason`` (``"stop"``,
-    ``"length"``, ``"abort"`` when the server cancelled it) with the token counts, or an ``error`` message."""
+    """What a job's queue receives: new ``text`` (and the new tokens' ``logprobs`` when the job asked for them)
+    and, on the last event, ``finish_reason`` (``"stop"``, ``"length"``, ``"abort"`` when the server cancelled
+    it) with the token counts, or an ``error`` message."""
 
     index: int  # the job's index within its HTTP request (the choice index)
     text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -59,6 +61,7 @@ class Job:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     queue: "asyncio.Queue[Event]"
+    logprobs: Optional[int] = None  # record logprobs with this many alternatives (Engine.new_request)
     request: Optional[Request] = None  # the engine's request, once admitted
     cancelled: bool = False
     done: bool = False
@@ -109,11 +112,12 @@ class Scheduler:
     # ------------------------------------------------------------------ handler side (any thread)
 
     def start(self) -> None:
-        """Allocate the KV cache (``max_batch_size`` rows × the engine's ``max_seq_length`` slots) and start the
-        thread."""
+        """Allocate the KV cache (``max_batch_size`` rows × the engine's ``max_seq_length`` slots), warm the engine
+        up (:meth:`Engine.warm_up`) and start the thread: once this returns, a request is served at once."""
         if self._thread is not None:
             raise RuntimeError("the scheduler is already running")
         self.engine.allocate(self.max_batch_size, self.engine.max_seq_length)
+        self.engine.warm_up()
         self._stopping = False
         self._deadline = None
         self._thread = threading.Thread(target=self._loop, name="litft-serve-scheduler", daemon=True)
@@ -144,13 +148,14 @@ class Scheduler:
         return (self._thread is not None and self._thread.is_alive() and not self._stopping
                 and self._deadline is None)
 
-    def submit(self, prompts: Sequence[list[int]],
-               params: Sequence[SamplingParams]) -> "tuple[list[Job], asyncio.Queue[Event]]":
+    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+               logprobs: Optional[int] = None) -> "tuple[list[Job], asyncio.Queue[Event]]":
         """Queue one job per prompt (all or none); call from the handler's event loop. Returns the jobs and the
-        queue their events arrive on (tagged with the job's index in ``prompts``)."""
+        queue their events arrive on (tagged with the job's index in ``prompts``). With ``logprobs``, events
+        carry each token's logprob and that many alternatives."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        jobs = [Job(i, list(ids), p, loop, queue) for i, (ids, p) in enumerate(zip(prompts, params))]
+        jobs = [Job(i, list(ids), p, loop, queue, logprobs) for i, (ids, p) in enumerate(zip(prompts, params))]
         with self._lock:
             if self._stopping or self._thread is None or self._deadline is not None:
                 self.counters["requests_rejected"] += len(jobs)
@@ -229,7 +234,7 @@ class Scheduler:
         requests = []
         for job in joining:
             try:
-                job.request = self.engine.new_request(job.prompt_ids, job.params)
+                job.request = self.engine.new_request(job.prompt_ids, job.params, logprobs=job.logprobs)
             except ValueError as e:  # the handler validated it already; fail this job only
                 job.done = True
                 self.counters["requests_failed"] += 1
@@ -265,13 +270,13 @@ class Scheduler:
         self.engine.sync()
         for job in list(self._running.values()):
             request = job.request
-            text = request.take_text()
+            text, logprobs = request.take_text(), request.take_logprobs()
             if request.finished:
                 self._finish(job)
-                job._put(Event(job.index, text, finish_reason=request.finish_reason,
+                job._put(Event(job.index, text, logprobs, finish_reason=request.finish_reason,
                                prompt_tokens=len(request.prompt_ids), completion_tokens=request.num_generated))
-            elif text:
-                job._put(Event(job.index, text))
+            elif text or logprobs:
+                job._put(Event(job.index, text, logprobs))
 
     def _finish(self, job: Job) -> None:
         request = job.request
@@ -315,7 +320,8 @@ class Scheduler:
                 self.counters["requests_aborted"] += 1
                 prompt = len(job.request.prompt_ids) if job.request else len(job.prompt_ids)
                 generated = job.request.num_generated if job.request else 0
-                job._put(Event(job.index, job.request.take_text() if job.request else "", finish_reason="abort",
+                job._put(Event(job.index, job.request.take_text() if job.request else "",
+                               job.request.take_logprobs() if job.request else [], finish_reason="abort",
                                prompt_tokens=prompt, completion_tokens=generated))
 
 

@@ -17,7 +17,7 @@ class TrainArgs:
 
     Args:
         global_batch_size: Samples (or packed rows) per optimizer step; ``global_batch_size / (micro_batch_size *
-            devices * num_nodes)`` micro-batches are accumulated per step.
+            devices * num_nodes)`` micro-batches are accumulated per step. A resumed run keeps its checkpoint's.
         micro_batch_size: Samples (or packed rows) per forward/backward pass on one device.
         max_seq_length: Longest sample in tokens (longer ones are truncated and counted); None = the model's context.
         epochs: Passes over the training data (used when ``max_steps`` is not set).
@@ -30,7 +30,8 @@ class TrainArgs:
         lr_schedule: "cosine" (warmup, then cosine decay to ``min_lr`` at the end) or "constant" (warmup, then
             ``lr``).
         weight_decay: Decoupled weight decay (AdamW) applied to matrices; biases, norms and embeddings get none.
-        max_norm: Clip the gradient norm to this value (None = no clipping).
+        max_norm: Clip the gradient norm to this value (None = no clipping). A non-finite (NaN/inf) gradient norm
+            stops the run, naming the step and the last finite checkpoint (the step is not skipped).
         seed: Seed for initialisation of new weights, dropout and the data order.
         activation_checkpointing: Trade compute for activation memory. "full" (or true): keep only each block's
             input and recompute the whole block in the backward pass (least memory, about 30% more compute).

@@ -30,7 +30,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from litft.checkpoint import FINAL, RUN_FILE, SHARDED, write_model_files  # FINAL, RUN_FILE: part of the run layout here
-from litft.weights import atomic_directory
+from litft.errors import TrainingDivergedError, WriteError
+from litft.weights import atomic_directory, is_finite
 
 STATE_FILE = "state.pt"
 CHECKPOINTS = "checkpoints"
@@ -107,18 +108,79 @@ def save_training_checkpoint(
     """Atomically write ``checkpoints/step-N`` (model files + ``state.pt``), then prune old ones. ``sharded``: a
     directory of FSDP shards written by every rank, moved in as ``sharded/`` (then the weights are only there)."""
     target = step_dir(out_dir, step)
-    with atomic_directory(target, overwrite=True) as tmp:
-        write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
-        if sharded is not None:
-            os.replace(sharded, tmp / SHARDED)
-        write_training_state(tmp, state)
+    previous = latest_checkpoint(out_dir)
+    try:
+        with atomic_directory(target, overwrite=True) as tmp:
+            write_model_files(model, tmp, save_weights, source_dir, base_dir, method)
+            if sharded is not None:
+                os.replace(sharded, tmp / SHARDED)
+            write_training_state(tmp, state)
+    except WriteError as e:
+        kept = (f"the previous checkpoint, {previous}, is intact: free space and resume with --resume auto"
+                if previous is not None else "no earlier checkpoint exists")
+        raise WriteError(e.path, f"{e.cause}; {kept}") from e
     prune_checkpoints(out_dir, keep_last)
     return target
 
 
 def write_training_state(directory: Path, state: dict[str, Any]) -> None:
-    """``directory/state.pt``: plain values and tensors only (it loads with ``torch.load(weights_only=True)``)."""
-    torch.save(state, Path(directory) / STATE_FILE)
+    """``directory/state.pt``: plain values and tensors only (it loads with ``torch.load(weights_only=True)``).
+    A failed write is the OS's error ("No space left on device"), not torch's "unexpected pos"."""
+    with open(Path(directory) / STATE_FILE, "wb") as f:
+        sink = _WriteRecorder(f)
+        try:
+            torch.save(state, sink)
+        except RuntimeError:
+            if sink.error is not None:  # torch turns the file's OSError into a short write
+                raise sink.error from None
+            raise
+
+
+class _WriteRecorder:
+    """A binary file that remembers the OSError its ``write`` raised."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def first_nonfinite(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Optional[str]:
+    """The name of the first trainable parameter (or optimizer state tensor) holding a NaN or an infinity, else
+    None: what must not be saved (this process's shard of them under FSDP). Frozen weights never change."""
+
+    def finite(t: torch.Tensor) -> bool:
+        return is_finite(t.to_local() if hasattr(t, "to_local") else t)  # a DTensor (FSDP): this process's shard
+
+    for name, p in model.named_parameters():
+        if p.requires_grad and not finite(p):
+            return name
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p, state in optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and not finite(value):
+                    return f"optimizer state {key!r} of {names.get(id(p), 'a parameter')}"
+    return None
+
+
+def diverged(out_dir: Path, step: int, what: str) -> TrainingDivergedError:
+    """The error that stops a run whose ``what`` (loss, gradient norm, weights) became non-finite at ``step``,
+    naming the newest checkpoint of ``out_dir`` (every saved checkpoint is finite: :func:`save_training_checkpoint`
+    never writes one that is not)."""
+    last = latest_checkpoint(out_dir)
+    where = (f"the last finite checkpoint is {last}: resume from it with --resume {last} and a lower train.lr"
+             if last is not None else "no checkpoint was saved before it")
+    return TrainingDivergedError(f"training diverged at step {step}: {what}; stopping without saving it. Lower "
+                                 f"train.lr, keep train.max_norm set, or use precision bf16-mixed/32-true; {where}")
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

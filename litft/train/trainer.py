@@ -33,7 +33,8 @@ import torch
 import yaml
 
 from litft.checkpoint import check_mergeable_chain, load_checkpoint, write_model_files
-from litft.config import Config
+from litft.config import Config, check_tokenizer_fits
+from litft.errors import check_writable
 from litft.methods import Method
 from litft.peft.lora import check_trainable, count_parameters
 from litft.train import checkpoint as ckpt
@@ -45,6 +46,7 @@ from litft.train.metrics import (RunLogger, flops_per_token, import_wandb, matmu
 from litft.train.objectives import ObjectiveArgs, ObjectiveContext, ObjectiveOutput
 from litft.train.schedule import build_optimizer, lr_at, resolve_optimizer
 from litft.train.strategy import reports_distributed_failures
+from litft.weights import write_text_atomic
 
 STATE_FORMAT = 1
 
@@ -225,6 +227,7 @@ class Trainer:
         if not self.checkpoint_dir.is_dir():
             raise FileNotFoundError(f"checkpoint_dir {str(self.checkpoint_dir)!r} does not exist (download or convert "
                                     "a model first: litft download <repo_id>)")
+        check_writable(self.out_dir)
         self.config = Config.from_checkpoint(self.checkpoint_dir)
         if self.method.full:
             check_mergeable_chain(self.checkpoint_dir, "finetune full")
@@ -294,6 +297,7 @@ class Trainer:
         train, fabric = self.train_args, self.fabric
         self.tokenizer = Tokenizer(self.checkpoint_dir)
         train_samples, val_samples, stats = load_datasets(self.data_args, self.tokenizer, self.max_seq_length)
+        check_tokenizer_fits(self.tokenizer, self.config, self.checkpoint_dir, [*train_samples, *val_samples])
         if self.rank_zero:
             print(stats.summary(), file=sys.stderr)
         if self.world_size > 1:  # training: every rank batches all samples and takes its share of each step
@@ -311,7 +315,7 @@ class Trainer:
         self.controllers = Controllers(train.controllers)
 
     def _check_saved(self, saved: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another method or objective, or a sharded one without FSDP."""
+        """Refuse a checkpoint of another method, objective or global batch size, or a sharded one without FSDP."""
         if saved.get("method") != self.method.name:
             raise ValueError(f"{self.resume_from} was written by a {saved.get('method')!r} run, not "
                              f"{self.method.name!r}")
@@ -319,6 +323,13 @@ class Trainer:
         if written_with != self.objective_cls.name:
             raise ValueError(f"{self.resume_from} was written by a run with --objective {written_with}, not "
                              f"{self.objective_cls.name}: resume it with the same objective")
+        saved_batch = saved.get("global_batch_size", self.train_args.global_batch_size)  # absent before litft kept it
+        if saved_batch != self.train_args.global_batch_size:
+            raise ValueError(
+                f"{self.resume_from} was saved by a run with train.global_batch_size={saved_batch}, this run has "
+                f"train.global_batch_size={self.train_args.global_batch_size}: resuming would change the samples per "
+                f"step, the data position and the schedule mid-run. Resume with --train.global_batch_size "
+                f"{saved_batch}, or start a new run from it (litft finetune ... {self.resume_from})")
         if (self.resume_from / ckpt.SHARDED).is_dir() and not self.fsdp:
             raise ValueError(f"{self.resume_from} is a sharded (FSDP) checkpoint: resume it with --strategy fsdp "
                              "(any number of devices)")
@@ -379,7 +390,7 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temp_dirs(out_dir)
             resolved = self._resolved_run_config()
-            _write_yaml_atomic(out_dir / ckpt.RUN_FILE, resolved)
+            write_text_atomic(out_dir / ckpt.RUN_FILE, yaml.safe_dump(resolved, sort_keys=False))
         train = self.train_args
         try:
             trackers = open_trackers(train.trackers, out_dir / ckpt.LOGS, train.wandb_project,
@@ -435,6 +446,7 @@ class Trainer:
         from litft.train import strategy as dist
 
         fabric, out_dir = self.fabric, self.out_dir
+        self.check_finite(step)
         staging = None
         if self.fsdp:
             staging = out_dir / ckpt.CHECKPOINTS / f".step-{step}.tmp-sharded"
@@ -452,19 +464,31 @@ class Trainer:
             saved = {"format": STATE_FORMAT, "method": self.method.name, "objective": self.objective_cls.name,
                      **self.state.state_dict(), "step": step,
                      "optimizer": {} if self.fsdp else self.optimizer.state_dict(),
-                     "scheduler": {"step": step, "total_steps": self.total_steps}, "world_size": self.world_size}
+                     "scheduler": {"step": step, "total_steps": self.total_steps}, "world_size": self.world_size,
+                     "global_batch_size": self.train_args.global_batch_size}
             save_weights = (lambda m, d: None) if self.fsdp else self.method.save
             base_dir = None if self.method.full else self.checkpoint_dir
             ckpt.save_training_checkpoint(out_dir, step, self.model, save_weights, self.checkpoint_dir, base_dir,
                                           self.method.name, saved, self.train_args.keep_last, sharded=staging)
         fabric.barrier()
 
+    def check_finite(self, step: int) -> None:
+        """Stop (every rank) rather than save trainable weights or optimizer state holding a NaN or an infinity."""
+        bad = ckpt.first_nonfinite(self.model, self.optimizer)
+        if self.world_size > 1:
+            flags = self.fabric.all_reduce(torch.tensor(float(bad is not None), device=self.fabric.device),
+                                           reduce_op="sum")
+            bad = bad or ("the weights of another process" if float(flags) > 0 else None)
+        if bad is not None:
+            raise ckpt.diverged(self.out_dir, step, f"{bad} holds NaN or infinite values")
+
     # ------------------------------------------------------------------------------------------ one step
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step on this rank's micro-batches ``micro`` (on the CPU): the learning rate of the step,
         the units and tokens counted over all devices, the gradients accumulated over the micro-batches, the
-        clipping and the optimizer step. Raises RuntimeError when the loss is not finite."""
+        clipping and the optimizer step. Raises :class:`~litft.errors.TrainingDivergedError` when the loss or the
+        gradient norm is not finite."""
         fabric, train, step = self.fabric, self.train_args, self.state.step
         lr = lr_at(step, self.total_steps, train.lr, train.min_lr, train.warmup_steps, train.lr_schedule)
         for group in self.optimizer.param_groups:
@@ -486,18 +510,17 @@ class Trainer:
         )
         loss, metrics = self._reduce_means(out, units)
         if not math.isfinite(loss):
-            raise RuntimeError(
-                f"the training loss is {loss} at step {step + 1} (lr {lr:.3g}): stopping. Lower train.lr, keep "
-                "train.max_norm set, or use precision bf16-mixed/32-true; the last good checkpoint is in "
-                f"{self.out_dir / ckpt.CHECKPOINTS}"
-            )
+            raise ckpt.diverged(self.out_dir, step + 1, f"the training loss is {loss} (lr {lr:.3g})")
         grad_norm = None
-        if train.max_norm is not None:
-            grad_norm = fabric.clip_gradients(self.objective, self.optimizer, max_norm=train.max_norm)
+        if train.max_norm is not None:  # a non-finite norm stops the run (below), never torch's own error
+            grad_norm = fabric.clip_gradients(self.objective, self.optimizer, max_norm=train.max_norm,
+                                              error_if_nonfinite=False)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if grad_norm is not None:
             grad_norm = float(grad_norm)  # read after the step is queued: no extra wait
+            if not math.isfinite(grad_norm):  # the weights just stepped are never saved
+                raise ckpt.diverged(self.out_dir, step + 1, f"the gradient norm is {grad_norm} (lr {lr:.3g})")
         return StepResult(loss=loss, metrics=metrics, lr=lr, grad_norm=grad_norm, tokens=n_tokens, flops=n_flops,
                           micro_batches=len(micro))
 
@@ -702,10 +725,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the end
 
     def finish(self) -> Path:
-        """The final validation and generations, ``final/`` (atomically), the summary; returns ``final/``."""
+        """The final validation and generations, ``final/`` (atomically), the summary; returns ``final/``. Weights
+        holding a NaN or an infinity stop the run first: they are neither validated nor written."""
         from litft.train import strategy as dist
 
         step = self.state.step
+        try:
+            self.check_finite(step)
+        except BaseException:
+            self.logger.close(failed=True)
+            raise
         final_val = self.validate() if self.eval_args.final_validation else None
         self._log_validation(final_val, step)
         self.generations("after")
@@ -785,12 +814,6 @@ def _seed(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:

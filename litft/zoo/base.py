@@ -90,6 +90,9 @@ class Family:
     # prefixes of HF checkpoints that wrap the text model (multimodal repos), mapped to the plain prefix
     hf_prefix_aliases: dict[str, str] = field(default_factory=dict)
     hf_ignored_prefixes: tuple[str, ...] = ()  # tensors that are not part of the text model
+    hf_keys: tuple[str, ...] = ()  # config.json keys that read_hf interprets (kept out of Config.extra)
+    # config.json keys with the only values litft implements: any other value is refused by name, never dropped
+    hf_supported_values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._hf_regex = [(_template_regex(r.hf), r) for r in self.weight_rules]
@@ -99,6 +102,10 @@ class Family:
 
     def config_from_hf(self, hf: dict[str, Any], name: str = "", hf_id: str = "") -> Config:
         hf = {**self.hf_defaults, **{k: v for k, v in hf.items() if v is not None or k in ("sliding_window",)}}
+        for key, supported in self.hf_supported_values.items():
+            if key in hf and hf[key] not in supported:
+                raise ValueError(f"config.json: {key}={hf[key]!r} is not a value litft implements for model_type "
+                                 f"{self.model_type!r} (supported: {', '.join(map(repr, supported))})")
         fields: dict[str, Any] = dict(self.traits)
         for hf_key, cfg_key in COMMON_CONFIG_KEYS.items():
             if hf.get(hf_key) is not None:
@@ -133,7 +140,7 @@ class Family:
             fields.pop("sliding_window", None)
             if fields.get("layer_types") and "sliding" in fields["layer_types"]:
                 fields["layer_types"] = ["full"] * len(fields["layer_types"])
-        known = set(COMMON_CONFIG_KEYS) | IGNORED_HF_KEYS
+        known = set(COMMON_CONFIG_KEYS) | IGNORED_HF_KEYS | set(self.hf_keys)
         fields["extra"] = {k: v for k, v in hf.items() if k not in known and k not in self.hf_defaults}
         fields.update(name=name, hf_id=hf_id, hf_model_type=self.model_type)
         return Config.from_dict(fields, source="config.json")
