@@ -1,0 +1,382 @@
+"""Preference and distillation objectives against their oracles.
+
+TRL 1.16 is the oracle for the preference losses:
+- DPO and IPO: ``trl.DPOTrainer._compute_loss`` (the whole TRL step: its fused-head log-probabilities of a
+  transformers model and of a reference transformers model, its loss and its metrics), called on a minimal
+  trainer object holding only the attributes that method reads;
+- DPO's label smoothing (conservative DPO, which TRL 1.16's DPOTrainer no longer offers for ``sigmoid``):
+  ``trl.experimental.cpo.CPOTrainer.cpo_loss`` (``loss_type="sigmoid"``, its conservative form) applied to the
+  policy-minus-reference log-ratios;
+- SimPO: ``CPOTrainer.get_batch_logps`` (average) on the transformers logits + ``CPOTrainer.cpo_loss`` with
+  ``loss_type="simpo"`` (SimPO is CPO with ``cpo_alpha=0``);
+- ORPO: ``ORPOTrainer.get_batch_logps`` (average) + ``ORPOTrainer.odds_ratio_loss``, plus the NLL of the chosen
+  completion from the same TRL log-probabilities (litft does not train prompt tokens; TRL's ORPO NLL does).
+litft runs the same weights converted to its own model; losses, metrics and the gradients of every parameter
+(mapped to transformers names) agree within 1e-5 in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from litft.data.collate import IGNORE_INDEX
+from litft.train.objectives.base import ObjectiveContext
+from litft.train.objectives.dpo import DPOArgs, DPOObjective, IPOArgs, IPOObjective, dpo_loss
+from litft.train.objectives.logps import sequence_logps
+from litft.train.objectives.orpo import ORPOArgs, ORPOObjective
+from litft.train.objectives.simpo import SimPOArgs, SimPOObjective
+from litft.weights import load_model
+from tests.conftest import TINY_VOCAB
+
+trl = pytest.importorskip("trl")
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def reference_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A second tiny Llama (other weights) as the reference policy: (transformers folder, litft folder)."""
+    from litft.convert.hf import convert_from_hf
+    from tests.fixtures_tokenizers import make_bpe_tokenizer
+    from tests.hf_models import make_hf_model
+
+    root = tmp_path_factory.mktemp("reference")
+    make_hf_model("llama", root / "hf", seed=1, overrides={"vocab_size": TINY_VOCAB})
+    make_bpe_tokenizer(root / "hf")
+    return root / "hf", convert_from_hf(root / "hf", root / "native")
+
+
+def make_pairs(seed: int = 0) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token ids of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [(3, 4, 6), (5, 2, 3), (4, 7, 2)]
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, TINY_VOCAB, (n,), generator=g).tolist()
+
+    return [(ids(p), ids(c), ids(r)) for p, c, r in lengths]
+
+
+def litft_batch(pairs: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """The (2B, T) layout: chosen rows then rejected rows, inputs = sequence[:-1], labels = sequence[1:] with
+    the prompt's targets -100, right padded."""
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    T = max(len(p) + len(c) for p, c in rows) - 1
+    input_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        seq = prompt + completion
+        input_ids[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        labels[i, len(prompt) - 1:len(seq) - 1] = torch.tensor(completion)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def trl_batch(pairs: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """The same rows as TRL's DPO collator makes them: whole sequences, attention and completion masks."""
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    T = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    attention = torch.zeros(len(rows), T, dtype=torch.long)
+    completion = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids[i, :n] = torch.tensor(prompt + answer)
+        attention[i, :n] = 1
+        completion[i, len(prompt):n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def trl_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CPO/ORPO's concatenated labels: the whole sequence with prompt and padding -100 (shifted by TRL)."""
+    return batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+
+
+def hf_model(directory: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).train()
+
+
+class _Accelerator:
+    """What TRL's loss code asks of accelerate on one process."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    gather_for_metrics = gather
+    unwrap_model = gather
+
+
+def trl_dpo(policy: Any, reference: Any, batch: dict[str, torch.Tensor], loss_type: str, beta: float
+            ) -> tuple[torch.Tensor, dict[str, float]]:
+    """TRL's DPOTrainer._compute_loss on a minimal trainer: (mean loss over pairs, TRL's logged metrics)."""
+    from trl import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_fused_lm_head(reference)
+    trainer = SimpleNamespace(
+        model=policy, ref_model=reference, accelerator=_Accelerator(), aux_loss_enabled=False,
+        precompute_ref_logps=False, ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type],
+        loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+    )
+    loss = DPOTrainer._compute_loss(trainer, policy, batch, return_outputs=False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def hf_grads(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def litft_grads_as_hf(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from litft.convert.hf import native_tensors_to_hf
+
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return dict(native_tensors_to_hf(Path("."), model.config, state=grads))
+
+
+def assert_same_grads(litft_model: torch.nn.Module, hf: Any) -> None:
+    ours, theirs = litft_grads_as_hf(litft_model), hf_grads(hf)
+    assert sorted(ours) == sorted(theirs)
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def run_objective(objective: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Forward + backward of the mean loss over pairs; returns it and the metrics averaged over pairs."""
+    units = objective.units(batch)
+    out = objective(**batch)
+    (out.loss / units).backward()
+    return out.loss.detach() / units, {k: float(v) / units for k, v in out.metrics.items()}
+
+
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                      "logps/chosen", "logps/rejected")
+
+
+# ------------------------------------------------------------------------------------------------ DPO / IPO
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_match_trl(loss_type: str, tiny_llama_hf: Path, tiny_llama_native: Path,
+                               reference_checkpoints: tuple[Path, Path]) -> None:
+    ref_hf, ref_native = reference_checkpoints
+    pairs = make_pairs()
+    beta = 0.3
+    policy_hf = hf_model(tiny_llama_hf)
+    trl_loss, trl_metrics = trl_dpo(policy_hf, hf_model(ref_hf), trl_batch(pairs), loss_type, beta)
+    trl_loss.backward()
+
+    model = load_model(tiny_llama_native)
+    context = ObjectiveContext(load_frozen_copy=lambda: load_model(ref_native))
+    objective = (DPOObjective(model, DPOArgs(beta=beta), context) if loss_type == "sigmoid"
+                 else IPOObjective(model, IPOArgs(beta=beta), context))
+    assert objective.reference_model is not None and not any(p.requires_grad
+                                                             for p in objective.reference_model.parameters())
+    assert "reference_model" not in dict(objective.named_children())  # never saved or trained with the policy
+    loss, metrics = run_objective(objective, litft_batch(pairs))
+
+    assert loss.item() > 0.1  # the reference differs from the policy: a non-trivial loss
+    torch.testing.assert_close(loss, trl_loss.detach(), **TOL)
+    for name in PREFERENCE_METRICS:
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+    assert_same_grads(model, policy_hf)
+
+
+def test_dpo_label_smoothing_matches_trl_conservative_loss() -> None:
+    from trl.experimental.cpo import CPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    chosen = (torch.randn(6, generator=g) * 3).requires_grad_()
+    rejected = (torch.randn(6, generator=g) * 3).requires_grad_()
+    beta, eps = 0.2, 0.15
+    ours = dpo_loss(chosen, rejected, beta, eps).mean()
+    ours_grads = torch.autograd.grad(ours, (chosen, rejected))
+    trainer = SimpleNamespace(alpha=0.0, loss_type="sigmoid", beta=beta, label_smoothing=eps,
+                              simpo_gamma=0.0, accelerator=_Accelerator())
+    theirs = CPOTrainer.cpo_loss(trainer, chosen, rejected)[0].mean()
+    theirs_grads = torch.autograd.grad(theirs, (chosen, rejected))
+    torch.testing.assert_close(ours, theirs, **TOL)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@contextlib.contextmanager
+def lora_off(model: torch.nn.Module) -> Iterator[None]:
+    """The reference of a LoRA policy: every LoRA branch scaled by 0 (what the method registry will provide)."""
+    from litft.peft.lora import lora_modules
+
+    modules = lora_modules(model).values()
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(modules, saved):
+            m.scaling = s
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_at_init_is_ln2(method: str, tiny_llama_native: Path) -> None:
+    from litft.peft.lora import LoRAArgs, apply_lora
+
+    model = load_model(tiny_llama_native)
+    if method == "lora":
+        model = apply_lora(model, LoRAArgs(r=4, targets=["all-linear"]))
+        context = ObjectiveContext(reference=lambda: lora_off(model))
+    else:
+        context = ObjectiveContext(load_frozen_copy=lambda: load_model(tiny_llama_native))
+    objective = DPOObjective(model, DPOArgs(beta=0.1), context)
+    loss, metrics = run_objective(objective, litft_batch(make_pairs()))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[name] == 0.0, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_lora_reference_is_the_base_model(tiny_llama_native: Path) -> None:
+    """With LoRA trained away from zero, the reference forward (LoRA off) gives the base model's log-probs."""
+    from litft.peft.lora import LoRAArgs, apply_lora, lora_modules
+
+    model = apply_lora(load_model(tiny_llama_native), LoRAArgs(r=4, targets=["all-linear"]))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.5)
+    objective = DPOObjective(model, DPOArgs(), ObjectiveContext(reference=lambda: lora_off(model)))
+    batch = litft_batch(make_pairs())
+    reference = objective.reference_logps(**batch)
+    with torch.no_grad():
+        base = sequence_logps(load_model(tiny_llama_native), **batch)
+        policy = sequence_logps(model, **batch)
+    torch.testing.assert_close(reference.sum, base.sum, **TOL)
+    assert (policy.sum - base.sum).abs().max() > 1e-2  # the LoRA policy itself differs
+    assert run_objective(objective, batch)[0].item() != pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_chunked_head_gives_the_same_loss_and_grads(tiny_llama_native: Path,
+                                                    reference_checkpoints: tuple[Path, Path]) -> None:
+    batch = litft_batch(make_pairs())
+    results = []
+    for chunk in (None, 3):
+        model = load_model(tiny_llama_native)
+        context = ObjectiveContext(load_frozen_copy=lambda: load_model(reference_checkpoints[1]),
+                                   loss_chunk_size=chunk)
+        loss, metrics = run_objective(DPOObjective(model, DPOArgs(), context), batch)
+        results.append((loss, metrics, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, **TOL)
+    assert metrics_a == pytest.approx(metrics_b, abs=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], **TOL)
+
+
+# ------------------------------------------------------------------------------------------------ SimPO / ORPO
+
+
+def _trl_average_logps(policy_hf: Any, batch: dict[str, torch.Tensor], trainer_cls: Any) -> tuple[torch.Tensor, ...]:
+    logits = policy_hf(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = trainer_cls.get_batch_logps(logits, trl_labels(batch), average_log_prob=True)
+    return logps.chunk(2)
+
+
+def test_simpo_matches_trl(tiny_llama_hf: Path, tiny_llama_native: Path) -> None:
+    from trl.experimental.cpo import CPOTrainer
+
+    pairs, args = make_pairs(1), SimPOArgs(beta=2.0, gamma=0.7, label_smoothing=0.1)
+    policy_hf = hf_model(tiny_llama_hf)
+    chosen, rejected = _trl_average_logps(policy_hf, trl_batch(pairs), CPOTrainer)
+    trainer = SimpleNamespace(alpha=0.0, loss_type="simpo", beta=args.beta, simpo_gamma=args.gamma,
+                              label_smoothing=args.label_smoothing, accelerator=_Accelerator())
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, chosen, rejected)
+    trl_loss = losses.mean()  # + cpo_alpha (0 for SimPO) * NLL
+    trl_loss.backward()
+
+    model = load_model(tiny_llama_native)
+    loss, metrics = run_objective(SimPOObjective(model, args, ObjectiveContext()), litft_batch(pairs))
+    torch.testing.assert_close(loss, trl_loss.detach(), **TOL)
+    expected = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean()}
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value.item(), abs=1e-5), name
+    assert_same_grads(model, policy_hf)
+
+
+def test_orpo_matches_trl(tiny_llama_hf: Path, tiny_llama_native: Path) -> None:
+    from trl.experimental.orpo import ORPOTrainer
+
+    pairs, args = make_pairs(2), ORPOArgs(beta=0.25)
+    policy_hf = hf_model(tiny_llama_hf)
+    chosen, rejected = _trl_average_logps(policy_hf, trl_batch(pairs), ORPOTrainer)
+    trainer = SimpleNamespace(beta=args.beta, accelerator=_Accelerator())
+    losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = ORPOTrainer.odds_ratio_loss(
+        trainer, chosen, rejected)
+    nll = -chosen.mean()  # the chosen completion's mean token NLL (litft trains no prompt token)
+    trl_loss = nll - losses.mean()
+    trl_loss.backward()
+
+    model = load_model(tiny_llama_native)
+    loss, metrics = run_objective(ORPOObjective(model, args, ObjectiveContext()), litft_batch(pairs))
+    torch.testing.assert_close(loss, trl_loss.detach(), **TOL)
+    expected = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean(), "nll_loss": nll,
+                "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds_chosen}
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value.item(), abs=1e-5), name
+    assert_same_grads(model, policy_hf)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_arguments_and_batches_are_refused(tiny_llama_native: Path) -> None:
+    with pytest.raises(ValueError, match=r"objective.beta must be > 0 for dpo, got 0"):
+        DPOArgs(beta=0)
+    with pytest.raises(ValueError, match=r"objective.label_smoothing must be in \[0, 0.5\), got 0.5"):
+        DPOArgs(label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"objective.beta must be > 0 for simpo"):
+        SimPOArgs(beta=-1.0)
+    model = load_model(tiny_llama_native)
+    with pytest.raises(ValueError, match="'dpo' needs a reference policy"):
+        DPOObjective(model, DPOArgs(), ObjectiveContext())
+    batch = litft_batch(make_pairs())
+    with pytest.raises(ValueError, match="'simpo' takes padded preference pairs, not packed rows"):
+        SimPOObjective(model, SimPOArgs(), ObjectiveContext())(**batch, segment_ids=torch.ones_like(batch["labels"]))
+    with pytest.raises(ValueError, match="even number of rows"):
+        SimPOObjective.units({"input_ids": batch["input_ids"][:3]})
+    assert SimPOObjective.units(batch) == 3 and SimPOObjective.needs_pairs
+
+
+def test_per_row_logps_are_the_log_softmax_of_the_logits(tiny_llama_native: Path) -> None:
+    """The hidden-state path scores exactly the target tokens: compare with the full logits."""
+    model = load_model(tiny_llama_native)
+    batch = litft_batch(make_pairs())
+    with torch.no_grad():
+        logps = sequence_logps(model, **batch)
+        full = F.log_softmax(model(batch["input_ids"]).float(), dim=-1)
+    labels = batch["labels"]
+    mask = labels != IGNORE_INDEX
+    token = full.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2) * mask
+    torch.testing.assert_close(logps.sum, token.sum(1), **TOL)
+    assert logps.count.tolist() == mask.sum(1).tolist()
