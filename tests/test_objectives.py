@@ -380,3 +380,106 @@ def test_per_row_logps_are_the_log_softmax_of_the_logits(tiny_llama_native: Path
     token = full.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2) * mask
     torch.testing.assert_close(logps.sum, token.sum(1), **TOL)
     assert logps.count.tolist() == mask.sum(1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ KD
+
+
+def sft_batch(seed: int = 3) -> dict[str, torch.Tensor]:
+    """Padded SFT rows with prompt positions masked."""
+    pairs = make_pairs(seed)
+    batch = litft_batch(pairs)
+    return {"input_ids": batch["input_ids"][:3], "labels": batch["labels"][:3]}
+
+
+def direct_kd(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float,
+              weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD written out with torch.nn.functional on the full logits: (loss, kd, ce) summed over target tokens."""
+    mask = batch["labels"] != IGNORE_INDEX
+    student_logits = student(batch["input_ids"])[mask]
+    with torch.no_grad():
+        teacher_logits = teacher(batch["input_ids"])[mask]
+    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                  F.log_softmax(teacher_logits / temperature, dim=-1), log_target=True,
+                  reduction="sum") * temperature ** 2
+    ce = F.cross_entropy(student_logits, batch["labels"][mask], reduction="sum")
+    return weight * kd + (1 - weight) * ce, kd, ce
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_kd_matches_a_direct_computation(chunk: Any, tiny_llama_native: Path,
+                                         reference_checkpoints: tuple[Path, Path]) -> None:
+    from litft.train.objectives.kd import KDArgs, KDObjective, load_teacher
+
+    args = KDArgs(teacher=reference_checkpoints[1], temperature=2.0, kd_weight=0.7)
+    batch = sft_batch()
+    expected_model = load_model(tiny_llama_native)
+    expected, expected_kd, expected_ce = direct_kd(expected_model, load_model(args.teacher), batch, 2.0, 0.7)
+    expected.backward()
+
+    model = load_model(tiny_llama_native)
+    teacher = load_teacher(args, tiny_llama_native)
+    objective = KDObjective(model, args, ObjectiveContext(teacher=teacher, loss_chunk_size=chunk))
+    assert "teacher" not in dict(objective.named_children())
+    out = objective(**batch)
+    out.loss.backward()
+    assert KDObjective.units(batch) == int((batch["labels"] != IGNORE_INDEX).sum())
+    assert expected_kd.item() > 0.1
+    torch.testing.assert_close(out.loss, expected.detach(), **TOL)
+    torch.testing.assert_close(out.metrics["kd_loss"], expected_kd.detach(), **TOL)
+    torch.testing.assert_close(out.metrics["ce_loss"], expected_ce.detach(), **TOL)
+    grads = dict(expected_model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_kd_on_packed_rows_equals_padded_rows(tiny_llama_native: Path,
+                                              reference_checkpoints: tuple[Path, Path]) -> None:
+    from litft.data import Sample
+    from litft.data.collate import pack_batch, pad_batch
+    from litft.train.objectives.kd import KDArgs, KDObjective
+
+    padded = sft_batch()
+    samples = []
+    for ids, labels in zip(padded["input_ids"], padded["labels"]):
+        n = int((labels != IGNORE_INDEX).nonzero().max()) + 1
+        samples.append(Sample(ids[:n].tolist(), labels[:n].tolist()))
+    objective = KDObjective(load_model(tiny_llama_native), KDArgs(temperature=1.5),
+                            ObjectiveContext(teacher=load_model(reference_checkpoints[1])))
+    with torch.no_grad():
+        one = objective(**pad_batch(samples, 0))
+        packed = objective(**pack_batch([samples], 0))
+    torch.testing.assert_close(packed.loss, one.loss, **TOL)
+    torch.testing.assert_close(packed.metrics["kd_loss"], one.metrics["kd_loss"], **TOL)
+
+
+def test_teacher_with_another_vocabulary_is_refused(tiny_llama_native: Path, tmp_path: Path) -> None:
+    import json
+
+    from litft.train.objectives.kd import KDArgs, check_teacher_vocabulary, load_teacher
+    from tests.fixtures_tokenizers import copy_checkpoint, make_sentencepiece_tokenizer
+
+    bigger = copy_checkpoint(tiny_llama_native, tmp_path / "bigger")
+    spec = json.loads((bigger / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": TINY_VOCAB, "content": "<|extra|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (bigger / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=rf"the teacher {bigger} has a vocabulary of {TINY_VOCAB + 1} tokens, the "
+                                         rf"student {tiny_llama_native} has {TINY_VOCAB}: knowledge distillation"):
+        load_teacher(KDArgs(teacher=bigger), tiny_llama_native)
+
+    other = copy_checkpoint(tiny_llama_native, tmp_path / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (other / name).unlink(missing_ok=True)
+    make_sentencepiece_tokenizer(other)
+    with pytest.raises(ValueError, match=r"both have 400 tokens but different vocabularies \(token id \d+ is"):
+        check_teacher_vocabulary(other, tiny_llama_native)
+    with pytest.raises(FileNotFoundError, match="objective.teacher '.*missing' is not a checkpoint directory"):
+        check_teacher_vocabulary(tmp_path / "missing", tiny_llama_native)
+    with pytest.raises(ValueError, match="objective 'kd' needs a teacher"):
+        load_teacher(KDArgs(), tiny_llama_native)
+    with pytest.raises(ValueError, match=r"objective.kd_weight must be in \[0, 1\], got 1.5"):
+        KDArgs(kd_weight=1.5)
+    with pytest.raises(ValueError, match=r"objective.temperature must be > 0, got 0"):
+        KDArgs(temperature=0)

@@ -47,9 +47,11 @@ def activation_offload(enabled: bool, module: nn.Module) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def target_hidden(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_hidden(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                  positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states of the target positions (N, D) and the mask of those positions (rows, T)."""
-    hidden = model(input_ids, return_hidden=True)
+    hidden = model(input_ids, positions=positions, segment_ids=segment_ids, return_hidden=True)
     targets = labels != IGNORE_INDEX
     return hidden[targets], targets
 
