@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 
 from litft.data.collate import IGNORE_INDEX, BatchIterator, first_fit, pack_batch, pad_batch
 from litft.data.formats import (
-    FORMATS, PROMPT_STYLES, chat_messages, chat_segments, detect_format, encode_segments_batch, format_prompt,
-    render_segments,
+    FORMATS, PROMPT_STYLES, Segments, chat_messages, chat_segments, detect_format, encode_segments_batch,
+    format_prompt, render_segments,
 )
 from litft.data.loader import Record, read_records, resolve_paths
 
@@ -203,18 +203,29 @@ def _encode_records(records: list[Record], fmt: str, data: DataArgs, tokenizer: 
                     ) -> list[tuple[list[int], list[bool]]]:
     if fmt == "chat":
         rows = [chat_segments(tokenizer, chat_messages(data, record), record) for record in records]
-        # like transformers' apply_chat_template(tokenize=True): the template writes BOS itself when the model wants one
-        encoded = [_end_turns_with_stop(ids, trained, tokenizer)
-                   for ids, trained in encode_segments_batch(tokenizer, rows, bos=False)]
     else:
         rows = [render_segments(fmt, data, record) for record in records]
-        encoded = encode_segments_batch(tokenizer, rows)
-        for ids, trained in encoded:
-            if not ids or ids[-1] != tokenizer.eos_id:
-                ids.append(tokenizer.eos_id)
-                trained.append(True)
+    encoded = encode_rows(rows, tokenizer, chat=fmt == "chat")
     if not data.mask_prompt:
         encoded = [(ids, [True] * len(ids)) for ids, _ in encoded]
+    return encoded
+
+
+def encode_rows(rows: list[Segments], tokenizer: Any, chat: bool) -> list[tuple[list[int], list[bool]]]:
+    """Token ids of rendered rows and, per token, whether it is trained; every trained span ends with a stop token.
+
+    ``chat``: the rows were rendered by the chat template, which writes BOS itself when the model wants one (like
+    transformers' ``apply_chat_template(tokenize=True)``), and every assistant turn gets a stop token; otherwise the
+    tokenizer adds BOS as configured and EOS (trained) ends each row.
+    """
+    if chat:
+        return [_end_turns_with_stop(ids, trained, tokenizer)
+                for ids, trained in encode_segments_batch(tokenizer, rows, bos=False)]
+    encoded = encode_segments_batch(tokenizer, rows)
+    for ids, trained in encoded:
+        if not ids or ids[-1] != tokenizer.eos_id:
+            ids.append(tokenizer.eos_id)
+            trained.append(True)
     return encoded
 
 
