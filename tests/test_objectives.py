@@ -483,3 +483,35 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_llama_native: Path, tmp
         KDArgs(kd_weight=1.5)
     with pytest.raises(ValueError, match=r"objective.temperature must be > 0, got 0"):
         KDArgs(temperature=0)
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize("cls, argv, expected", [
+    ("dpo:DPOArgs", ["--objective.beta", "0.2", "--objective.label_smoothing", "0.1"],
+     dict(beta=0.2, label_smoothing=0.1)),
+    ("dpo:IPOArgs", ["--objective.beta", "0.5"], dict(beta=0.5)),
+    ("simpo:SimPOArgs", ["--objective.gamma", "1.0"], dict(beta=2.0, gamma=1.0, label_smoothing=0.0)),
+    ("orpo:ORPOArgs", ["--objective.beta", "0.2"], dict(beta=0.2)),
+    ("kd:KDArgs", ["--objective.teacher", "teacher_dir", "--objective.temperature", "2"],
+     dict(teacher=Path("teacher_dir"), temperature=2.0, kd_weight=0.5)),
+])
+def test_objective_arguments_parse_with_jsonargparse(cls: str, argv: list[str], expected: dict) -> None:
+    import dataclasses
+    import importlib
+    import io
+
+    from jsonargparse import ArgumentParser
+
+    module, name = cls.split(":")
+    args_class = getattr(importlib.import_module(f"litft.train.objectives.{module}"), name)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(args_class, "objective")
+    parsed = parser.instantiate(parser.parse_args(argv)).objective
+    assert dataclasses.asdict(parsed) == expected
+    help_text = io.StringIO()
+    parser.print_help(help_text)
+    for field in dataclasses.fields(args_class):  # every option is documented in --help
+        assert f"--objective.{field.name}" in help_text.getvalue()
+    assert "(type:" in help_text.getvalue() and args_class.__doc__.split("\n")[0][:20] in help_text.getvalue()

@@ -23,10 +23,11 @@ from litft.train.objectives.logps import PreferenceObjective, preference_metrics
 
 @dataclass
 class SimPOArgs:
-    """Simple Preference Optimization (no reference model).
+    """Simple Preference Optimization (no reference model). The defaults are the SimPO authors' (beta 2.0,
+    gamma/beta 0.25); TRL's CPOConfig defaults beta to 0.1.
 
     Args:
-        beta: Scale of the reward ``beta * (mean token log-probability)``; the SimPO paper uses 2.0-2.5.
+        beta: Scale of the reward ``beta * (mean token log-probability)``.
         gamma: Target reward margin between the chosen and the rejected completion (TRL's ``simpo_gamma``).
         label_smoothing: Probability that a preference label is flipped, in [0, 0.5) (conservative form).
     """
