@@ -515,3 +515,46 @@ def test_objective_arguments_parse_with_jsonargparse(cls: str, argv: list[str], 
     for field in dataclasses.fields(args_class):  # every option is documented in --help
         assert f"--objective.{field.name}" in help_text.getvalue()
     assert "(type:" in help_text.getvalue() and args_class.__doc__.split("\n")[0][:20] in help_text.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+
+def test_a_short_dpo_lora_run_learns_held_out_preferences(tiny_llama_native: Path, tmp_path: Path) -> None:
+    """Preference rows → PairBatchIterator → DPO with a LoRA policy (reference: LoRA off) → AdamW: the implicit
+    reward ranks held-out pairs correctly (at step 0 every reward is 0, so the accuracy is 0)."""
+    import json
+
+    from litft.data import DataArgs
+    from litft.data.preference import PairBatchIterator, load_preference_datasets
+    from litft.peft.lora import LoRAArgs, apply_lora
+    from litft.tokenizer import Tokenizer
+
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window", "candle", "forest", "pencil",
+             "bridge", "mirror", "rocket", "saddle", "lemon", "harbor", "violin", "meadow", "castle"]
+    rows = [{"prompt": f"Is the {w} good?", "chosen": " Yes, it is fine.", "rejected": " No, it is bad."}
+            for w in words]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:14]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[14:]))
+    train, val, _ = load_preference_datasets(DataArgs(train_path=tmp_path), Tokenizer(tiny_llama_native), 64)
+    assert (len(train), len(val)) == (14, 6)
+
+    torch.manual_seed(0)
+    model = apply_lora(load_model(tiny_llama_native), LoRAArgs(r=8, alpha=16, targets=["all-linear"]))
+    objective = DPOObjective(model, DPOArgs(beta=0.5), ObjectiveContext(reference=lambda: lora_off(model)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    held_out = PairBatchIterator(val, 6, 64, pad_id=0, shuffle=False).batch(0, 0)
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            return float(objective(**held_out).metrics["rewards/accuracies"]) / 6
+
+    assert accuracy() == 0.0
+    batches = PairBatchIterator(train, 7, 64, pad_id=0, seed=1)
+    for _ in range(5):
+        for batch in batches:
+            out = objective(**batch)
+            optimizer.zero_grad()
+            (out.loss / objective.units(batch)).backward()
+            optimizer.step()
+    assert accuracy() == 1.0
