@@ -558,3 +558,80 @@ def test_a_short_dpo_lora_run_learns_held_out_preferences(tiny_llama_native: Pat
             (out.loss / objective.units(batch)).backward()
             optimizer.step()
     assert accuracy() == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+
+
+def _objective_for(kind: str, native: Path, teacher: Path) -> torch.nn.Module:
+    from litft.peft.lora import LoRAArgs, apply_lora
+    from litft.train.objectives.kd import KDArgs, KDObjective
+
+    torch.manual_seed(0)
+    model = apply_lora(load_model(native), LoRAArgs(r=4, dropout=0.0, targets=["all-linear"]))
+    with torch.no_grad():  # a LoRA policy away from its reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    if kind == "dpo":
+        return DPOObjective(model, DPOArgs(beta=0.5), ObjectiveContext(reference=lambda: lora_off(model)))
+    return KDObjective(model, KDArgs(temperature=2.0), ObjectiveContext(teacher=load_model(teacher)))
+
+
+def _ddp_batches(kind: str) -> list[dict[str, torch.Tensor]]:
+    """Two micro-batches (one per rank) of the same global batch."""
+    pairs = make_pairs(4) + make_pairs(5)
+    if kind == "dpo":
+        return [litft_batch(pairs[:3]), litft_batch(pairs[3:])]
+    return [sft_batch(4), sft_batch(5)]
+
+
+def _lora_grads(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in objective.named_parameters() if p.requires_grad}
+
+
+def _ddp_worker(rank: int, kind: str, native: str, teacher: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        objective = _objective_for(kind, Path(native), Path(teacher))
+        wrapped = DistributedDataParallel(objective)
+        batches = _ddp_batches(kind)
+        units = sum(type(objective).units(b) for b in batches)  # the whole step's units, as the Trainer counts them
+        out_ = wrapped(**batches[rank])
+        (out_.loss * 2 / units).backward()  # DDP averages over the 2 ranks
+        torch.save(_lora_grads(objective), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dpo", "kd"])
+def test_ddp_two_processes_match_one_process(kind: str, tiny_llama_native: Path,
+                                             reference_checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    """DPO (reference = the DDP-wrapped model with LoRA off) and KD (teacher outside the wrapped module) under
+    DistributedDataParallel on 2 gloo processes: the averaged gradients equal one process's over the same pairs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    objective = _objective_for(kind, tiny_llama_native, reference_checkpoints[1])
+    batches = _ddp_batches(kind)
+    units = sum(type(objective).units(b) for b in batches)
+    for batch in batches:
+        (objective(**batch).loss / units).backward()
+    expected = _lora_grads(objective)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(kind, str(tiny_llama_native), str(reference_checkpoints[1]), port, str(tmp_path)),
+             nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert sorted(got) == sorted(expected)
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, **TOL, msg=lambda m: f"rank {rank} {name}: {m}")
