@@ -22,7 +22,6 @@ Metrics (TRL's names, summed over pairs): ``rewards/chosen`` = ``beta r_w``, ``r
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
@@ -105,7 +104,8 @@ class _ReferenceObjective(PreferenceObjective):
         with torch.no_grad():
             if self.reference_model is not None:
                 return sequence_logps(self.reference_model, input_ids, labels, self.loss_chunk_size)
-            with self.reference_off() if self.reference_off is not None else contextlib.nullcontext():
+            assert self.reference_off is not None  # __init__ has one or the other
+            with self.reference_off():
                 return sequence_logps(self.model, input_ids, labels, self.loss_chunk_size)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]

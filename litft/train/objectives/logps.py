@@ -101,7 +101,7 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> int:
     """Units of a preference micro-batch: its number of pairs (half its rows)."""
     rows = batch["input_ids"].shape[0]
     if rows % 2:
-        raise ValueError(f"a preference micro-batch has an even number of rows (chosen, then rejected), got {rows}")
+        raise ValueError(f"a preference micro-batch needs an even number of rows (chosen, then rejected), got {rows}")
     return rows // 2
 
 
