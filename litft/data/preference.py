@@ -30,14 +30,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from litft.data import (
-    DataArgs, DataStats, Sample, _check_chat_template, _n_targets, _split, encode_rows,
-)
+from litft.data import DataArgs, DataStats, Sample, _check_chat_template, _n_targets, _split, encode_rows
 from litft.data.collate import IGNORE_INDEX, BatchIterator, pad_batch
 from litft.data.formats import Segments, chat_segments, check_messages
 from litft.data.loader import Record, read_records, resolve_paths
-
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -49,11 +45,6 @@ class PreferenceSample:
 
     def __len__(self) -> int:
         return max(len(self.chosen), len(self.rejected))
-
-
-def is_preference_row(record: Record) -> bool:
-    """Whether a row has the keys of a preference pair."""
-    return "chosen" in record.data and "rejected" in record.data
 
 
 def _field_value(record: Record, name: str) -> Any:
