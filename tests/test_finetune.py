@@ -23,7 +23,7 @@ from litft.model import GPT
 from litft.train.args import EvalArgs, TrainArgs, parse_duration
 from litft.checkpoint import load_checkpoint
 from litft.train.loop import count_tokens, prompt_and_reference
-from litft.train.objectives import SFTObjective
+from litft.train.objectives import ObjectiveArgs, SFTObjective
 from litft.train.objectives.sft import count_targets
 from litft.train.trainer import forward_backward
 from litft.train.metrics import read_metrics
@@ -754,7 +754,10 @@ HELP_VALUES = {
     "--resume": "auto", "--overwrite": "false",
 }
 # --print_config: checked with all the other flags, then the real run; --train.controllers.help: jsonargparse's help
-NOT_RUN = {"-h", "--help", "--print_config", "--train.controllers.help"}
+# the options of the objectives other than the default sft (refused with sft: each is run by
+# tests/test_post_training.py and tests/test_objectives.py)
+OTHER_OBJECTIVES = {f"--objective.{f.name}" for f in dataclasses.fields(ObjectiveArgs) if f.name != "name"}
+NOT_RUN = {"-h", "--help", "--print_config", "--train.controllers.help", *OTHER_OBJECTIVES}
 
 
 def help_options(method: str, capsys) -> list[str]:

@@ -42,8 +42,11 @@ def finetune_adapter(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
-        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
-            the trained tokens); the objective's options are ``--objective.<option>``.
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against the model with its adapters switched off),
+            ``simpo``/``orpo`` (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``,
+            any litft checkpoint with this tokenizer); its options are ``--objective.<option>``. Preference objectives
+            need rows with ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         adapter: Prompt length and the first layer that gets an adapter (``--adapter.prompt_length 10``).
         optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
             ``{class_path: ..., init_args: {...}}``; lr and weight decay come from ``train``.

@@ -39,8 +39,11 @@ def finetune_full(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
-        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
-            the trained tokens); the objective's options are ``--objective.<option>``.
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against a frozen copy of the starting checkpoint),
+            ``simpo``/``orpo`` (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``,
+            any litft checkpoint with this tokenizer); its options are ``--objective.<option>``. Preference objectives
+            need rows with ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         freeze_layers: Freeze the first N transformer blocks (their weights stay as in ``checkpoint_dir``; no
             gradients or optimizer state for them), as llama-recipes' ``--freeze_layers --num_freeze_layers N``
             does: the token embeddings, the later blocks, the final norm and the head still train. At most

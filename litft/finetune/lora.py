@@ -47,8 +47,11 @@ def finetune_lora(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
-        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
-            the trained tokens); the objective's options are ``--objective.<option>``.
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against the model with its LoRA weights switched off),
+            ``simpo``/``orpo`` (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``,
+            any litft checkpoint with this tokenizer); its options are ``--objective.<option>``. Preference objectives
+            need rows with ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         lora: Rank, alpha, dropout, target projections, DoRA and rsLoRA (``--lora.r 16 --lora.targets all-linear``).
         quantize: Quantize the frozen base with bitsandbytes (QLoRA): "bnb.nf4", "bnb.nf4-dq" (double
             quantization), "bnb.fp4" or "bnb.int8". Needs bitsandbytes (the ``quantize`` extra) and a device it

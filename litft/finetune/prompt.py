@@ -47,8 +47,11 @@ def finetune_prompt(
             wants a large learning rate (default 3e-2). ``max_seq_length`` defaults to the model's context less
             ``num_virtual_tokens``.
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
-        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on
-            the trained tokens); the objective's options are ``--objective.<option>``.
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against the model without its virtual prompt), ``simpo``/``orpo``
+            (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``, any litft checkpoint
+            with this tokenizer); its options are ``--objective.<option>``. Preference objectives need rows with
+            ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         prompt: Number of virtual tokens and their initialisation (``--prompt.num_virtual_tokens 8 --prompt.init
             text --prompt.init_text "Classify if the tweet is a complaint or not:"``).
         optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or

@@ -340,6 +340,20 @@ def _parallelize(sharding: str, num_nodes: int, timeout: Union[float, str, None]
     return parallelize
 
 
+def shard_frozen(model: torch.nn.Module, fabric: Any) -> torch.nn.Module:
+    """Shard a frozen model (a distillation teacher, a DPO reference copy) over the FSDP run's data-parallel mesh:
+    each ``Block`` as the trained model's are (gathered for its forward, resharded after); the embeddings, final
+    norm and head stay whole on every process (the objective calls the head outside the model's forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from litft.model import Block
+
+    mesh = fabric.strategy.device_mesh["data_parallel"]
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
 def build_strategy(strategy: str, devices: Union[int, str], num_nodes: int, sharding: str = "full_shard",
                    timeout: Union[float, str, None] = None) -> Any:
     """The Fabric strategy object (or "auto") for ``strategy``. Joining the process group may take

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-import os
 import shutil
 import sys
 import time
@@ -44,6 +44,7 @@ from litft.train.loop import (check_devices, count_tokens, exact_match, prepare_
 from litft.train.metrics import (RunLogger, flops_per_token, import_wandb, matmul_params, open_trackers, peak_flops,
                                  peak_memory, start_profiler)
 from litft.train.objectives import ObjectiveArgs, ObjectiveContext, ObjectiveOutput
+from litft.train.objectives.kd import check_teacher_vocabulary, load_teacher
 from litft.train.schedule import build_optimizer, lr_at, resolve_optimizer
 from litft.train.strategy import reports_distributed_failures
 from litft.weights import write_text_atomic
@@ -222,6 +223,12 @@ class Trainer:
         self.max_time = parse_duration(train.max_time)
         resolve_optimizer(self.optimizer_spec)
         self.objective_cls, self.objective_options = self.objective_args.resolve()
+        teacher = getattr(self.objective_options, "teacher", None)
+        if self.objective_cls.needs_teacher:
+            if teacher is None:
+                raise ValueError(f"objective {self.objective_cls.name!r} needs a teacher: set --objective.teacher to a "
+                                 "litft checkpoint directory")
+            check_teacher_vocabulary(teacher, self.checkpoint_dir)
         if "wandb" in train.trackers:
             import_wandb()  # a missing extra fails before anything is loaded
         if not self.checkpoint_dir.is_dir():
@@ -291,24 +298,32 @@ class Trainer:
         """Tokenizer, samples and batches (bad rows, empty files, missing chat templates fail here, before any
         write), the number of steps and the controllers."""
         from litft.data import BatchIterator, load_datasets
+        from litft.data.preference import PairBatchIterator, load_preference_datasets
         from litft.tokenizer import Tokenizer
         from litft.train.controllers import Controllers, check_controllers_fit
 
-        train, fabric = self.train_args, self.fabric
+        train, fabric, data = self.train_args, self.fabric, self.data_args
         self.tokenizer = Tokenizer(self.checkpoint_dir)
-        train_samples, val_samples, stats = load_datasets(self.data_args, self.tokenizer, self.max_seq_length)
-        check_tokenizer_fits(self.tokenizer, self.config, self.checkpoint_dir, [*train_samples, *val_samples])
+        pairs = self.objective_cls.needs_pairs  # preference objectives: (chosen, rejected) pairs, batched (2B, T)
+        load = load_preference_datasets if pairs else load_datasets
+        train_samples, val_samples, stats = load(data, self.tokenizer, self.max_seq_length)
+        sequences = [s for p in [*train_samples, *val_samples] for s in ((p.chosen, p.rejected) if pairs else (p,))]
+        check_tokenizer_fits(self.tokenizer, self.config, self.checkpoint_dir, sequences)
         if self.rank_zero:
             print(stats.summary(), file=sys.stderr)
         if self.world_size > 1:  # training: every rank batches all samples and takes its share of each step
             val_samples = val_samples[fabric.global_rank::self.world_size]
-        self.val_samples = val_samples
+        self.val_samples = [p.chosen for p in val_samples] if pairs else val_samples  # generations: the chosen
         pad_id = 0
-        self.batches = BatchIterator(train_samples, train.micro_batch_size, self.max_seq_length, pad_id,
-                                     packing=self.data_args.packing, shuffle=True, seed=self.data_args.seed)
-        self.val_batches = (BatchIterator(val_samples, train.micro_batch_size, self.max_seq_length, pad_id,
-                                          packing=self.data_args.packing, shuffle=False, seed=self.data_args.seed)
-                            if val_samples else None)
+        if pairs:
+            batches = functools.partial(PairBatchIterator, micro_batch_size=train.micro_batch_size,
+                                        max_seq_length=self.max_seq_length, pad_id=pad_id, seed=data.seed)
+        else:
+            batches = functools.partial(BatchIterator, micro_batch_size=train.micro_batch_size,
+                                        max_seq_length=self.max_seq_length, pad_id=pad_id, packing=data.packing,
+                                        seed=data.seed)
+        self.batches = batches(train_samples, shuffle=True)
+        self.val_batches = batches(val_samples, shuffle=False) if val_samples else None
         self.total_steps = train.max_steps or math.ceil(train.epochs * len(self.batches)
                                                         / (self.accumulation * self.world_size))
         check_controllers_fit(train.controllers, train.max_norm, self.eval_args.interval, self.val_batches is not None)
@@ -363,16 +378,27 @@ class Trainer:
         self.peak = peak_flops(fabric.device, compute_dtype, train.peak_tflops)
 
     def _objective_context(self, model: torch.nn.Module, dtype: torch.dtype) -> ObjectiveContext:
-        """The reference an objective may compare against: the method's trainable parts switched off, or (full
-        fine-tuning) a frozen copy of the starting checkpoint, loaded only when an objective asks for it."""
+        """What the objective compares against: the method's trainable parts switched off, or (full fine-tuning) a
+        frozen copy of the starting checkpoint, loaded only when an objective asks for it; and the distillation
+        teacher. Frozen models are on the device, sharded like the trained model under FSDP."""
         reference_off = self.method.kind.reference_off
+
+        def place(frozen: torch.nn.Module) -> torch.nn.Module:
+            from litft.train import strategy as dist
+            from litft.train.loop import resolve_attention
+
+            frozen.attention_backend = resolve_attention(self.train_args.attention, self.fabric.device)
+            return dist.shard_frozen(frozen, self.fabric) if self.fsdp else frozen
 
         def frozen_copy() -> torch.nn.Module:
             copy = load_checkpoint(self.checkpoint_dir, device=self.fabric.device, dtype=dtype)
-            return copy.requires_grad_(False).eval()
+            return place(copy.requires_grad_(False).eval())
 
+        teacher = None
+        if self.objective_cls.needs_teacher:
+            teacher = place(load_teacher(self.objective_options, self.checkpoint_dir, self.fabric.device, dtype))
         return ObjectiveContext(reference=(lambda: reference_off(model)) if reference_off is not None else None,
-                                load_frozen_copy=frozen_copy)
+                                load_frozen_copy=frozen_copy, teacher=teacher)
 
     def _open_out_dir(self, resumed: bool) -> None:
         """The first writes: ``run.yaml`` (a fresh run replaces what ``--overwrite`` allows), the trackers and the
@@ -420,8 +446,9 @@ class Trainer:
         if isinstance(resolved.get("train"), dict):
             resolved["train"]["max_seq_length"] = self.max_seq_length
         if "objective" in resolved:
+            options = dataclasses.asdict(self.objective_options)
             resolved["objective"] = {"name": self.objective_cls.name,
-                                     **dataclasses.asdict(self.objective_options)}
+                                     **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()}}
         return resolved
 
     # ------------------------------------------------------------------------------------------ save and load

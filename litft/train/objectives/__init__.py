@@ -15,9 +15,14 @@ import typing
 from typing import Any, Optional
 
 from litft.train.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
+from litft.train.objectives.dpo import DPOObjective, IPOObjective
+from litft.train.objectives.kd import KDObjective
+from litft.train.objectives.orpo import ORPOObjective
+from litft.train.objectives.simpo import SimPOObjective
 from litft.train.objectives.sft import SFTObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (SFTObjective,)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (SFTObjective, DPOObjective, IPOObjective,
+                                                                    SimPOObjective, ORPOObjective, KDObjective)}
 
 
 def _option_docs(cls: type) -> dict[str, str]:

@@ -51,6 +51,7 @@ class ObjectiveContext:
 class Objective(nn.Module):
     """Base of the training objectives. A subclass sets ``name`` (the ``--objective.name`` value), ``args_type``
     (its options dataclass: ``--objective.<field>``), ``needs_pairs`` (its data must be preference pairs),
+    ``needs_teacher`` (the Trainer loads the checkpoint ``args.teacher`` into ``context.teacher``),
     ``metrics`` (the names of the metrics it returns: they are summed over ranks in this order), and
     implements ``__init__(model, args, context)`` (keeping the model as ``self.model``: checkpoints name the
     trainable weights ``model.*``), ``units`` and ``forward``."""
@@ -58,6 +59,7 @@ class Objective(nn.Module):
     name: ClassVar[str]
     args_type: ClassVar[type]
     needs_pairs: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # the Trainer loads ``args.teacher`` into ``context.teacher``
     metrics: ClassVar[tuple[str, ...]] = ()  # the names of the metrics its forward returns, the same on every rank
     perplexity: ClassVar[bool] = False  # its loss is a mean token cross-entropy: validation also logs val_ppl
 
