@@ -21,7 +21,7 @@ import yaml
 from litft.convert.hf import convert_from_hf
 from litft.peft.prompt import PROMPT_TENSOR, PromptTuningArgs, apply_prompt_tuning, init_token_ids, load_prompt
 from litft.tokenizer import Tokenizer
-from litft.train.checkpoint import load_checkpoint
+from litft.checkpoint import load_checkpoint
 from litft.train.metrics import read_metrics
 from litft.weights import load_model
 from tests.hf_models import make_hf_model

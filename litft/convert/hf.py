@@ -273,7 +273,8 @@ def convert_to_hf(
         max_shard_size: largest shard, e.g. ``5GB`` (transformers' default).
         overwrite: replace ``out_dir`` if it exists and is not empty.
     """
-    from litft.convert.merge import load_merged, resolve_checkpoint
+    from litft.checkpoint import resolve_checkpoint
+    from litft.convert.merge import load_merged
 
     checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
     config = Config.from_checkpoint(checkpoint_dir)
