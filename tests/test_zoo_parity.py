@@ -254,7 +254,7 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
     assert json.loads((out / "config.json").read_text())["model_type"] == variant
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "llama4_text"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
