@@ -111,6 +111,8 @@ CASES = {
     "qwen3_moe-attention": ("qwen3_moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
     # attention with biases and sinks (the experts are 3-D parameters in transformers, as for Qwen3-MoE)
     "gpt_oss-attention": ("gpt_oss", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
+    # chunked and NoPE layers with L2 qk-norm and query temperature (experts 3-D in transformers, as above)
+    "llama4-attention": ("llama4", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
 }
 
 
