@@ -381,3 +381,40 @@ def test_an_unknown_quantization_of_gpt_oss_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"quantization_config.quant_method='fp8' is not a format litft imports"):
         convert_from_hf(tmp_path / "hf", tmp_path / "native")
     assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_quantized_llama4_is_refused_by_name(wrapped, tmp_path):
+    """The FP8 Llama 4 releases keep quantization_config beside text_config (the multimodal wrapper): it is refused
+    by name there too, never imported as if the weights were plain."""
+    import json
+
+    make_hf_model("llama4", tmp_path / "hf")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    quant = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+    hf = {"model_type": "llama4", "text_config": hf, "quantization_config": quant} if wrapped else \
+        {**hf, "quantization_config": quant}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"quantization_config \(quant_method='fbgemm_fp8'\) is not a format litft "
+                                         r"imports for model_type 'llama4_text'"):
+        convert_from_hf(tmp_path / "hf", tmp_path / "native")
+    assert not (tmp_path / "native").exists()
+
+
+def test_llama4_inside_its_multimodal_wrapper_imports_the_text_model(tmp_path):
+    """A Llama4ForConditionalGeneration checkpoint (config in text_config, weights under language_model., a vision
+    tower beside them) converts to the text model with the same logits."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf_model = make_hf_model("llama4", tmp_path / "hf")
+    text = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text}))
+    weights = {("language_model." + k): v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}
+    weights["vision_model.patch_embedding.linear.weight"] = torch.ones(2, 2)
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens()
+    with torch.no_grad():
+        assert (model(idx) - hf_model(idx).logits).abs().max().item() <= TOL
