@@ -8,7 +8,8 @@ use the names users already know.
 Attention is computed over *slots*: positions in the sequence, or in the generation cache when one is passed
 (:meth:`GPT.make_cache` builds one :class:`litft.cache.Cache` per layer, of the class its attention kind needs;
 see litft/cache.py). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
-sliding layers, and both slots carry the same segment id (packing and left padding).
+sliding layers, ``q - k <= p % attention_chunk_size`` on chunked layers (``p``: the query's position, so the key is
+in its chunk), and both slots carry the same segment id (packing and left padding).
 
 Prompt tuning (:mod:`litft.peft.prompt`) sets ``GPT.virtual_prompt``: N learned embeddings that act as N tokens in
 front of every sequence, at positions 0..N-1 (the real tokens then start at position N), as PEFT's prompt tuning
