@@ -462,7 +462,8 @@ class MoE(nn.Module):
     shared expert every token goes through (``Config.moe_shared_expert_size``).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
-    on its contiguous group of rows, and every token's k outputs are summed with their routing weights.
+    on its contiguous group of rows, and every token's k outputs are summed with their routing weights (or, with
+    the weights on the inputs, as they are).
     """
 
     def __init__(self, config: Config) -> None:

@@ -424,27 +424,6 @@ def test_llama4_inside_its_multimodal_wrapper_imports_the_text_model(tmp_path):
         assert (model(idx) - hf_model(idx).logits).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"no_rope_layers": [1, 0]}, r"no_rope_layers must hold 3 flags of 0 or 1 \(one per layer\), got \[1, 0\]"),
-    ({"moe_layers": [0, 5]}, r"moe_layers holds \[5\], outside \[0, num_hidden_layers=3\)"),
-    ({"moe_layers": None, "interleave_moe_layer_step": 0}, "interleave_moe_layer_step must be >= 1, got 0"),
-    ({"use_qk_norm": "yes"}, "use_qk_norm='yes' is not a value litft implements for model_type 'llama4_text'"),
-    ({"attention_chunk_size": None}, r"layer_types has 'chunked' layers but attention_chunk_size is not a positive "
-                                     r"integer \(got None\)"),
-    ({"layer_types": ["chunked_attention", "banded_attention", "full_attention"]},
-     "unsupported layer type 'banded_attention'"),
-])
-def test_a_bad_llama4_config_json_is_refused_by_key(change, message, tmp_path):
-    import json
-
-    from litft.zoo import family_for
-
-    make_hf_model("llama4", tmp_path / "hf")
-    hf = {**json.loads((tmp_path / "hf" / "config.json").read_text()), **change}
-    with pytest.raises(ValueError, match=f"^config.json: .*{message}"):
-        family_for("llama4_text").config_from_hf(hf)
-
-
 def test_llama4_layer_kinds_follow_config_json(tmp_path):
     """transformers' defaults: RoPE layers chunked unless attention_chunk_size is null (then every layer is full),
     NoPE layers every no_rope_layer_interval-th, MoE layers every interleave_moe_layer_step-th."""
