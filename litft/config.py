@@ -129,6 +129,9 @@ class Config:
                              f"(got {self.attention_chunk_size})")
         if self.attn_temperature_floor_scale is not None and self.attn_temperature_floor_scale <= 0:
             raise ValueError(f"attn_temperature_floor_scale must be > 0, got {self.attn_temperature_floor_scale}")
+        if self.moe_shared_expert_size and not self.n_expert:
+            raise ValueError("moe_shared_expert_size is set but n_expert is 0 (a shared expert belongs to a mixture "
+                             "of experts)")
         if self.moe_routing not in ("softmax", "sigmoid_inputs"):
             raise ValueError(f"moe_routing must be 'softmax' or 'sigmoid_inputs', got {self.moe_routing!r}")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:

@@ -440,3 +440,22 @@ def test_llama4_layer_kinds_follow_config_json(tmp_path):
     assert config.layer_types == ["chunked", "full", "chunked", "full"] and config.nope_layers == [1, 3]
     assert config.moe_dense_layers == [0, 2] and config.attention_chunk_size == 4
     assert family.config_from_hf({**hf, "attention_chunk_size": None}).layer_types == ["full"] * 4
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(layer_types=["chunked", "full"]), r"layer_types has 'chunked' layers but attention_chunk_size is not a "
+                                            r"positive integer \(got None\)"),
+    (dict(layer_types=["chunked", "full"], attention_chunk_size=0),
+     r"layer_types has 'chunked' layers but attention_chunk_size is not a positive integer \(got 0\)"),
+    (dict(layer_types=["chunked", "banded"], attention_chunk_size=4),
+     r"layer_types may only hold 'full', 'sliding' or 'chunked', got \['banded'\]"),
+    (dict(nope_layers=[1], attn_temperature_floor_scale=0), "attn_temperature_floor_scale must be > 0, got 0"),
+    (dict(n_expert=4, n_expert_per_token=1, moe_routing="sigmoid"),
+     "moe_routing must be 'softmax' or 'sigmoid_inputs', got 'sigmoid'"),
+    (dict(moe_shared_expert_size=8), r"moe_shared_expert_size is set but n_expert is 0"),
+])
+def test_the_llama4_config_fields_are_checked(fields, message):
+    from litft.config import Config
+
+    with pytest.raises(ValueError, match=f"^config: {message}"):
+        Config.from_dict(dict(n_layer=2, n_embd=32, n_head=4, intermediate_size=64, **fields))
