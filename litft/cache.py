@@ -29,8 +29,7 @@ Operations (every :class:`Cache` implements them):
 Kinds implemented: :class:`KVCache` (full attention: every slot), :class:`SlidingKVCache` (sliding window: a
 ring buffer of the window's slots; prompts longer than the window prefill in chunks) and :class:`ChunkedKVCache`
 (chunked local attention, Llama 4: the same ring of one chunk's slots; the mask keeps a key when it is in the
-query's chunk, from the query's position). How the kinds litft does not
-have yet fit the same interface:
+query's chunk, from the query's position). How the kinds litft does not have yet fit the same interface:
 
 - MLA latent (DeepSeek-V3): a :class:`SlotCache` whose entries are the compressed latent (rows, 1, length,
   kv_lora_rank) and the decoupled RoPE key (rows, 1, length, rope_dim) instead of keys and values; the
