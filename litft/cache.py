@@ -26,12 +26,11 @@ Operations (every :class:`Cache` implements them):
 - ``bytes_per_row(config, length, dtype)`` (class method): memory one row of ``length`` slots takes, what the
   engine sizes ``--kv_cache_memory`` with before allocating.
 
-Kinds implemented: :class:`KVCache` (full attention: every slot) and :class:`SlidingKVCache` (sliding window: a
-ring buffer of the window's slots; prompts longer than the window prefill in chunks). How the kinds litft does not
-have yet fit the same interface:
+Kinds implemented: :class:`KVCache` (full attention: every slot), :class:`SlidingKVCache` (sliding window: a
+ring buffer of the window's slots; prompts longer than the window prefill in chunks) and :class:`ChunkedKVCache`
+(chunked local attention, Llama 4: the same ring of one chunk's slots; the mask keeps a key when it is in the
+query's chunk, from the query's position). How the kinds litft does not have yet fit the same interface:
 
-- Chunked local attention (Llama 4): a ring like :class:`SlidingKVCache` of one chunk's slots, whose
-  ``key_slots`` cover the query's chunk; the mask keeps a key when it is in the query's chunk.
 - MLA latent (DeepSeek-V3): a :class:`SlotCache` whose entries are the compressed latent (rows, 1, length,
   kv_lora_rank) and the decoupled RoPE key (rows, 1, length, rope_dim) instead of keys and values; the
   attention expands them after ``update``. Every slot operation is :class:`SlotCache`'s.
@@ -173,15 +172,21 @@ class SlidingKVCache(SlotCache):
 
     def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
                  device: Optional[torch.device]) -> None:
-        ring = min(length, config.sliding_window)
+        window = self.window_size(config)
+        ring = min(length, window)
         shape = (config.n_query_groups, config.head_size)
         super().__init__(rows, ring, {"k": shape, "v": shape}, dtype, device)
-        self.window, self.ring = config.sliding_window, ring
+        self.window, self.ring = window, ring
         self.length = length  # slots addressed; only the last ``ring`` of them are held
 
     @classmethod
+    def window_size(cls, config: Config) -> int:
+        """The most recent slots a query may see: the sliding window."""
+        return config.sliding_window
+
+    @classmethod
     def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
-        return KVCache.bytes_per_row(config, min(length, config.sliding_window), dtype)
+        return KVCache.bytes_per_row(config, min(length, cls.window_size(config)), dtype)
 
     def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, steps = entries[0].shape[0], entries[0].shape[2]
@@ -227,7 +232,18 @@ class SlidingKVCache(SlotCache):
             buf.copy_(buf.roll(offset, dims=2))
 
 
-CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache}
+class ChunkedKVCache(SlidingKVCache):
+    """Keys and values of a chunked-attention layer (Llama 4): a query sees only the earlier keys of its chunk,
+    which are among the last ``attention_chunk_size`` slots, so the ring of :class:`SlidingKVCache` with one
+    chunk's slots holds all it needs; the mask (built from the queries' positions) drops the ring's keys of the
+    previous chunk."""
+
+    @classmethod
+    def window_size(cls, config: Config) -> int:
+        return config.attention_chunk_size
+
+
+CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache, "chunked": ChunkedKVCache}
 
 
 class ModelCache(nn.Module):

@@ -46,8 +46,17 @@ class Config:
     # a learned logit per head as one more softmax column: it takes probability mass and adds no value (gpt-oss)
     attention_sinks: bool = False
     sliding_window: Optional[int] = None  # window size for layers of type "sliding"
-    # per-layer attention kind: "full" or "sliding"; None = all "sliding" if sliding_window else all "full"
+    # per-layer attention kind: "full", "sliding" or "chunked"; None = all "sliding" if sliding_window else all "full"
     layer_types: Optional[list[str]] = None
+    # chunked local attention (Llama 4): on "chunked" layers a token at position p sees only the earlier tokens of
+    # its chunk, positions [p - p % attention_chunk_size, p]
+    attention_chunk_size: Optional[int] = None
+    # Llama 4's qk-norm: a weightless RMSNorm (L2 norm) of each q and k head after RoPE, on RoPE layers only
+    qk_l2_norm: bool = False
+    # attention temperature tuning on NoPE layers (Llama 4): queries at position p are scaled by
+    # 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor_scale)); None = off
+    attn_temperature_floor_scale: Optional[int] = None
+    attn_temperature_scale: float = 0.0
 
     # rotary position embedding
     rope_theta: float = 10000.0
@@ -56,6 +65,8 @@ class Config:
     rope_scaling: Optional[dict[str, Any]] = None
     nope_layers: list[int] = field(default_factory=list)  # layers that apply no RoPE at all (SmolLM3's NoPE)
     partial_rotary_factor: float = 1.0  # fraction of each head that is rotated (Phi-4-mini: 0.75)
+    # RoPE rotates adjacent channel pairs (2i, 2i+1) (Llama 4's complex form) instead of halves (i, i + dim / 2)
+    rope_interleaved: bool = False
 
     # normalisation
     norm_eps: float = 1e-5
@@ -76,6 +87,11 @@ class Config:
     moe_router_bias: bool = False  # the router has a bias (gpt-oss)
     moe_intermediate_size: Optional[int] = None  # each expert's hidden size; None = intermediate_size
     moe_dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP among the MoE ones
+    # "softmax": top-k of the softmax of the router logits weight the experts' outputs; "sigmoid_inputs" (Llama 4):
+    # sigmoid of the top-k router logits scales the experts' inputs
+    moe_routing: Literal["softmax", "sigmoid_inputs"] = "softmax"
+    # hidden size of a shared expert (a gated MLP every token goes through, added to the routed experts); None: none
+    moe_shared_expert_size: Optional[int] = None
 
     # embeddings and head
     scale_embeddings: bool = False  # multiply embeddings by sqrt(n_embd) (Gemma)
@@ -103,11 +119,21 @@ class Config:
             self.layer_types = [kind] * self.n_layer
         if len(self.layer_types) != self.n_layer:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries but n_layer is {self.n_layer}")
-        bad = sorted(set(self.layer_types) - {"full", "sliding"})
+        bad = sorted(set(self.layer_types) - {"full", "sliding", "chunked"})
         if bad:
-            raise ValueError(f"layer_types may only hold 'full' or 'sliding', got {bad}")
+            raise ValueError(f"layer_types may only hold 'full', 'sliding' or 'chunked', got {bad}")
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has 'sliding' layers but sliding_window is not set")
+        if "chunked" in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
+            raise ValueError("layer_types has 'chunked' layers but attention_chunk_size is not a positive integer "
+                             f"(got {self.attention_chunk_size})")
+        if self.attn_temperature_floor_scale is not None and self.attn_temperature_floor_scale <= 0:
+            raise ValueError(f"attn_temperature_floor_scale must be > 0, got {self.attn_temperature_floor_scale}")
+        if self.moe_shared_expert_size and not self.n_expert:
+            raise ValueError("moe_shared_expert_size is set but n_expert is 0 (a shared expert belongs to a mixture "
+                             "of experts)")
+        if self.moe_routing not in ("softmax", "sigmoid_inputs"):
+            raise ValueError(f"moe_routing must be 'softmax' or 'sigmoid_inputs', got {self.moe_routing!r}")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise ValueError(f"n_expert_per_token must be in [1, n_expert={self.n_expert}], got {self.n_expert_per_token}")
         if self.moe_dense_layers and not self.n_expert:

@@ -189,6 +189,11 @@ NEW_ARCHITECTURES = {
     # sinks, biases, router bias, clamped SwiGLU (traits); sliding and full layers; LoRA on every expert
     "gpt_oss": dict(n_expert=4, n_expert_per_token=2, sliding_window=4, layer_types=["sliding", "full"],
                     attention_bias=True, attention_out_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0),
+    # a chunked RoPE layer and a NoPE full layer (query temperature), a sigmoid-routed MoE layer with a shared
+    # expert before a dense one; LoRA on every expert and the shared one
+    "llama4_text": dict(n_expert=4, n_expert_per_token=1, moe_intermediate_size=24, moe_shared_expert_size=24,
+                        moe_dense_layers=[1], attention_chunk_size=4, layer_types=["chunked", "full"],
+                        nope_layers=[1], qk_l2_norm=True, attn_temperature_floor_scale=2, attn_temperature_scale=0.5),
 }
 
 

@@ -45,7 +45,9 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if isinstance(hf.get("text_config"), dict):
         text = dict(hf["text_config"])
         text.setdefault("model_type", f"{hf['model_type']}_text")
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # the wrapper's token ids hold for the text model, and so does its quantization (which the family refuses
+        # or imports, never drops)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "quantization_config"):
             if key not in text and key in hf:
                 text[key] = hf[key]
         hf = text
