@@ -66,10 +66,10 @@ def enable_activation_checkpointing(model: nn.Module, mode: str = "full", every:
     def selective() -> Any:  # a plain function: what torch.compile can trace through checkpoint
         return create_selective_checkpoint_contexts(policy)
 
-    def checkpointed(forward: Callable, *args: Any) -> torch.Tensor:
+    def checkpointed(forward: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         if mode == "selective":
-            return checkpoint(forward, *args, use_reentrant=False, context_fn=selective)
-        return checkpoint(forward, *args, use_reentrant=False)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=selective, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     for i, block in enumerate(model.blocks):
         if i % every == 0:
