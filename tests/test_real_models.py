@@ -41,29 +41,20 @@ def _hf_tokenizer(gguf_file: Path, model: torch.nn.Module):
     return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, config=model.config)
 
 
-def _hf_load(gguf_file: Path) -> tuple[torch.nn.Module, object]:
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def pair(request: pytest.FixtureRequest) -> dict:
+    """{"gguf", "litft", "hf", "hf_tok"} for one real model: the file, its conversion, transformers' load of it."""
+    gguf_file = request.getfixturevalue(f"{request.param}_gguf")
     hf = _hf_model(gguf_file)
-    return hf, _hf_tokenizer(gguf_file, hf)
+    return {"name": request.param, "gguf": gguf_file, "litft": request.getfixturevalue(f"{request.param}_litft"),
+            "hf": hf, "hf_tok": _hf_tokenizer(gguf_file, hf)}
 
 
 @pytest.fixture(scope="module")
 def smollm2_hf(smollm2_gguf: Path) -> tuple[torch.nn.Module, object]:
-    """transformers' load of SmolLM2's GGUF file (fp32): (model, tokenizer). Read-only."""
-    return _hf_load(smollm2_gguf)
-
-
-@pytest.fixture(scope="module")
-def gemma3_hf(gemma3_gguf: Path) -> tuple[torch.nn.Module, object]:
-    """transformers' load of Gemma 3's GGUF file (fp32): (model, tokenizer). Read-only."""
-    return _hf_load(gemma3_gguf)
-
-
-@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
-def pair(request: pytest.FixtureRequest) -> dict:
-    """{"gguf", "litft", "hf", "hf_tok"} for one real model: the file, its conversion, transformers' load of it."""
-    hf, hf_tok = request.getfixturevalue(f"{request.param}_hf")
-    return {"name": request.param, "gguf": request.getfixturevalue(f"{request.param}_gguf"),
-            "litft": request.getfixturevalue(f"{request.param}_litft"), "hf": hf, "hf_tok": hf_tok}
+    """transformers' load of SmolLM2's GGUF file (fp32) for the serving and lm-eval tests: (model, tokenizer)."""
+    hf = _hf_model(smollm2_gguf)
+    return hf, _hf_tokenizer(smollm2_gguf, hf)
 
 
 def test_logits_equal_transformers(pair: dict) -> None:
@@ -283,7 +274,8 @@ def test_serve_defaults_fit_memory_and_chat_logprobs_equal_transformers(
                                          logprobs=True, top_logprobs=3)
     first_request_s = time.monotonic() - sent
     memory = _proc_memory(server["proc"].pid)
-    print(f"\nlitft serve SmolLM2-135M defaults: ready {server['ready_s']:.1f} s after start, first request "
+    print(f"\nlitft serve SmolLM2-135M defaults: ready {server['ready_s']:.1f} s after start ({len(server['probes'])} "
+          f"/health probes before the ready line), first request "
           f"(8 tokens, logprobs) {first_request_s:.2f} s, VmRSS {memory['VmRSS'] / 2**30:.2f} GiB, "
           f"VmHWM {memory['VmHWM'] / 2**30:.2f} GiB; {line.strip()}")
     assert memory["VmRSS"] < 3 * 2**30 and memory["VmHWM"] < 3 * 2**30, memory
