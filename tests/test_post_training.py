@@ -272,3 +272,18 @@ def test_fsdp_full_dpo_matches_one_process(kd_work: Path, char_prefs: Path, tmp_
     assert sorted(got) == [1, 2, 3] and got[1] == pytest.approx(math.log(2), abs=1e-4)
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-5), (got, want)
+
+
+@pytest.mark.slow
+def test_fsdp_full_kd_matches_one_process(kd_work: Path, tmp_path: Path) -> None:
+    """The distillation teacher is frozen and sharded like the student under FSDP: same losses per step (and the same
+    KD and cross-entropy terms) as one process."""
+    steps = ["--train.max_steps", 3, "--train.lr", 1e-3, "--train.global_batch_size", 8, "--train.micro_batch_size", 2,
+             "--train.lr_schedule", "constant"]
+    litft(*kd_args(kd_work, tmp_path / "one", *steps))
+    torchrun2(kd_args(kd_work, tmp_path / "two", *steps) + ["--strategy", "fsdp"])
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (got, want)
+    assert any("kd_loss" in r and "ce_loss" in r for r in read_metrics(tmp_path / "two"))
