@@ -68,7 +68,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-TESTED = {"end-to-end.md", "first-finetune.md", "python-api.md", "evaluation.md", "serving.md", "qlora.md"}
+TESTED = {"end-to-end.md", "first-finetune.md", "python-api.md", "evaluation.md", "serving.md", "qlora.md",
+          "preference-tuning.md"}
 
 
 def test_every_tutorial_is_tested_and_listed():
@@ -215,6 +216,56 @@ def test_qlora(tiny_model, tmp_path):
     assert json.loads((tmp_path / "out" / "qlora-hf" / "config.json").read_text())["architectures"] == \
         ["LlamaForCausalLM"]
     assert "Translate to French: good night" in _python_outputs(ran)[0]  # transformers decoded prompt + answer
+
+
+def test_preference_tuning(tiny_model, tmp_path):
+    """DPO starts at ln 2, logs TRL's metrics and resumes step-exactly; SimPO trains on conversations; KD
+    distils from a teacher of another size with the same vocabulary; the merged export loads in transformers."""
+    import math
+
+    from litft.convert.hf import convert_from_hf
+    from tests.fixtures_tokenizers import make_bpe_tokenizer
+    from tests.hf_models import make_hf_model
+
+    text = (TUTORIALS / "preference-tuning.md").read_text()
+    commands = " ".join(c.text for c in bash_commands(text))
+    for needed in ("--objective dpo --objective.beta 0.1", "--objective simpo", "--objective kd", "--objective.teacher",
+                   "--resume out/dpo/checkpoints/step-4", "convert to_hf", "configs cp llama-3.2-1b/lora-dpo",
+                   "configs cp llama-3.2-1b/lora-kd"):
+        assert needed in commands, needed
+    teacher_hf = tmp_path / "teacher-hf"  # a bigger model (other width and depth) with the student's tokenizer
+    make_hf_model("llama", teacher_hf, seed=1, overrides={"vocab_size": 400, "max_position_embeddings": 2048,
+                                                          "hidden_size": 96, "num_hidden_layers": 3})
+    make_bpe_tokenizer(teacher_hf)
+    teacher = convert_from_hf(teacher_hf, tmp_path / "teacher")
+    ran = _run("preference-tuning.md", tmp_path, tiny_model, {"checkpoints/meta-llama/Llama-3.2-3B": str(teacher)})
+    out = tmp_path / "out"
+
+    dpo = [r for r in map(json.loads, (out / "dpo" / "logs" / "metrics.jsonl").read_text().splitlines())
+           if "rewards/margins" in r]
+    assert [r["step"] for r in dpo] == list(range(1, 9))
+    assert abs(dpo[0]["loss"] - math.log(2)) < 1e-4 and dpo[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert dpo[-1]["loss"] < dpo[0]["loss"] and dpo[-1]["rewards/margins"] > 0
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"} <= set(dpo[0])
+    outputs = _python_outputs(ran)
+    assert f"step 1 loss {dpo[0]['loss']:.6f}, ln 2 = 0.693147" in outputs[0]
+    assert "held out at step 8" in outputs[0]
+    assert outputs[1].count("kd_loss") == 4
+    assert outputs[2].strip() == "[5, 6, 7, 8] True"  # the resumed run logged the first run's losses
+
+    simpo = (out / "simpo" / "logs" / "metrics.jsonl").read_text()
+    assert (out / "simpo" / "final" / "lora.safetensors").is_file() and "rewards/margins" in simpo
+    kd = [json.loads(l) for l in (out / "kd" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd_loss" in r and "ce_loss" in r for r in kd)
+    assert (out / "kd" / "final" / "lora.safetensors").is_file()
+    assert str(teacher) in (out / "kd" / "run.yaml").read_text()
+
+    assert json.loads((out / "dpo-hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    chosen, rejected = map(float, re.findall(r"log p\((?:chosen|rejected)\) (-?[0-9.]+)", outputs[3]))
+    assert rejected < chosen < 0  # transformers, on the export, prefers the held-out pair's chosen answer
+    for recipe in ("my-dpo.yaml", "my-kd.yaml"):
+        assert (tmp_path / recipe).read_text() == (REPO / "config_hub" / "finetune" / "llama-3.2-1b" /
+                                                   recipe.replace("my-", "lora-")).read_text()
 
 
 def test_readme_quick_start(tmp_path, monkeypatch):
