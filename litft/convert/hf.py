@@ -131,7 +131,7 @@ def hf_tensors_to_native(
     seen: set[str] = set()
     for path, getters in _HFSource(hf_dir).shards():
         for hf_key, get in getters.items():
-            if family.is_ignored_hf(hf_key):
+            if family.is_ignored_hf(hf_key, config):
                 continue
             match = family.hf_to_native(hf_key)
             if match is None:
