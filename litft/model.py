@@ -523,8 +523,11 @@ class MoE(nn.Module):
     def route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sigmoid scores in float32; the top-k by score (+ correction bias) among the experts of the
         ``moe_topk_group`` groups with the best sums of their two best scores; weights: the chosen scores."""
-        bias = None if self.router.bias is None else self.router.bias.float()
-        scores = F.linear(x.float(), self.router.weight.float(), bias).sigmoid()
+        if type(self.router) is nn.Linear:  # in float32, as transformers (its router weight stays float32)
+            bias = None if self.router.bias is None else self.router.bias.float()
+            scores = F.linear(x.float(), self.router.weight.float(), bias).sigmoid()
+        else:  # a quantized router (QLoRA)
+            scores = self.router(x).float().sigmoid()
         choice = scores if self.score_correction_bias is None else scores + self.score_correction_bias
         groups = self.config.moe_n_group
         if groups > 1:

@@ -68,7 +68,7 @@ def test_round_trip_is_identical_and_loads_in_transformers(converted):
         assert (reloaded(idx).logits - hf_model(idx).logits).abs().max().item() <= TOL, variant
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step", "deepseek_v3"])
 def test_moe_gradients_match_transformers(variant, tmp_path):
     """The backward of the MoE computed by expert: router and every expert's weight gradients equal transformers'
     (which holds the experts as 3-D tensors: gate and up stacked in ``gate_up_proj``)."""
@@ -137,7 +137,8 @@ def test_numeric_constants_come_from_config_json(converted):
 
 # ------------------------------------------------------------------------------ nothing keyed on model names
 
-_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo", "gpt_oss", "gpt-oss")
+_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo", "gpt_oss", "gpt-oss",
+                 "deepseek")
 _ALLOWED_LITERALS = {"llama3"}  # an HF rope_type value, read from config.json like any other field
 _NAME_FIELDS = {"name", "hf_id", "model_name", "repo_id", "model_id", "name_or_path", "_name_or_path"}
 _STRING_TESTS = {"startswith", "endswith", "match", "search", "fullmatch", "find", "index", "count"}
@@ -254,7 +255,7 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
     assert json.loads((out / "config.json").read_text())["model_type"] == variant
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "deepseek_v3"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as

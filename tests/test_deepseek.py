@@ -1,0 +1,183 @@
+"""DeepSeek-V3 beyond the parametrised family tests (test_zoo_parity, test_generate): the latent-only cache, every
+gradient against transformers, the multi-token-prediction layers skipped on import, config keys litft does not
+implement refused by name, and LoRA on the latent attention's projections exported to PEFT or merged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from litft.cache import KVCache, LatentCache
+from litft.convert.hf import convert_from_hf, convert_to_hf, native_tensors_to_hf
+from litft.weights import load_model
+from tests.hf_models import make_hf_model
+
+TOL = 1e-4
+
+
+def _tokens(seed: int = 1, shape: tuple[int, int] = (2, 20)) -> torch.Tensor:
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v3-plain-q"])
+def test_the_cache_holds_only_the_latent_and_the_rope_key(variant, tmp_path):
+    """Per token and layer the cache holds kv_lora_rank + qk_rope_head_dim values (what transformers' MLA
+    compresses to), not every head's keys and values; decoding through it gives the full forward's logits."""
+    make_hf_model(variant, tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rows, length = 2, 32
+    cache = model.make_cache(rows=rows, length=length)
+    per_token = hf["kv_lora_rank"] + hf["qk_rope_head_dim"]
+    assert all(isinstance(layer, LatentCache) for layer in cache.layers)
+    held = sum(b.numel() * b.element_size() for b in cache.buffers())
+    assert held == rows * model.cache_bytes_per_row(length) == rows * length * hf["num_hidden_layers"] * per_token * 4
+    heads = hf["num_attention_heads"]
+    expanded = heads * (hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"] + hf["v_head_dim"])  # keys + values per token
+    assert model.cache_bytes_per_row(length) * expanded == per_token * length * hf["num_hidden_layers"] * 4 * expanded
+    assert per_token < expanded
+    assert not any(isinstance(layer, KVCache) for layer in cache.layers)
+    idx = _tokens(2, (rows, 12))
+    with torch.no_grad():
+        full = model(idx)
+        pieces = [model(idx[:, :5], input_pos=torch.arange(5), cache=cache)]
+        for t in range(5, idx.shape[1]):
+            pieces.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
+    assert cache.layers[0].latent[:, :, idx.shape[1]:].abs().sum() == 0  # slots past the tokens stay empty
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v3-plain-q"])
+def test_gradients_of_every_tensor_match_transformers(variant, tmp_path):
+    """Backward through the latent attention (low-rank q, kv latent, interleaved RoPE), the grouped sigmoid
+    routing, the routed and shared experts and the dense first layer: litft's gradients, mapped to transformers'
+    names by the weight table, equal transformers'."""
+    hf_model = make_hf_model(variant, tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens(5)
+    model(idx).pow(2).mean().backward()
+    hf_model(idx).logits.pow(2).mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    ours = dict(native_tensors_to_hf(tmp_path / "native", model.config, state=grads))
+    theirs = {}
+    for name, p in hf_model.named_parameters():  # transformers' 3-D experts -> the checkpoint's per-expert names
+        prefix = name.removesuffix("gate_up_proj").removesuffix("down_proj")
+        if name.endswith("experts.gate_up_proj"):
+            for e, (gate, up) in enumerate(zip(*p.grad.chunk(2, dim=1))):
+                theirs[f"{prefix}{e}.gate_proj.weight"], theirs[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif name.endswith("experts.down_proj"):
+            theirs.update({f"{prefix}{e}.down_proj.weight": g for e, g in enumerate(p.grad)})
+        else:
+            theirs[name] = p.grad
+    assert sorted(ours) == sorted(theirs)
+    for name, grad in theirs.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert (ours[name] - grad).abs().max() <= TOL * max(1.0, grad.abs().max().item()), name
+
+
+def test_multi_token_prediction_layers_are_skipped_on_import(tmp_path):
+    """A checkpoint with DeepSeek-V3's MTP layer (numbered num_hidden_layers, with its own enorm/hnorm/eh_proj and
+    a full decoder layer) converts: the MTP tensors are skipped, as transformers skips them, and the logits are
+    the main model's; num_nextn_predict_layers is kept in config.json on export."""
+    hf_model = make_hf_model("deepseek_v3", tmp_path / "hf")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    n_layer = hf_model.config.num_hidden_layers
+    last = f"model.layers.{n_layer - 1}."
+    for name in [k for k in state if k.startswith(last)]:
+        state[f"model.layers.{n_layer}." + name[len(last):]] = state[name].clone()
+    for extra in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        state[f"model.layers.{n_layer}.{extra}"] = torch.ones(64)
+    state[f"model.layers.{n_layer}.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens(3)
+    with torch.no_grad():
+        assert (model(idx) - hf_model(idx).logits).abs().max().item() <= TOL
+    out = convert_to_hf(tmp_path / "native", tmp_path / "hf_again")
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert not any(k.startswith(f"model.layers.{n_layer}.") for k in load_file(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("quantization_config", {"quant_method": "fp8", "weight_block_size": [128, 128]},
+     r"quantization_config \(quant_method 'fp8'\) is not a format litft imports for model_type 'deepseek_v3'"),
+    ("scoring_func", "softmax", "scoring_func='softmax' is not a value litft implements"),
+    ("topk_method", "greedy", "topk_method='greedy' is not a value litft implements"),
+    ("num_key_value_heads", 2, r"num_key_value_heads \(2\) must equal num_attention_heads \(4\)"),
+])
+def test_config_keys_litft_does_not_implement_are_refused_by_name(key, value, message, tmp_path):
+    from litft.convert.hf import hf_config_to_config
+
+    make_hf_model("deepseek_v3", tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    hf = json.loads(path.read_text())
+    hf[key] = value
+    path.write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=rf"^config\.json: {message}"):
+        hf_config_to_config(tmp_path / "hf")
+
+
+def test_lora_on_the_latent_attention_exports_to_peft_with_the_same_logits(tmp_path):
+    """A LoRA run on q_a, q_b, kv_a, kv_b and o (transformers' q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj,
+    o_proj) exported to_peft: PeftModel over the original HF model computes what litft computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.inprocess_cli import litft
+    from tests.test_generate import make_tiny_checkpoint
+    from tests.test_interop import ROWS, hf_logits, litft_logits
+
+    model = make_tiny_checkpoint(tmp_path / "model", "deepseek_v3")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    litft("finetune", "lora", model["native"], "--out_dir", tmp_path / "run", "--data.train_path", data,
+          "--data.prompt_style", "plain", "--train.max_steps", 2, "--train.global_batch_size", 4,
+          "--train.micro_batch_size", 4, "--train.lr", 0.02, "--train.lr_schedule", "constant",
+          "--eval.final_validation", "false", "--lora.r", 4, "--lora.alpha", 8, "--lora.dropout", 0.0,
+          "--lora.targets", "[q_a,q_b,kv_a,kv_b,o]")
+    litft("convert", "to_peft", tmp_path / "run", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"]
+    tokens = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(model["hf"])
+    base = hf_logits(hf, tokens)
+    expected = litft_logits(tmp_path / "run" / "final", tokens)
+    assert (expected - base).abs().max() > 1e-2, "the run should have changed the model"
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    torch.testing.assert_close(hf_logits(peft_model, tokens), expected, atol=TOL, rtol=0)
+
+
+def test_all_linear_lora_reaches_experts_and_shared_experts_and_merges_to_hf(tmp_path):
+    """all-linear wraps the latent attention's projections, the dense layer's MLP, every routed expert and the
+    shared experts (never the router); the merged model exported to_hf gives the same logits in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from litft.peft.lora import LoRAArgs, apply_lora, lora_modules, merge_lora
+    from litft.weights import save_model
+
+    make_hf_model("deepseek_v3-plain-q", tmp_path / "hf")
+    model = apply_lora(load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native")),
+                       LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])).eval()
+    names = set(lora_modules(model))
+    assert {"blocks.0.attn.q_proj", "blocks.0.attn.kv_a_proj", "blocks.0.attn.kv_b_proj", "blocks.0.mlp.gate_proj",
+            "blocks.1.mlp.experts.3.down_proj", "blocks.2.mlp.shared_experts.up_proj"} <= names
+    assert not any("router" in n for n in names)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(std=0.05)
+    idx = _tokens(4)
+    with torch.no_grad():
+        ours = model(idx)
+        merged = merge_lora(model).eval()
+        assert (merged(idx) - ours).abs().max() <= TOL
+    (tmp_path / "merged").mkdir()
+    save_model(merged, tmp_path / "merged")
+    merged.config.save(tmp_path / "merged")
+    hf = AutoModelForCausalLM.from_pretrained(convert_to_hf(tmp_path / "merged", tmp_path / "hf_merged"),
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - ours).abs().max() <= TOL
