@@ -181,3 +181,47 @@ def test_all_linear_lora_reaches_experts_and_shared_experts_and_merges_to_hf(tmp
                                               attn_implementation="eager").eval()
     with torch.no_grad():
         assert (hf(idx).logits - ours).abs().max() <= TOL
+
+
+def test_prompt_tuning_and_llama_adapter_are_refused_on_latent_attention(tmp_path):
+    """Both put learned keys/values beside each layer's own, which latent attention has no projections for: refused
+    with what to use instead, before anything trains."""
+    from litft.peft.adapter import AdapterArgs, apply_adapter
+    from litft.peft.prompt import PromptTuningArgs, apply_prompt_tuning
+
+    make_hf_model("deepseek_v3", tmp_path / "hf")
+    native = convert_from_hf(tmp_path / "hf", tmp_path / "native")
+    with pytest.raises(ValueError, match=r"^prompt tuning is not implemented for multi-head latent attention"):
+        apply_prompt_tuning(load_model(native), PromptTuningArgs(init="random"))
+    with pytest.raises(ValueError, match=r"^LLaMA-Adapter is not implemented for multi-head latent attention"):
+        apply_adapter(load_model(native), AdapterArgs())
+
+
+def test_full_fine_tuning_exports_to_transformers_with_the_same_logits(tmp_path):
+    """Two full fine-tuning steps (the routing correction bias is a buffer: it stays as loaded), exported to_hf:
+    transformers computes the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.inprocess_cli import litft
+    from tests.test_generate import make_tiny_checkpoint
+    from tests.test_interop import ROWS
+
+    model = make_tiny_checkpoint(tmp_path / "model", "deepseek_v3")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    litft("finetune", "full", model["native"], "--out_dir", tmp_path / "run", "--data.train_path", data,
+          "--data.prompt_style", "plain", "--train.max_steps", 2, "--train.global_batch_size", 4,
+          "--train.micro_batch_size", 4, "--train.lr", 0.01, "--train.lr_schedule", "constant",
+          "--eval.final_validation", "false")
+    litft("convert", "to_hf", tmp_path / "run" / "final", tmp_path / "hf_out")
+    tokens = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    trained = load_model(tmp_path / "run" / "final").eval()
+    before = AutoModelForCausalLM.from_pretrained(model["hf"]).eval()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out").eval()
+    with torch.no_grad():
+        ours = trained(tokens)
+        assert (ours - before(tokens).logits).abs().max() > 1e-2, "the run should have changed the model"
+        assert (after(tokens).logits - ours).abs().max() <= TOL
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert torch.equal(load_file(tmp_path / "hf_out" / "model.safetensors")[bias],
+                       load_file(model["hf"] / "model.safetensors")[bias])
