@@ -507,6 +507,18 @@ class MoE(nn.Module):
             self.score_correction_bias = None
         self.shared_experts = GatedMLP(config, config.moe_shared_expert_size) if config.moe_shared_expert_size else None
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
+        """As nn.Module's (``.to``, ``.cuda``, ``.bfloat16`` ...), but the score correction bias only moves: it keeps
+        its float32 values."""
+        bias = self.score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self.score_correction_bias
+            kept = moved.float() if bias.device.type == "meta" or moved.device.type == "meta" else \
+                bias.to(device=moved.device, dtype=torch.float32)
+            self._buffers["score_correction_bias"] = kept
+        return self
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights (N, k) in ``x``'s dtype and chosen expert ids (N, k) of the rows of ``x`` (N, C)."""
         if self.config.moe_router_scoring == "sigmoid":
@@ -558,6 +570,16 @@ class MoE(nn.Module):
         y = torch.cat(outputs).to(x.dtype) if outputs else grouped
         unsorted = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, choice) order
         return (unsorted.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1).view(shape)
+
+
+# tensors that stay float32 whatever dtype the model is loaded, converted or cast to (transformers keeps them so): a
+# routing offset whose small differences between experts decide which experts run
+FLOAT32_TENSORS = ("score_correction_bias",)
+
+
+def keeps_float32(name: str) -> bool:
+    """Whether the state-dict tensor ``name`` stays float32 when the model's dtype changes."""
+    return name.rsplit(".", 1)[-1] in FLOAT32_TENSORS
 
 
 class RMSNorm(nn.Module):

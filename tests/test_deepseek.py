@@ -225,3 +225,29 @@ def test_full_fine_tuning_exports_to_transformers_with_the_same_logits(tmp_path)
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert torch.equal(load_file(tmp_path / "hf_out" / "model.safetensors")[bias],
                        load_file(model["hf"] / "model.safetensors")[bias])
+
+
+def test_the_routing_correction_bias_stays_float32_in_a_bfloat16_model(tmp_path):
+    """transformers keeps e_score_correction_bias in float32 (its small differences between experts decide the
+    routing); litft too, whether the model is loaded, converted or cast to bfloat16, and to_hf writes it back."""
+    from litft.weights import save_model
+
+    make_hf_model("deepseek_v3", tmp_path / "hf")
+    original = load_file(tmp_path / "hf" / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"]
+    original.add_(1.0 + 1e-3 * torch.arange(original.numel()))  # differences bfloat16 cannot hold near 1
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    state["model.layers.1.mlp.gate.e_score_correction_bias"] = original
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    native = convert_from_hf(tmp_path / "hf", tmp_path / "native", dtype="bf16")
+    model = load_model(native, dtype=torch.bfloat16)
+    bias = model.blocks[1].mlp.score_correction_bias
+    assert bias.dtype == torch.float32 and torch.equal(bias, original)
+    assert model.blocks[1].mlp.router.weight.dtype == torch.bfloat16
+    model = load_model(native).to(torch.bfloat16).float().bfloat16()
+    assert torch.equal(model.blocks[1].mlp.score_correction_bias, original)
+    (tmp_path / "saved").mkdir()
+    save_model(model, tmp_path / "saved")
+    model.config.save(tmp_path / "saved")
+    out = convert_to_hf(tmp_path / "saved", tmp_path / "hf_again", dtype="bf16")
+    assert torch.equal(load_file(out / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"],
+                       original)

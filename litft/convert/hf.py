@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from litft.config import MODEL_CONFIG_FILE, Config
+from litft.model import keeps_float32
 from litft.weights import (
     SafetensorsReader,
     atomic_directory,
@@ -156,7 +157,7 @@ def hf_tensors_to_native(
                 if part.shape != expected[name]:
                     raise ValueError(f"{path}: tensor {hf_key!r} has shape {list(part.shape)}, config.json implies "
                                      f"{list(expected[name])}")
-                if dtype is not None and part.is_floating_point():
+                if dtype is not None and part.is_floating_point() and not keeps_float32(name):
                     part = part.to(dtype)
                 seen.add(name)
                 yield name, part.contiguous()
@@ -228,7 +229,7 @@ def native_tensors_to_hf(
         if None in parts:
             raise ValueError(f"{checkpoint_dir}: {hf_key!r} needs {rules[hf_key].natives} but some are missing")
         tensor = rules[hf_key].to_hf([get(p) for p in parts], config)
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and tensor.is_floating_point() and not any(keeps_float32(p) for p in parts):
             tensor = tensor.to(dtype)
         yield hf_key, tensor
 
