@@ -342,8 +342,9 @@ class LatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V3, ``Config.kv_lora_rank``): every token's keys and values come from a
     normed latent of ``kv_lora_rank`` channels (``kv_b_proj`` expands it per head into unrotated key and value
     channels) and one RoPE key of ``head_size`` channels shared by all heads; the query is low-rank when
-    ``q_lora_rank`` is set. The cache (:class:`litft.cache.LatentCache`) stores the latent and the RoPE key only,
-    which are expanded after ``update``. Scores are scaled by (qk_nope_head_dim + head_size) ** -0.5, times YaRN's
+    ``q_lora_rank`` is set. The cache (:class:`litft.cache.LatentCache`) stores the latent and the RoPE key only;
+    with a cache, attention reads them as they are (``kv_b_proj`` absorbed into the query and the output, see
+    :meth:`attend_latent`), except under LoRA or quantization of ``kv_b_proj``, where they are expanded per head. Scores are scaled by (qk_nope_head_dim + head_size) ** -0.5, times YaRN's
     mscale(factor, mscale_all_dim) squared when the RoPE scaling sets ``mscale_all_dim``."""
 
     def __init__(self, config: Config) -> None:
@@ -385,6 +386,8 @@ class LatentAttention(nn.Module):
             q_rot, k_rot = rotate(q_rot, rope), rotate(k_rot, rope)
         if cache is not None:
             latent, k_rot = cache.update(input_pos, latent, k_rot)
+            if type(self.kv_b_proj) is nn.Linear:  # not under LoRA or quantization: its plain weight is the map
+                return self.o_proj(self.attend_latent(q_nope, q_rot, latent, k_rot, mask))
         S = latent.shape[2]
         k_nope, v = self.kv_b_proj(latent).view(B, S, nh, -1).transpose(1, 2).split([self.nope_dim, self.v_dim], -1)
         k = torch.cat((k_nope, k_rot.expand(B, nh, S, -1)), dim=-1)
@@ -396,6 +399,22 @@ class LatentAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * self.v_dim))
+
+
+    def attend_latent(self, q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention read from the cache without expanding it per head (``kv_b_proj`` absorbed): a head's unrotated
+        key channels are W_k latent, so q_nope . W_k latent = (W_k^T q_nope) . latent; likewise its output is
+        W_v (probs @ latent). One single-head attention over (latent, rope key) with the absorbed queries, whatever
+        the number of heads. Returns (B, T, n_head * v_head_dim)."""
+        B, nh, T, _ = q_nope.shape
+        w_k, w_v = self.kv_b_proj.weight.view(nh, self.nope_dim + self.v_dim, self.rank).split(
+            [self.nope_dim, self.v_dim], dim=1)
+        q = torch.cat((q_nope @ w_k, q_rot), dim=-1)  # (B, nh, T, rank + rope)
+        k = torch.cat((latent, k_rot), dim=-1)  # (B, 1, S, rank + rope)
+        context = F.scaled_dot_product_attention(q, k, latent, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale, enable_gqa=True)  # (B, nh, T, rank)
+        return (context @ w_v.transpose(1, 2)).transpose(1, 2).reshape(B, T, nh * self.v_dim)
 
 
 # transformers' DeepseekV3RMSNorm default: the q and kv latent norms do not take rms_norm_eps

@@ -251,3 +251,23 @@ def test_the_routing_correction_bias_stays_float32_in_a_bfloat16_model(tmp_path)
     out = convert_to_hf(tmp_path / "saved", tmp_path / "hf_again", dtype="bf16")
     assert torch.equal(load_file(out / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"],
                        original)
+
+
+def test_decoding_with_a_lora_on_kv_b_expands_the_latent_and_equals_the_full_forward(tmp_path):
+    """With a plain kv_b_proj the cached steps attend over the latent with kv_b_proj absorbed; under a LoRA on it
+    they expand the latent per head instead. Both equal the uncached forward."""
+    from litft.peft.lora import LoRAArgs, apply_lora, lora_modules
+
+    make_hf_model("deepseek_v3", tmp_path / "hf")
+    native = convert_from_hf(tmp_path / "hf", tmp_path / "native")
+    idx = _tokens(6, (2, 10))
+    for model in (load_model(native), apply_lora(load_model(native), LoRAArgs(r=2, dropout=0.0, targets=["kv_b"]))):
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.normal_(std=0.1)
+            full = model.eval()(idx)
+            cache = model.make_cache(rows=2, length=16)
+            pieces = [model(idx[:, :4], input_pos=torch.arange(4), cache=cache)]
+            for t in range(4, idx.shape[1]):
+                pieces.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
+        assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
