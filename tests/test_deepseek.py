@@ -271,3 +271,17 @@ def test_decoding_with_a_lora_on_kv_b_expands_the_latent_and_equals_the_full_for
             for t in range(4, idx.shape[1]):
                 pieces.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
         assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
+
+
+def test_packed_sequences_through_flex_attention_equal_sdpa(tmp_path):
+    """Packing (segment ids) through the FlexAttention block mask (value heads narrower than query/key heads here)
+    gives the dense-mask SDPA logits (CPU: FlexAttention's unfused forward)."""
+    make_hf_model("deepseek_v3", tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native")).eval()
+    idx = _tokens(7, (2, 20))
+    segments = torch.tensor([[1] * 8 + [2] * 12, [1] * 20])
+    with torch.no_grad():
+        dense = model(idx, segment_ids=segments)
+        model.attention_backend = "flex"
+        flex = model(idx, segment_ids=segments)
+    assert (flex - dense).abs().max().item() <= TOL
