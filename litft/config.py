@@ -164,7 +164,8 @@ class Config:
         if self.n_expert and self.n_expert % self.moe_n_group:
             raise ValueError(f"n_expert ({self.n_expert}) is not divisible by moe_n_group ({self.moe_n_group})")
         if not 1 <= self.moe_topk_group <= self.moe_n_group:
-            raise ValueError(f"moe_topk_group must be in [1, moe_n_group={self.moe_n_group}], got {self.moe_topk_group}")
+            raise ValueError(f"moe_topk_group must be in [1, moe_n_group={self.moe_n_group}], "
+                             f"got {self.moe_topk_group}")
         if self.moe_n_group > 1 and (self.moe_router_scoring != "sigmoid" or self.n_expert // self.moe_n_group < 2):
             raise ValueError("moe_n_group > 1 needs moe_router_scoring 'sigmoid' and at least 2 experts per group")
         if self.moe_score_correction_bias and self.moe_router_scoring != "sigmoid":

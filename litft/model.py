@@ -344,8 +344,9 @@ class LatentAttention(nn.Module):
     channels) and one RoPE key of ``head_size`` channels shared by all heads; the query is low-rank when
     ``q_lora_rank`` is set. The cache (:class:`litft.cache.LatentCache`) stores the latent and the RoPE key only;
     with a cache, attention reads them as they are (``kv_b_proj`` absorbed into the query and the output, see
-    :meth:`attend_latent`), except under LoRA or quantization of ``kv_b_proj``, where they are expanded per head. Scores are scaled by (qk_nope_head_dim + head_size) ** -0.5, times YaRN's
-    mscale(factor, mscale_all_dim) squared when the RoPE scaling sets ``mscale_all_dim``."""
+    :meth:`attend_latent`), except under LoRA or quantization of ``kv_b_proj``, where they are expanded per head.
+    Scores are scaled by (qk_nope_head_dim + head_size) ** -0.5, times YaRN's mscale(factor, mscale_all_dim) squared
+    when the RoPE scaling sets ``mscale_all_dim``."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
