@@ -68,7 +68,8 @@ from litft.data import Sample, first_fit, pack_batch  # noqa: E402
 from litft.model import GPT  # noqa: E402
 from litft.peft.lora import LoRAArgs, apply_lora, count_parameters  # noqa: E402
 from litft.train.args import TrainArgs  # noqa: E402
-from litft.train.loop import forward_backward, prepare_training  # noqa: E402
+from litft.train.loop import prepare_training  # noqa: E402
+from litft.train.trainer import forward_backward  # noqa: E402
 from litft.train.metrics import flops_per_token, matmul_params  # noqa: E402
 from litft.train.schedule import build_optimizer  # noqa: E402
 

@@ -85,7 +85,7 @@ def load_checkpoint_model(
     """A :class:`~litft.model.GPT` from a checkpoint folder, ready for inference.
 
     Accepts a native checkpoint (``model_config.yaml`` + safetensors, or a fine-tune run's ``final/``, loaded by
-    :func:`litft.train.checkpoint.load_checkpoint` as the model that was trained: LoRA merged into its base, a
+    :func:`litft.checkpoint.load_checkpoint` as the model that was trained: LoRA merged into its base, a
     QLoRA run's into its quantized-then-dequantized base, adapter weights applied), and a Hugging Face folder
     (``config.json`` + safetensors/.bin, converted in memory: nothing is written to it). Never touches the
     network. ``quantize`` (e.g. ``"bnb.nf4"``) replaces the linear layers but the head by quantized ones; a
@@ -106,7 +106,7 @@ def load_checkpoint_model(
             raise ValueError(f"quantize={quantize!r} is invalid: expected one of {', '.join(QUANTIZE_MODES)}")
     if (path / MODEL_CONFIG_FILE).is_file():
         # full weights, or LoRA/adapter weights over the base named in base.yaml (a fine-tune run's final/)
-        from litft.train.checkpoint import load_checkpoint
+        from litft.checkpoint import load_checkpoint
 
         model = load_checkpoint(path, device, dtype, quantize=quantize)
     elif (path / "config.json").is_file():

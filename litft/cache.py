@@ -27,13 +27,13 @@ Operations (every :class:`Cache` implements them):
   engine sizes ``--kv_cache_memory`` with before allocating.
 
 Kinds implemented: :class:`KVCache` (full attention: every slot), :class:`SlidingKVCache` (sliding window: a
-ring buffer of the window's slots; prompts longer than the window prefill in chunks) and :class:`LatentCache`
-(multi-head latent attention, DeepSeek-V3: per slot only the compressed latent and the shared RoPE key, which the
-attention expands into every head's keys and values after ``update``). How the kinds litft does not
-have yet fit the same interface:
+ring buffer of the window's slots; prompts longer than the window prefill in chunks), :class:`ChunkedKVCache`
+(chunked local attention, Llama 4: the same ring of one chunk's slots; the mask keeps a key when it is in the
+query's chunk, from the query's position) and :class:`LatentCache` (multi-head latent attention, DeepSeek-V3: per
+slot only the compressed latent and the shared RoPE key, which the attention reads instead of every head's keys
+and values). :func:`cache_class` picks a layer's kind. How the kinds litft does not have yet fit the same
+interface:
 
-- Chunked local attention (Llama 4): a ring like :class:`SlidingKVCache` of one chunk's slots, whose
-  ``key_slots`` cover the query's chunk; the mask keeps a key when it is in the query's chunk.
 - KV shared across layers (Gemma 4): the reading layer's cache is a view of the writing layer's: ``update``
   ignores its entries and returns the source's, ``key_slots`` are the source's, ``bytes_per_row`` is 0 and the row
   and slot operations do nothing (the source layer's cache does them).
@@ -172,15 +172,21 @@ class SlidingKVCache(SlotCache):
 
     def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
                  device: Optional[torch.device]) -> None:
-        ring = min(length, config.sliding_window)
+        window = self.window_size(config)
+        ring = min(length, window)
         shape = (config.n_query_groups, config.head_size)
         super().__init__(rows, ring, {"k": shape, "v": shape}, dtype, device)
-        self.window, self.ring = config.sliding_window, ring
+        self.window, self.ring = window, ring
         self.length = length  # slots addressed; only the last ``ring`` of them are held
 
     @classmethod
+    def window_size(cls, config: Config) -> int:
+        """The most recent slots a query may see: the sliding window."""
+        return config.sliding_window
+
+    @classmethod
     def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
-        return KVCache.bytes_per_row(config, min(length, config.sliding_window), dtype)
+        return KVCache.bytes_per_row(config, min(length, cls.window_size(config)), dtype)
 
     def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, steps = entries[0].shape[0], entries[0].shape[2]
@@ -226,6 +232,17 @@ class SlidingKVCache(SlotCache):
             buf.copy_(buf.roll(offset, dims=2))
 
 
+class ChunkedKVCache(SlidingKVCache):
+    """Keys and values of a chunked-attention layer (Llama 4): a query sees only the earlier keys of its chunk,
+    which are among the last ``attention_chunk_size`` slots, so the ring of :class:`SlidingKVCache` with one
+    chunk's slots holds all it needs; the mask (built from the queries' positions) drops the ring's keys of the
+    previous chunk."""
+
+    @classmethod
+    def window_size(cls, config: Config) -> int:
+        return config.attention_chunk_size
+
+
 class LatentCache(SlotCache):
     """What a multi-head latent attention layer (``Config.kv_lora_rank``) keeps per slot: ``latent`` (rows, 1,
     length, kv_lora_rank), the normed compressed keys and values, and ``rope_key`` (rows, 1, length, head_size), the
@@ -244,11 +261,12 @@ class LatentCache(SlotCache):
         return torch.arange(self.length, device=input_pos.device)
 
 
-CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache}
+CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache, "chunked": ChunkedKVCache}
 
 
 def cache_class(config: Config, kind: str) -> type[Cache]:
-    """The cache class of a layer of attention ``kind`` in a model of ``config``."""
+    """The cache class of a layer of attention ``kind`` ("full", "sliding" or "chunked") in a model of ``config``:
+    :class:`LatentCache` for every layer of a multi-head latent attention model (``kv_lora_rank``)."""
     if config.kv_lora_rank is not None:
         return LatentCache
     return CACHE_BY_LAYER_TYPE[kind]

@@ -40,6 +40,10 @@ COMMANDS: Table = {
         "merge_lora": ("litft.convert.merge:merge_lora", "Merge a LoRA/DoRA/QLoRA run into plain native weights."),
         "consolidate": ("litft.convert.consolidate:consolidate", "FSDP step checkpoint (sharded/) → loadable "
                                                                  "checkpoint files (generate, to_hf, LLM.load)."),
+        "from_gguf": ("litft.convert.gguf:convert_from_gguf", "GGUF file (llama.cpp, Ollama, LM Studio) → litft "
+                                                              "checkpoint."),
+        "to_gguf": ("litft.convert.gguf:convert_to_gguf", "litft checkpoint or LoRA run → GGUF file (llama.cpp, "
+                                                          "Ollama; f32/f16/bf16/q8_0)."),
     },
     "evaluate": {
         # "" = the default leaf: `litft evaluate <checkpoint> --tasks ...` (first argument not a subcommand name)

@@ -46,8 +46,17 @@ class Config:
     # a learned logit per head as one more softmax column: it takes probability mass and adds no value (gpt-oss)
     attention_sinks: bool = False
     sliding_window: Optional[int] = None  # window size for layers of type "sliding"
-    # per-layer attention kind: "full" or "sliding"; None = all "sliding" if sliding_window else all "full"
+    # per-layer attention kind: "full", "sliding" or "chunked"; None = all "sliding" if sliding_window else all "full"
     layer_types: Optional[list[str]] = None
+    # chunked local attention (Llama 4): on "chunked" layers a token at position p sees only the earlier tokens of
+    # its chunk, positions [p - p % attention_chunk_size, p]
+    attention_chunk_size: Optional[int] = None
+    # Llama 4's qk-norm: a weightless RMSNorm (L2 norm) of each q and k head after RoPE, on RoPE layers only
+    qk_l2_norm: bool = False
+    # attention temperature tuning on NoPE layers (Llama 4): queries at position p are scaled by
+    # 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor_scale)); None = off
+    attn_temperature_floor_scale: Optional[int] = None
+    attn_temperature_scale: float = 0.0
 
     # rotary position embedding
     rope_theta: float = 10000.0
@@ -56,7 +65,9 @@ class Config:
     rope_scaling: Optional[dict[str, Any]] = None
     nope_layers: list[int] = field(default_factory=list)  # layers that apply no RoPE at all (SmolLM3's NoPE)
     partial_rotary_factor: float = 1.0  # fraction of each head that is rotated (Phi-4-mini: 0.75)
-    rope_interleave: bool = False  # RoPE rotates adjacent channel pairs (x0, x1), (x2, x3), ... (DeepSeek-V3)
+    # RoPE rotates adjacent channel pairs (2i, 2i+1) (Llama 4's complex form, DeepSeek-V3's interleave) instead of
+    # halves (i, i + dim / 2)
+    rope_interleaved: bool = False
 
     # multi-head latent attention (DeepSeek-V3), on when kv_lora_rank is set: keys and values come from a per-token
     # latent of kv_lora_rank channels (kv_a_proj, kv_a_norm, kv_b_proj) plus one RoPE key of head_size channels
@@ -86,14 +97,18 @@ class Config:
     moe_router_bias: bool = False  # the router has a bias (gpt-oss)
     moe_intermediate_size: Optional[int] = None  # each expert's hidden size; None = intermediate_size
     moe_dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP among the MoE ones
-    # "softmax" over the router logits, or "sigmoid" per expert (DeepSeek-V3: the top-k by sigmoid score plus a
-    # non-trained per-expert correction bias, weighted by the sigmoid scores themselves)
-    moe_router_scoring: Literal["softmax", "sigmoid"] = "softmax"
-    moe_score_correction_bias: bool = False  # a per-expert bias added to the scores for choosing only (sigmoid)
+    # "softmax": top-k of the softmax of the router logits weight the experts' outputs; "sigmoid_inputs" (Llama 4):
+    # sigmoid of the top-k router logits scales the experts' inputs; "sigmoid" (DeepSeek-V3): the top-k by sigmoid
+    # score (plus the correction bias, among the best groups) weight the experts' outputs by those sigmoid scores
+    moe_routing: Literal["softmax", "sigmoid_inputs", "sigmoid"] = "softmax"
+    # the options of "sigmoid" routing:
+    moe_score_correction_bias: bool = False  # a non-trained per-expert bias added to the scores for choosing only
     moe_n_group: int = 1  # experts in this many equal groups; only the moe_topk_group best groups are chosen from
     moe_topk_group: int = 1  # (a group's score: the sum of its two best expert scores)
     moe_routed_scaling: float = 1.0  # the routing weights are multiplied by this (after renormalisation)
-    moe_shared_expert_size: int = 0  # > 0: a dense gated MLP of this size that every token also runs (shared experts)
+    # hidden size of a shared expert (a gated MLP every token goes through, added to the routed experts; DeepSeek-V3's
+    # n_shared_experts are one of n_shared_experts * moe_intermediate_size); None: none
+    moe_shared_expert_size: Optional[int] = None
 
     # embeddings and head
     scale_embeddings: bool = False  # multiply embeddings by sqrt(n_embd) (Gemma)
@@ -121,11 +136,21 @@ class Config:
             self.layer_types = [kind] * self.n_layer
         if len(self.layer_types) != self.n_layer:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries but n_layer is {self.n_layer}")
-        bad = sorted(set(self.layer_types) - {"full", "sliding"})
+        bad = sorted(set(self.layer_types) - {"full", "sliding", "chunked"})
         if bad:
-            raise ValueError(f"layer_types may only hold 'full' or 'sliding', got {bad}")
+            raise ValueError(f"layer_types may only hold 'full', 'sliding' or 'chunked', got {bad}")
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has 'sliding' layers but sliding_window is not set")
+        if "chunked" in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
+            raise ValueError("layer_types has 'chunked' layers but attention_chunk_size is not a positive integer "
+                             f"(got {self.attention_chunk_size})")
+        if self.attn_temperature_floor_scale is not None and self.attn_temperature_floor_scale <= 0:
+            raise ValueError(f"attn_temperature_floor_scale must be > 0, got {self.attn_temperature_floor_scale}")
+        if self.moe_shared_expert_size and not self.n_expert:
+            raise ValueError("moe_shared_expert_size is set but n_expert is 0 (a shared expert belongs to a mixture "
+                             "of experts)")
+        if self.moe_routing not in ("softmax", "sigmoid_inputs", "sigmoid"):
+            raise ValueError(f"moe_routing must be 'softmax', 'sigmoid_inputs' or 'sigmoid', got {self.moe_routing!r}")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise ValueError(f"n_expert_per_token must be in [1, n_expert={self.n_expert}], got {self.n_expert_per_token}")
         if self.moe_dense_layers and not self.n_expert:
@@ -153,7 +178,8 @@ class Config:
                 raise ValueError("multi-head latent attention needs kv_lora_rank >= 1, v_head_dim >= 1 and "
                                  f"qk_nope_head_dim >= 0 (got {self.kv_lora_rank}, {self.v_head_dim}, "
                                  f"{self.qk_nope_head_dim})")
-            unsupported = [key for key in ("attention_sinks", "attn_logit_softcapping", "qk_norm", "sliding_window")
+            unsupported = [key for key in ("attention_sinks", "attn_logit_softcapping", "qk_norm", "sliding_window",
+                                           "attention_chunk_size", "qk_l2_norm", "attn_temperature_floor_scale")
                            if getattr(self, key)]
             if unsupported or self.partial_rotary_factor != 1.0:
                 raise ValueError(f"multi-head latent attention (kv_lora_rank) does not implement "
@@ -166,10 +192,12 @@ class Config:
         if not 1 <= self.moe_topk_group <= self.moe_n_group:
             raise ValueError(f"moe_topk_group must be in [1, moe_n_group={self.moe_n_group}], "
                              f"got {self.moe_topk_group}")
-        if self.moe_n_group > 1 and (self.moe_router_scoring != "sigmoid" or self.n_expert // self.moe_n_group < 2):
-            raise ValueError("moe_n_group > 1 needs moe_router_scoring 'sigmoid' and at least 2 experts per group")
-        if self.moe_score_correction_bias and self.moe_router_scoring != "sigmoid":
-            raise ValueError("moe_score_correction_bias needs moe_router_scoring 'sigmoid'")
+        if self.moe_n_group > 1 and (self.moe_routing != "sigmoid" or self.n_expert // self.moe_n_group < 2):
+            raise ValueError("moe_n_group > 1 needs moe_routing 'sigmoid' and at least 2 experts per group")
+        if self.moe_score_correction_bias and self.moe_routing != "sigmoid":
+            raise ValueError("moe_score_correction_bias needs moe_routing 'sigmoid'")
+        if self.moe_routed_scaling != 1.0 and self.moe_routing != "sigmoid":
+            raise ValueError("moe_routed_scaling needs moe_routing 'sigmoid'")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` has the mixture of experts (not a dense MLP)."""

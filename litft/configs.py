@@ -40,8 +40,9 @@ def describe(path: Path) -> str:
 
 
 def method_of(name: str) -> str:
-    """The ``litft finetune`` subcommand a recipe is for (QLoRA recipes run with ``finetune lora``)."""
-    method = name.rsplit("/", 1)[-1]
+    """The ``litft finetune`` subcommand a recipe is for (QLoRA recipes run with ``finetune lora``; a suffix names
+    the objective: ``lora-dpo`` runs with ``finetune lora``)."""
+    method = name.rsplit("/", 1)[-1].split("-", 1)[0]
     return "lora" if method == "qlora" else method
 
 

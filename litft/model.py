@@ -8,7 +8,8 @@ use the names users already know.
 Attention is computed over *slots*: positions in the sequence, or in the generation cache when one is passed
 (:meth:`GPT.make_cache` builds one :class:`litft.cache.Cache` per layer, of the class its attention kind needs;
 see litft/cache.py). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
-sliding layers, and both slots carry the same segment id (packing and left padding).
+sliding layers, ``q - k <= p % attention_chunk_size`` on chunked layers (``p``: the query's position, so the key is
+in its chunk), and both slots carry the same segment id (packing and left padding).
 
 Prompt tuning (:mod:`litft.peft.prompt`) sets ``GPT.virtual_prompt``: N learned embeddings that act as N tokens in
 front of every sequence, at positions 0..N-1 (the real tokens then start at position N), as PEFT's prompt tuning
@@ -149,24 +150,30 @@ class GPT(nn.Module):
         flex = self.attention_backend == "flex" and not cached and not n_virtual
         for kind in set(self.config.layer_types):
             full_window = self.config.sliding_window if kind == "sliding" else None
+            chunk = self.config.attention_chunk_size if kind == "chunked" else None
             window = full_window
             if window is not None and not cached and T <= window:
                 window = None  # the window cannot bind: plain causal (SDPA's fused causal kernel, no mask)
-            if flex and (window is not None or segment_ids is not None or self.config.attn_logit_softcapping):
+            if flex and chunk is None and (window is not None or segment_ids is not None
+                                           or self.config.attn_logit_softcapping):
                 from litft.attention import block_mask
 
                 masks[kind] = block_mask(T, window, segment_ids, idx.device)
             else:
                 k_slots = cache.key_slots(kind, input_pos) if cached else None
                 masks[kind] = build_attention_mask(q_slots, kv_len, window, segment_ids, cached, k_slots)
+                if chunk is not None:
+                    masks[kind] = within_chunks(masks[kind], q_slots, kv_len, k_slots, positions, chunk)
             if n_virtual:
-                masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len)
+                masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len, chunk)
 
         rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
+        q_scale = self.query_temperature(positions)
         layer_caches = cache.layers if cached else [None] * len(self.blocks)
         for i, (block, kind, layer_kv, layer_cache) in enumerate(
                 zip(self.blocks, self.config.layer_types, virtual_kv, layer_caches)):
-            x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv, cache=layer_cache)
+            x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv, cache=layer_cache,
+                      q_scale=self.layer_query_scale(i, q_scale))
         x = self.norm(x)
         if return_hidden:
             return x
@@ -195,9 +202,14 @@ class GPT(nn.Module):
             rope[kind] = self.rope(positions, kind, dtype)
             masks[kind] = build_attention_mask(positions[0], n, window if window is not None and n > window
                                                else None, None, False)
+            if kind == "chunked":
+                masks[kind] = within_chunks(masks[kind], positions[0], n, None, positions,
+                                            self.config.attention_chunk_size)
+        q_scale = self.query_temperature(positions)
         kv = []
         for i, (block, kind) in enumerate(zip(self.blocks, self.config.layer_types)):
-            x, layer_kv = block(x, self.layer_rope(i, rope[kind]), masks[kind], None, None, True)
+            x, layer_kv = block(x, self.layer_rope(i, rope[kind]), masks[kind], None, None, True,
+                                q_scale=self.layer_query_scale(i, q_scale))
             kv.append(layer_kv)
         if key is not None:
             vp.cached_kv = (key, kv)
@@ -206,6 +218,19 @@ class GPT(nn.Module):
     def layer_rope(self, index: int, rope: RopeTables) -> Optional[RopeTables]:
         """The cos/sin tables layer ``index`` rotates with; None on a NoPE layer (``Config.nope_layers``)."""
         return None if index in self.config.nope_layers else rope
+
+    def query_temperature(self, positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """The factor (B, 1, T, 1) that attention temperature tuning scales the queries of NoPE layers by at
+        ``positions`` (B, T) (``Config.attn_temperature_floor_scale``); None when the model has none."""
+        floor_scale = self.config.attn_temperature_floor_scale
+        if floor_scale is None or not self.config.nope_layers:
+            return None
+        steps = torch.floor((positions.float() + 1.0) / floor_scale)
+        return (torch.log1p(steps) * self.config.attn_temperature_scale + 1.0)[:, None, :, None]
+
+    def layer_query_scale(self, index: int, q_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The query temperature of layer ``index``: only NoPE layers are tuned."""
+        return q_scale if index in self.config.nope_layers else None
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final (normed) hidden states, with the final softcap where the family has one."""
@@ -234,11 +259,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                return_kv: bool = False, cache: Optional[Cache] = None) -> Any:
+                return_kv: bool = False, cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None) -> Any:
         """The block's output; with ``return_kv``, also this layer's keys and values of ``x`` (see attention).
         ``rope``: None on a NoPE layer."""
         h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, input_pos, virtual_kv,
-                      return_kv, cache)
+                      return_kv, cache, q_scale)
         if return_kv:
             h, kv = h
         if self.post_attn_norm is not None:
@@ -273,11 +298,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                return_kv: bool = False, cache: Optional[Cache] = None) -> Any:
+                return_kv: bool = False, cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None) -> Any:
         """Attention output for ``x`` (B, T, C). ``rope``: None on a NoPE layer. ``cache``: this layer's cache,
         written at slots ``input_pos`` and attended over. ``virtual_kv``: keys and values (1, ng, N, hs) of virtual
         tokens put in front of the keys (``mask`` then has N more columns). ``return_kv``: also return ``x``'s own
-        keys and values (after RoPE), as :meth:`GPT.virtual_kv` collects them."""
+        keys and values (after RoPE), as :meth:`GPT.virtual_kv` collects them. ``q_scale``: (B, 1, T, 1) factors
+        the queries are multiplied by (attention temperature tuning)."""
         B, T, _ = x.shape
         hs = self.config.head_size
         q, k = self.q_proj(x), self.k_proj(x)
@@ -289,7 +315,12 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None and not self.config.qk_norm_across_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            rotate = apply_rope_interleaved if self.config.rope_interleaved else apply_rope
+            q, k = rotate(q, rope), rotate(k, rope)
+            if self.config.qk_l2_norm:
+                q, k = l2_norm(q, self.config.norm_eps), l2_norm(k, self.config.norm_eps)
+        if q_scale is not None:
+            q = (q * q_scale).to(q.dtype)
         own_kv = (k, v) if return_kv else None
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
@@ -372,7 +403,8 @@ class LatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[Any] = None, return_kv: bool = False,
-                cache: Optional[Cache] = None) -> torch.Tensor:
+                cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As :meth:`CausalSelfAttention.forward`, without virtual tokens."""
         if virtual_kv is not None or return_kv:
             raise ValueError("prompt tuning (virtual tokens) is not implemented for multi-head latent attention "
                              "(kv_lora_rank): use LoRA")
@@ -383,8 +415,10 @@ class LatentAttention(nn.Module):
         latent, k_rot = self.kv_a_proj(x).split([self.rank, self.config.head_size], dim=-1)
         latent, k_rot = self.kv_a_norm(latent).unsqueeze(1), k_rot.unsqueeze(1)  # (B, 1, T, ...)
         if rope is not None:
-            rotate = apply_rope_interleaved if self.config.rope_interleave else apply_rope
+            rotate = apply_rope_interleaved if self.config.rope_interleaved else apply_rope
             q_rot, k_rot = rotate(q_rot, rope), rotate(k_rot, rope)
+        if q_scale is not None:
+            q_nope, q_rot = (q_nope * q_scale).to(q_nope.dtype), (q_rot * q_scale).to(q_rot.dtype)
         if cache is not None:
             latent, k_rot = cache.update(input_pos, latent, k_rot)
             if type(self.kv_b_proj) is nn.Linear:  # not under LoRA or quantization: its plain weight is the map
@@ -456,18 +490,33 @@ def build_attention_mask(
     return mask.unsqueeze(1)
 
 
+def within_chunks(mask: Optional[torch.Tensor], q_slots: torch.Tensor, kv_len: int, k_slots: Optional[torch.Tensor],
+                  positions: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``mask`` (None = plain causal over ``kv_len`` slots) restricted to chunked local attention: a query at
+    position p (``positions`` (B, T)) sees the keys at most ``p % chunk`` slots before it, the earlier tokens of its
+    chunk (slot differences equal position differences within a row). ``k_slots`` as in
+    :func:`build_attention_mask`."""
+    columns = torch.arange(kv_len, device=q_slots.device) if k_slots is None else k_slots
+    diff = q_slots.unsqueeze(-1) - columns.unsqueeze(0)  # (T, S)
+    keep = ((diff >= 0) & (diff <= (positions % chunk).unsqueeze(-1))).unsqueeze(1)  # (B, 1, T, S)
+    return keep if mask is None else keep & mask
+
+
 def with_virtual_columns(mask: Optional[torch.Tensor], positions: torch.Tensor, n_virtual: int,
-                         window: Optional[int], T: int, kv_len: int) -> torch.Tensor:
+                         window: Optional[int], T: int, kv_len: int, chunk: Optional[int] = None) -> torch.Tensor:
     """``mask`` (None = plain causal over T slots) with ``n_virtual`` columns in front for the virtual tokens at
-    positions 0..n-1: every query sees them, on sliding layers only within ``window`` of its position (``positions``:
-    the queries' positions, virtual tokens counted)."""
+    positions 0..n-1: every query sees them, on sliding layers only within ``window`` of its position, on chunked
+    layers only those in its chunk (``positions``: the queries' positions, virtual tokens counted)."""
     device = positions.device
     if mask is None:
         mask = torch.ones(T, kv_len, dtype=torch.bool, device=device).tril().view(1, 1, T, kv_len)
-    if window is None:
+    virtual = torch.arange(n_virtual, device=device)
+    if chunk is not None:
+        seen = (positions.unsqueeze(-1) // chunk == virtual // chunk).unsqueeze(1)
+    elif window is None:
         seen = torch.ones(1, 1, T, n_virtual, dtype=torch.bool, device=device)
     else:
-        seen = (positions.unsqueeze(-1) - torch.arange(n_virtual, device=device) < window).unsqueeze(1)
+        seen = (positions.unsqueeze(-1) - virtual < window).unsqueeze(1)
     b = max(mask.shape[0], seen.shape[0])
     return torch.cat((seen.expand(b, 1, T, n_virtual), mask.expand(b, 1, T, mask.shape[-1])), dim=-1)
 
@@ -504,12 +553,14 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Sparse mixture of gated-MLP experts with top-k routing: softmax (Mixtral, Qwen3-MoE, gpt-oss) or grouped
-    sigmoid scores with a correction bias (DeepSeek-V3, :meth:`route_sigmoid`); optionally a shared dense MLP every
-    token also runs (``shared_experts``), added to the experts' weighted sum.
+    """Sparse mixture of gated-MLP experts with top-k routing (``Config.moe_routing``): softmax weights on the
+    experts' outputs (Mixtral, Qwen3-MoE, gpt-oss), sigmoid scores on their inputs (Llama 4) or grouped sigmoid
+    scores with a correction bias on their outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared
+    expert every token goes through (``Config.moe_shared_expert_size``).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
-    on its contiguous group of rows, and every token's k outputs are summed with their routing weights.
+    on its contiguous group of rows, and every token's k outputs are summed with their routing weights (or, with
+    the weights on the inputs, as they are).
     """
 
     def __init__(self, config: Config) -> None:
@@ -520,12 +571,14 @@ class MoE(nn.Module):
         self.top_k = config.n_expert_per_token
         self.normalize = config.moe_normalize_topk
         self.config = config
+        self.weights_on_inputs = config.moe_routing == "sigmoid_inputs"
         # not trained (a load-balancing offset updated outside gradient descent), but part of the checkpoint
         if config.moe_score_correction_bias:
             self.register_buffer("score_correction_bias", torch.zeros(config.n_expert, dtype=torch.float32))
         else:
             self.score_correction_bias = None
-        self.shared_experts = GatedMLP(config, config.moe_shared_expert_size) if config.moe_shared_expert_size else None
+        shared = config.moe_shared_expert_size
+        self.shared_expert = GatedMLP(config, shared) if shared else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
         """As nn.Module's (``.to``, ``.cuda``, ``.bfloat16`` ...), but the score correction bias only moves: it keeps
@@ -541,15 +594,17 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights (N, k) in ``x``'s dtype and chosen expert ids (N, k) of the rows of ``x`` (N, C)."""
-        if self.config.moe_router_scoring == "sigmoid":
+        if self.weights_on_inputs:  # sigmoid of the top-k logits
+            top, chosen = self.router(x).topk(self.top_k, dim=-1)
+            return torch.sigmoid(top.float()).to(x.dtype), chosen
+        if self.config.moe_routing == "sigmoid":
             weights, chosen = self.route_sigmoid(x)
+            weights = weights * self.config.moe_routed_scaling
         else:
             probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
             weights, chosen = probs.topk(self.top_k, dim=-1)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.config.moe_routed_scaling != 1.0:
-            weights = weights * self.config.moe_routed_scaling
         return weights.to(x.dtype), chosen
 
     def route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -574,11 +629,6 @@ class MoE(nn.Module):
         return weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routed = self.routed(x)
-        return routed if self.shared_experts is None else routed + self.shared_experts(x)
-
-    def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """The routed experts' weighted sum for ``x`` (..., C)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = self.route(x)
@@ -586,10 +636,15 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # pairs grouped by expert, tokens in order within a group
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         grouped = x.index_select(0, order // self.top_k)
+        if self.weights_on_inputs:
+            grouped = grouped * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
         outputs = [expert(rows) for expert, rows in zip(self.experts, grouped.split(counts)) if rows.shape[0]]
         y = torch.cat(outputs).to(x.dtype) if outputs else grouped
-        unsorted = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, choice) order
-        return (unsorted.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1).view(shape)
+        unsorted = torch.empty_like(y).index_copy_(0, order, y).view(-1, self.top_k, shape[-1])  # (token, choice)
+        routed = unsorted.sum(dim=1) if self.weights_on_inputs else (unsorted * weights.unsqueeze(-1)).sum(dim=1)
+        if self.shared_expert is not None:
+            routed = self.shared_expert(x) + routed
+        return routed.view(shape)
 
 
 # tensors that stay float32 whatever dtype the model is loaded, converted or cast to (transformers keeps them so): a
@@ -635,7 +690,7 @@ class RotaryEmbedding(nn.Module):
 
     def reset(self, device: Optional[torch.device]) -> None:
         cfg = self.config
-        for kind in ("full", "sliding"):
+        for kind in ("full", "sliding", "chunked"):
             if kind == "sliding" and cfg.rope_local_theta is not None:
                 inv, scale, long_inv = rope_inv_freq(cfg.rope_dim, cfg.rope_local_theta, None, cfg.block_size)
             else:
@@ -730,13 +785,21 @@ def _yarn(dim: int, base: float, scaling: dict, max_positions: int) -> tuple[tor
 
 
 def apply_rope_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate every channel of each head as adjacent pairs (x0, x1), (x2, x3), ... each by one frequency, the
-    rotated pairs' first members then their second members (transformers' ``apply_rotary_pos_emb_interleave``)."""
+    """Rotate adjacent channel pairs (2i, 2i+1) of the first ``rope_dim`` channels of each head by frequency i
+    (Llama 4's complex-number form; ``Config.rope_interleaved``)."""
     cos, sin = rope
-    half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half], sin[..., :half]
-    even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    rot = cos.shape[-1]
+    cos, sin = cos[..., :rot // 2], sin[..., :rot // 2]  # the tables repeat each frequency in both halves
+    x_rot, x_pass = (x[..., :rot], x[..., rot:]) if rot < x.shape[-1] else (x, None)
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+    out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return out if x_pass is None else torch.cat((out, x_pass), dim=-1)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim in float32, without a weight (Llama 4's qk-norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

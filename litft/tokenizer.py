@@ -259,7 +259,7 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], a
         where = f"{source}, line {line}" if line is not None else source
         problem = (e.message or type(e).__name__) if isinstance(e, jinja2.exceptions.TemplateError) \
             else f"{type(e).__name__}: {e}"
-        raise ChatTemplateError(f"{where}: {problem}") from e
+        raise ChatTemplateError(f"chat template {where}: {problem}") from e
 
 
 # ---------------------------------------------------------------------------------------------- streaming

@@ -1,5 +1,8 @@
-"""Reading and writing weights: safetensors shards, atomic checkpoint directories, and building a
+"""Reading and writing weights and the files beside them: safetensors shards, atomic files and checkpoint
+directories, a method's weights + settings files (``lora.safetensors`` + ``lora.yaml``, ...), and building a
 :class:`~litft.model.GPT` on the meta device then loading its weights memory-mapped (never twice in RAM).
+
+What a checkpoint *is* (full weights or a method's weights on a base) is :mod:`litft.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
@@ -331,3 +335,160 @@ def save_model(model: torch.nn.Module, checkpoint_dir: Path, max_shard_size: int
     if getattr(model, "config", None) is not None and model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     write_shards(iter(state.items()), Path(checkpoint_dir), parse_size(max_shard_size))
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _safetensors_dtypes(files: list[Path]) -> str:
+    """The dtypes of the tensors in ``files`` (from their headers, no data read), e.g. ``F32`` or ``BF16, F32``."""
+    from safetensors import safe_open
+
+    found: dict[str, int] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                found[dtype] = found.get(dtype, 0) + 1
+    return ", ".join(sorted(found, key=lambda d: -found[d]))
+
+
+def print_written(path: Path, what: str, dtype: Optional[str] = None) -> None:
+    """Tell the user what a command wrote: ``path`` (a folder: each entry in it, a sub-folder as one line; or one
+    file) with sizes, and the weights' dtype (read from the safetensors headers unless given, e.g. GGUF's outtype)."""
+    path = Path(path)
+
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+    entries = sorted(path.iterdir()) if path.is_dir() else [path]
+    if dtype is None:
+        tensors = [f for f in entries if f.suffix == ".safetensors"]
+        dtype = _safetensors_dtypes(tensors) if tensors else None
+    print(f"{what}: {path} ({_human_size(sum(size(p) for p in entries))}" + (f", weights {dtype}" if dtype else "")
+          + ")", flush=True)
+    if path.is_dir():
+        names = [p.name + ("/" if p.is_dir() else "") for p in entries]
+        width = max(map(len, names), default=0)
+        for name, entry in zip(names, entries):
+            print(f"  {name:<{width}}  {_human_size(size(entry)):>9}", flush=True)
+
+
+# ------------------------------------------------------------------------ a method's files (LoRA, adapter, prompt)
+
+
+def load_state_strict(params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor], what: str,
+                      source: str = "state dict") -> None:
+    """Copy ``state`` into ``params`` after checking that names and shapes match exactly (clear error if not)."""
+    missing = [k for k in params if k not in state]
+    unexpected = [k for k in state if k not in params]
+    wrong = [f"{k} has shape {list(state[k].shape)}, the model expects {list(params[k].shape)}"
+             for k in params if k in state and tuple(state[k].shape) != tuple(params[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}"
+                        + (" ..." if len(missing) > 4 else ""))
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:4])}"
+                        + (" ..." if len(unexpected) > 4 else ""))
+    if wrong:
+        problems.append("shape mismatch (was it trained on another base model?): " + "; ".join(wrong[:4])
+                        + (" ..." if len(wrong) > 4 else ""))
+    if problems:
+        raise ValueError(f"{source}: does not match the model's {what} tensors: " + " | ".join(problems))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k].to(p.dtype))
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors file written to a temp name beside ``path`` then renamed (non-finite tensors refused:
+    :func:`save_safetensors`)."""
+    with _atomic_file(path) as tmp:
+        save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata, final_path=path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A text file written to a temp name beside ``path`` then renamed."""
+    with _atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path`` (the umask's mode) that replaces ``path`` when the block succeeds; a failed
+    write is one error naming ``path``."""
+    with writing(path, any_os_error=False):
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            follow_umask(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def read_args_yaml(path: Path, cls: type) -> Any:
+    """A dataclass from a YAML file, with errors naming the file and the unknown/invalid field."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    return args_from_mapping(data, cls, str(path))
+
+
+def args_from_mapping(data: Any, cls: type, source: str) -> Any:
+    """A dataclass from YAML data (a mapping of its fields), with errors naming ``source`` and the bad field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def write_args_yaml(path: Path, args: Any) -> None:
+    import yaml
+
+    write_text_atomic(path, yaml.safe_dump(asdict(args), sort_keys=False))
+
+
+def write_method_files(out_dir: Path, state: dict[str, torch.Tensor], weights_name: str, args_name: str, args: Any,
+                       method: str) -> Path:
+    """Write a method's trainable tensors (``weights_name``, safetensors) and its args (``args_name``, YAML) into
+    ``out_dir``: the files of a LoRA, adapter or prompt-tuning checkpoint."""
+    save_file_atomic(state, out_dir / weights_name, metadata={"format": "pt", "litft": method})
+    write_args_yaml(out_dir / args_name, args)
+    return out_dir
+
+
+def read_method_weights(directory: Path, weights_name: str, args_name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(path, tensors) of the weights file a method's args file ``args_name`` goes with, with a clear error when it
+    is missing or unreadable."""
+    from safetensors.torch import load_file
+
+    weights = directory / weights_name
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found (expected next to {directory / args_name})")
+    try:
+        return weights, load_file(str(weights))
+    except Exception as e:
+        raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e

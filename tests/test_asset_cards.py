@@ -171,7 +171,7 @@ def test_finetune_commands_take_a_card_name(asset_dir, tiny_llama_native, data, 
 
 def test_convert_generate_and_evaluate_take_a_card_name(asset_dir, tiny_llama_native, tiny_llama_hf, data, tmp_path,
                                                          capsys):
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     litft("finetune", "lora", tiny_llama_native, *_finetune_args(data, run), "--lora.targets", "[q,v]")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from litft.cache import KVCache, ModelCache, SlidingKVCache
+from litft.cache import ChunkedKVCache, KVCache, ModelCache, SlidingKVCache
 from litft.convert.hf import convert_from_hf
 from litft.weights import load_model
 from tests.hf_models import make_hf_model
@@ -24,6 +24,14 @@ def gemma3(tmp_path_factory: pytest.TempPathFactory):
     """Tiny Gemma 3: sliding (window 4), full and sliding layers; transformers' model and litft's."""
     d = tmp_path_factory.mktemp("gemma3")
     hf = make_hf_model("gemma3", d / "hf")
+    return hf, load_model(convert_from_hf(d / "hf", d / "native")).eval()
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny Llama 4: chunked (chunks of 4), full NoPE and chunked layers; transformers' model and litft's."""
+    d = tmp_path_factory.mktemp("llama4")
+    hf = make_hf_model("llama4", d / "hf")
     return hf, load_model(convert_from_hf(d / "hf", d / "native")).eval()
 
 
@@ -41,6 +49,15 @@ def test_the_model_makes_one_cache_per_layer_of_its_kind(gemma3) -> None:
     allocated = sum(buf.numel() * buf.element_size() for buf in cache.buffers())
     assert model.cache_bytes_per_row(20) * 2 == allocated
 
+
+def test_chunked_layers_hold_one_chunk(llama4) -> None:
+    _, model = llama4
+    cache = model.make_cache(rows=2, length=20)
+    assert model.config.layer_types == ["chunked", "full", "chunked"]
+    assert [type(layer) for layer in cache.layers] == [ChunkedKVCache, KVCache, ChunkedKVCache]
+    assert [layer.k.shape[2] for layer in cache.layers] == [4, 20, 4]
+    allocated = sum(buf.numel() * buf.element_size() for buf in cache.buffers())
+    assert model.cache_bytes_per_row(20) * 2 == allocated
 
 
 def test_input_pos_without_a_cache_is_a_clear_error(gemma3) -> None:
@@ -68,12 +85,13 @@ def test_the_memory_budget_counts_what_is_allocated(gemma3) -> None:
     assert engine.kv_cache_longest_row(per_slot * 2) == 0
 
 
+@pytest.mark.parametrize("variant", ["gemma3", "llama4"])
 @pytest.mark.parametrize("chunk", [3, 7])
-def test_chunked_prefill_and_decode_through_the_cache_equal_transformers(gemma3, chunk: int) -> None:
-    """A 9-token prompt prefilled ``chunk`` tokens at a time (chunks shorter and longer than the window of 4),
-    then 5 decode steps (the sliding layers' ring wraps around several times): every position's logits equal
+def test_chunked_prefill_and_decode_through_the_cache_equal_transformers(variant: str, chunk: int, request) -> None:
+    """A 9-token prompt prefilled ``chunk`` tokens at a time (chunks shorter and longer than the window or
+    attention chunk of 4), then 5 decode steps (the ring wraps around several times): every position's logits equal
     transformers' full forward."""
-    hf, model = gemma3
+    hf, model = request.getfixturevalue(variant)
     idx = _ids(14, rows=2)
     with torch.no_grad():
         theirs = hf(idx).logits
@@ -92,11 +110,12 @@ def _decode_logits(model, cache: ModelCache, token: int, slot: int, start: int) 
                  segment_ids=segments, cache=cache)[0, -1]
 
 
-def test_rows_copied_in_moved_and_shifted_keep_their_sequence(gemma3) -> None:
+@pytest.mark.parametrize("variant", ["gemma3", "llama4"])
+def test_rows_copied_in_moved_and_shifted_keep_their_sequence(variant: str, request) -> None:
     """A prompt prefilled into a cache of its own, copied into row 2 at slot 3, moved to row 0 and shifted back to
-    slot 0 (every row's slots shift), then decoded: the logits are transformers' for the whole sequence. Reset empties
-    only its rows."""
-    hf, model = gemma3
+    slot 0 (every row's slots shift), then decoded: the logits are transformers' for the whole sequence (Llama 4's
+    chunks and query temperature follow the row's positions, not its slots). Reset empties only its rows."""
+    hf, model = request.getfixturevalue(variant)
     idx = _ids(10)
     with torch.no_grad():
         theirs = hf(idx).logits[0, -1]

@@ -35,7 +35,7 @@ def test_recipe_parses_with_the_cli(name, capsys):
     assert printed["checkpoint_dir"] == source["checkpoint_dir"]
     if name != "tiny/lora":
         assert source["checkpoint_dir"].startswith("checkpoints/")
-    for section in ("train", "data", "eval"):
+    for section in ("train", "data", "eval", "objective"):
         for key, value in (source.get(section) or {}).items():
             assert printed[section][key] == value, (section, key)
     if name.endswith("qlora"):

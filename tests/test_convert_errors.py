@@ -219,6 +219,20 @@ _SLIDING_YARN = {"full_attention": {"rope_type": "default", "rope_theta": 10000.
     ("smollm3", {"no_rope_layers": [1, 0]}, r"config\.json: no_rope_layers must hold 3 flags of 0 or 1"),
     ("smollm3", {"layer_types": ["sliding_attention", "full_attention", "full_attention"], "sliding_window": 4},
      r"config\.json: layer_types has sliding_attention layers but use_sliding_window is false"),
+    ("llama4", {"no_rope_layers": [1, 0]}, r"config\.json: no_rope_layers must hold 3 flags of 0 or 1 \(one per "
+                                           r"layer\), got \[1, 0\]"),
+    ("llama4", {"moe_layers": [0, 5]}, r"config\.json: moe_layers holds \[5\], outside \[0, num_hidden_layers=3\)"),
+    ("llama4", {"moe_layers": None, "interleave_moe_layer_step": 0},
+     r"config\.json: interleave_moe_layer_step must be >= 1, got 0"),
+    ("llama4", {"use_qk_norm": "yes"}, r"config\.json: use_qk_norm='yes' is not a value litft implements for "
+                                       r"model_type 'llama4_text' \(supported: True, False\)"),
+    ("llama4", {"attention_chunk_size": None}, r"config\.json: layer_types has 'chunked' layers but "
+                                               r"attention_chunk_size is not a positive integer \(got None\)"),
+    ("llama4", {"layer_types": ["chunked_attention", "banded_attention", "full_attention"]},
+     r"config\.json: unsupported layer type 'banded_attention'"),
+    ("llama4", {"quantization_config": {"quant_method": "fbgemm_fp8"}},
+     r"config\.json: quantization_config \(quant_method='fbgemm_fp8'\) is not a format litft imports for "
+     r"model_type 'llama4_text'"),
 ])
 def test_config_features_litft_does_not_implement_are_refused_by_name(tmp_path, variant, changes, message):
     """A config.json value litft cannot compute is refused naming its key, before anything is written."""

@@ -164,7 +164,7 @@ def test_all_linear_lora_reaches_experts_and_shared_experts_and_merges_to_hf(tmp
                        LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])).eval()
     names = set(lora_modules(model))
     assert {"blocks.0.attn.q_proj", "blocks.0.attn.kv_a_proj", "blocks.0.attn.kv_b_proj", "blocks.0.mlp.gate_proj",
-            "blocks.1.mlp.experts.3.down_proj", "blocks.2.mlp.shared_experts.up_proj"} <= names
+            "blocks.1.mlp.experts.3.down_proj", "blocks.2.mlp.shared_expert.up_proj"} <= names
     assert not any("router" in n for n in names)
     with torch.no_grad():
         for m in lora_modules(model).values():

@@ -69,7 +69,9 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 150) -> subpro
 
 def litft(work: Path, out: str, *extra: str, method: str = "lora", env: dict | None = None,
           check: bool = True) -> subprocess.CompletedProcess:
-    r = run([sys.executable, "-m", "litft", *args(work, out, *extra, method=method)], env=env)
+    faults = any(k.startswith("LITFT_FAULT_") for k in env or {})  # injected by tests/fault_launcher.py
+    command = [sys.executable, str(REPO / "tests" / "fault_launcher.py")] if faults else [sys.executable, "-m", "litft"]
+    r = run([*command, *args(work, out, *extra, method=method)], env=env)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -141,7 +143,7 @@ def test_lora_fsdp_full_shard_matches_one_process(fsdp2: Path, ref, work: Path) 
     the reference's), loadable without Fabric; the step checkpoint holds the LoRA weights, not the frozen base."""
     from safetensors.torch import load_file
 
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     assert_close(losses(fsdp2), ref, STEPS)
     final = fsdp2 / "final"
@@ -174,7 +176,7 @@ def test_full_fsdp_shard_grad_op_with_activation_checkpointing(full_runs, work: 
     from transformers import AutoModelForCausalLM
 
     from litft.convert.hf import convert_to_hf
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     assert_close(losses(work / "full2"), losses(work / "full1"), STEPS)
     final = work / "full2" / "final"
@@ -341,7 +343,7 @@ def same_tensors(got: Path, want: Path, atol: float = 1e-4) -> None:
 def same_logits(got: Path, want: Path) -> None:
     import torch
 
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -355,7 +357,7 @@ def test_consolidate_lora_fsdp_step_checkpoint(fsdp2: Path, ref, work: Path, tmp
     resumes."""
     from litft import LLM
     from litft.cli import main
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     shutil.copytree(fsdp2, tmp_path / "run", ignore=shutil.ignore_patterns("final", "logs"))
     step = tmp_path / "run" / "checkpoints" / "step-2"
@@ -439,7 +441,7 @@ def test_consolidate_refuses_what_is_not_an_fsdp_step_checkpoint(ref, work: Path
 
 def test_dead_rank_ends_the_run(work: Path) -> None:
     t0 = time.monotonic()
-    r = litft(work, "dead", "--devices", "2", "--train.timeout", "20", env={"LITFT_TEST_DIE": "1:2"}, check=False)
+    r = litft(work, "dead", "--devices", "2", "--train.timeout", "20", env={"LITFT_FAULT_DIE": "1:2"}, check=False)
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "rank 1: exiting at step 2" in out
@@ -453,7 +455,7 @@ def test_stuck_rank_times_out(work: Path) -> None:
     with a message naming the option, and stops rank 1 (Fabric started it) instead of leaving it behind."""
     timeout = 8
     t0 = time.monotonic()
-    r = litft(work, "stuck", "--devices", "2", "--train.timeout", str(timeout), env={"LITFT_TEST_HANG": "1:2"},
+    r = litft(work, "stuck", "--devices", "2", "--train.timeout", str(timeout), env={"LITFT_FAULT_HANG": "1:2"},
               check=False)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]

@@ -130,7 +130,7 @@ def lora_run(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     import torch
 
     from litft.cli import main
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
 
     root = tmp_path_factory.mktemp("lora_run")
     data = root / "train.jsonl"

@@ -21,8 +21,11 @@ from litft.config import Config
 from litft.data import DataArgs, Sample, pad_batch
 from litft.model import GPT
 from litft.train.args import EvalArgs, TrainArgs, parse_duration
-from litft.train.checkpoint import load_checkpoint
-from litft.train.loop import CausalLMLoss, count_targets, count_tokens, forward_backward, prompt_and_reference
+from litft.checkpoint import load_checkpoint
+from litft.train.loop import count_tokens, prompt_and_reference
+from litft.train.objectives import ObjectiveArgs, SFTObjective
+from litft.train.objectives.sft import count_targets
+from litft.train.trainer import forward_backward
 from litft.train.metrics import read_metrics
 from litft.train.schedule import lr_at
 from litft.weights import copy_tokenizer_files, save_model
@@ -186,6 +189,11 @@ NEW_ARCHITECTURES = {
     # sinks, biases, router bias, clamped SwiGLU (traits); sliding and full layers; LoRA on every expert
     "gpt_oss": dict(n_expert=4, n_expert_per_token=2, sliding_window=4, layer_types=["sliding", "full"],
                     attention_bias=True, attention_out_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0),
+    # a chunked RoPE layer and a NoPE full layer (query temperature), a sigmoid-routed MoE layer with a shared
+    # expert before a dense one; LoRA on every expert and the shared one
+    "llama4_text": dict(n_expert=4, n_expert_per_token=1, moe_intermediate_size=24, moe_shared_expert_size=24,
+                        moe_dense_layers=[1], attention_chunk_size=4, layer_types=["chunked", "full"],
+                        nope_layers=[1], qk_l2_norm=True, attn_temperature_floor_scale=2, attn_temperature_scale=0.5),
 }
 
 
@@ -308,17 +316,17 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_grad_accumulation_over_4_micro_batches_equals_one_batch_of_4(ckpt):
     model = load_checkpoint(ckpt)
-    loss_model = CausalLMLoss(model)
+    loss_model = SFTObjective(model)
     samples = _samples()
     whole = [pad_batch(samples, 0)]
     micro = [pad_batch([s], 0) for s in samples]
     n = sum(count_targets(b) for b in micro)
     assert n == count_targets(whole[0])
 
-    total = forward_backward(loss_model, whole, lambda loss: loss.backward(), n)
+    total = forward_backward(loss_model, whole, lambda loss: loss.backward(), n).loss
     g1 = _grads(model)
     model.zero_grad()
-    total4 = forward_backward(loss_model, micro, lambda loss: loss.backward(), n)
+    total4 = forward_backward(loss_model, micro, lambda loss: loss.backward(), n).loss
     g4 = _grads(model)
     assert g1.keys() == g4.keys() and len(g1) > 0
     for k in g1:
@@ -333,7 +341,7 @@ def test_grad_accumulation_over_4_micro_batches_equals_one_batch_of_4(ckpt):
 
 def test_masked_and_padding_tokens_never_contribute(ckpt):
     model = load_checkpoint(ckpt)
-    loss_model = CausalLMLoss(model)
+    loss_model = SFTObjective(model)
     samples = _samples()
     batch = pad_batch(samples, 0)
     n = count_targets(batch)
@@ -346,7 +354,7 @@ def test_masked_and_padding_tokens_never_contribute(ckpt):
     for row, s in enumerate(samples):
         padded["input_ids"][row, len(s):] = 55
     assert not torch.equal(padded["input_ids"][:, :batch["input_ids"].shape[1]], batch["input_ids"])
-    loss = forward_backward(loss_model, [padded], lambda loss: loss.backward(), n)
+    loss = forward_backward(loss_model, [padded], lambda loss: loss.backward(), n).loss
     for k, v in _grads(model).items():
         torch.testing.assert_close(v, g[k], atol=1e-6, rtol=0)
     # the loss is exactly the CE of the target positions; a masked label never enters it
@@ -482,7 +490,7 @@ def val_loss_of(model: torch.nn.Module, data: DataArgs, checkpoint: Path, max_se
     batch = pad_batch(val, 0)
     model.eval()
     with torch.no_grad():
-        return float(CausalLMLoss(model)(**batch)) / count_targets(batch)
+        return float(SFTObjective(model)(**batch).loss) / count_targets(batch)
 
 
 def test_full_finetune_of_a_tied_model_stays_tied_through_export(data_dir, tmp_path):
@@ -601,7 +609,7 @@ def test_activation_checkpointing_gives_the_same_gradients(ckpt, mode):
             enable_activation_checkpointing(model, mode)
         model.train()
         torch.manual_seed(2)
-        forward_backward(CausalLMLoss(model), [batch], lambda loss: loss.backward(), n)
+        forward_backward(SFTObjective(model), [batch], lambda loss: loss.backward(), n)
         grads.append(_grads(model))
     plain, checkpointed = grads
     assert plain.keys() == checkpointed.keys() and len(plain) == 2 * 7 * 2  # A and B of 7 linears in 2 blocks
@@ -718,7 +726,8 @@ def test_chat_data_without_a_chat_template_is_refused_before_anything_is_written
 # advertised flag is refused at run time. A new option fails test_every_help_option_has_a_value until it gets one.
 # Non-default values where the machine allows (CUDA-only settings get their CPU value; compile=true would spend
 # a minute compiling on CPU: it has its own tests).
-GROUP_FILES = ("--data", "--train", "--eval", "--lora", "--adapter", "--prompt")  # `--data FILE`: a YAML for the group
+# `--data FILE`: a YAML for the group
+GROUP_FILES = ("--data", "--train", "--eval", "--objective", "--lora", "--adapter", "--prompt")
 HELP_VALUES = {
     "--config": "{config}", "--out_dir": "{out}",
     "--data.train_path": "{data}/train.jsonl", "--data.val_path": "{data}/val.jsonl", "--data.format": "template",
@@ -743,7 +752,7 @@ HELP_VALUES = {
     "--eval.interval": "1", "--eval.max_batches": "1", "--eval.initial_validation": "true",
     "--eval.final_validation": "true", "--eval.early_stopping_patience": "5",
     "--eval.early_stopping_min_delta": "0.001",
-    "--eval.generate_samples": "2", "--eval.max_new_tokens": "4",
+    "--eval.generate_samples": "2", "--eval.max_new_tokens": "4", "--objective.name": "sft",
     "--lora.r": "2", "--lora.alpha": "4", "--lora.dropout": "0.1", "--lora.targets": "[all-linear,lm_head]",
     "--lora.use_dora": "true", "--lora.use_rslora": "true", "--quantize": "bnb.nf4", "--merge": "true",
     "--adapter.prompt_length": "3", "--adapter.start_layer": "1",
@@ -753,7 +762,10 @@ HELP_VALUES = {
     "--resume": "auto", "--overwrite": "false",
 }
 # --print_config: checked with all the other flags, then the real run; --train.controllers.help: jsonargparse's help
-NOT_RUN = {"-h", "--help", "--print_config", "--train.controllers.help"}
+# the options of the objectives other than the default sft (refused with sft: each is run by
+# tests/test_post_training.py and tests/test_objectives.py)
+OTHER_OBJECTIVES = {f"--objective.{f.name}" for f in dataclasses.fields(ObjectiveArgs) if f.name != "name"}
+NOT_RUN = {"-h", "--help", "--print_config", "--train.controllers.help", *OTHER_OBJECTIVES}
 
 
 def help_options(method: str, capsys) -> list[str]:
@@ -805,6 +817,7 @@ def test_every_advertised_flag_is_accepted_at_run_time(method, ckpt, data_dir, t
     assert (out / "final" / "model_config.yaml").is_file()
     run = yaml.safe_load((out / "run.yaml").read_text())
     assert run["precision"] == "bf16-mixed" and run["train"]["activation_checkpointing"] == "selective"
+    assert run["objective"] == {"name": "sft"}
     if method == "lora":  # QLoRA + merge: merged into the dequantized base, as `litft convert merge_lora` does
         assert run["quantize"] == "bnb.nf4" and (out / "final" / "model.safetensors").is_file()
         from litft.weights import load_model

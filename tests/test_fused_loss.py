@@ -21,7 +21,7 @@ from litft.data import Sample, pad_batch
 from litft.model import GPT
 from litft.peft.lora import LoRAArgs, LoRALinear, apply_lora
 from litft.train.fused_loss import linear_cross_entropy
-from litft.train.loop import CausalLMLoss
+from litft.train.objectives import ObjectiveContext, SFTObjective
 
 V = 97
 
@@ -47,7 +47,7 @@ def batch() -> dict[str, torch.Tensor]:
 def loss_and_grads(model: nn.Module, chunk, b, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # same dropout masks in both runs
-    loss = CausalLMLoss(model, chunk)(**b)
+    loss = SFTObjective(model, context=ObjectiveContext(loss_chunk_size=chunk))(**b).loss
     (loss * 0.37).backward()  # a non-unit upstream gradient, as the loop's 1/n_targets scale is
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 

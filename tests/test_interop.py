@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from litft.train.checkpoint import load_checkpoint
+from litft.checkpoint import load_checkpoint
 from tests.inprocess_cli import litft, litft_error
 
 peft = pytest.importorskip("peft")

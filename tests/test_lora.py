@@ -111,16 +111,22 @@ CASES = {
     "qwen3_moe-attention": ("qwen3_moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
     # attention with biases and sinks (the experts are 3-D parameters in transformers, as for Qwen3-MoE)
     "gpt_oss-attention": ("gpt_oss", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
+    # chunked and NoPE layers with L2 qk-norm and query temperature (experts 3-D in transformers, as above)
+    "llama4-attention": ("llama4", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
 }
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
 @pytest.mark.parametrize("proj", ["gate_proj", "up_proj", "down_proj"])
-def test_expert_lora_of_stacked_experts_has_no_peft_name(proj):
-    """gpt-oss stacks every expert in one transformers tensor (gate and up interleaved): a LoRA on one expert's
-    projection is refused by name, never written under the stacked tensor's name."""
+def test_expert_lora_of_stacked_experts_has_no_peft_name(proj, family):
+    """gpt-oss and Llama 4 stack every expert in one transformers tensor: a LoRA on one expert's projection is
+    refused by name, never written under the stacked tensor's name; Llama 4's shared expert is a plain module."""
     with pytest.raises(ValueError, match="mixture-of-experts weights are 3-D parameters in transformers"):
-        lora_name_to_peft(f"blocks.0.mlp.experts.1.{proj}.lora_A.weight", "gpt_oss")
-    assert lora_name_to_peft("blocks.0.attn.q_proj.lora_A.weight", "gpt_oss").endswith("self_attn.q_proj.lora_A.weight")
+        lora_name_to_peft(f"blocks.0.mlp.experts.1.{proj}.lora_A.weight", family)
+    assert lora_name_to_peft("blocks.0.attn.q_proj.lora_A.weight", family).endswith("self_attn.q_proj.lora_A.weight")
+    if family == "llama4_text":
+        assert lora_name_to_peft(f"blocks.0.mlp.shared_expert.{proj}.lora_A.weight", family) == \
+            f"base_model.model.model.layers.0.feed_forward.shared_expert.{proj}.lora_A.weight"
 
 
 @pytest.mark.parametrize("case", list(CASES))

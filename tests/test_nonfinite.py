@@ -77,8 +77,7 @@ def test_nonfinite_gradient_norm_with_clipping_is_a_clear_stop(tmp_path, capsys)
 
 def test_the_weight_writers_refuse_nonfinite_tensors(tmp_path):
     """Every writer goes through one check: full weights (shards), a method's weights, a PEFT export."""
-    from litft.peft.lora import write_method_files
-    from litft.weights import atomic_directory, write_shards
+    from litft.weights import atomic_directory, write_method_files, write_shards
 
     bad = {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf"), float("nan")])}
     with pytest.raises(NonFiniteError, match=r"refusing to write tensor 'b': 2 of its 3 values are NaN or infinite"):

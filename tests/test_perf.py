@@ -17,7 +17,8 @@ from litft.data import Sample, pack_batch, pad_batch
 from litft.model import GPT
 from litft.peft.lora import LoRAArgs, LoRALinear, apply_lora
 from litft.train.args import TrainArgs
-from litft.train.loop import CausalLMLoss, prepare_training, resolve_attention
+from litft.train.loop import prepare_training, resolve_attention
+from litft.train.objectives import ObjectiveContext, SFTObjective
 from litft.train.metrics import flops_per_token, matmul_params, peak_flops
 from litft.train.schedule import build_optimizer
 
@@ -47,7 +48,7 @@ def samples(lengths, seed=0) -> list[Sample]:
 def step(loss_model: torch.nn.Module, b: dict, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss_model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = loss_model(**b)
+    loss = loss_model(**b).loss
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in loss_model.named_parameters() if p.grad is not None}
 
@@ -67,7 +68,7 @@ def test_activation_checkpointing_gives_the_plain_gradients(mode, every, lora):
         apply_lora(model, LoRAArgs(r=4, alpha=8, dropout=0.1, targets=["all-linear"]))
     model.train()
     b = pad_batch(samples([9, 17, 4]), 0)
-    plain = step(CausalLMLoss(model, 16), b)
+    plain = step(SFTObjective(model, context=ObjectiveContext(loss_chunk_size=16)), b)
     checkpointed = copy.deepcopy(model)
     loss_model = prepare_training(checkpointed, TrainArgs(activation_checkpointing=mode,
                                                           activation_checkpointing_every=every), CPU)
@@ -124,7 +125,7 @@ def test_compiled_training_step_equals_eager(checkpointing):
                 m.lora_B.weight.normal_(std=0.1)
     model.train()
     compiled = copy.deepcopy(model)
-    eager_loss = CausalLMLoss(model, 16)
+    eager_loss = SFTObjective(model, context=ObjectiveContext(loss_chunk_size=16))
     compiled_loss = prepare_training(compiled, TrainArgs(compile=True, activation_checkpointing=checkpointing), CPU)
     b = pad_batch(samples([9, 17, 4]), 0)
     results = []
@@ -208,7 +209,7 @@ def test_activation_offloading_gives_the_plain_gradients_cuda():
     device = torch.device("cuda")
     model = tiny().to(device).train()
     b = {k: v.to(device) for k, v in pad_batch(samples([9, 17, 4]), 0).items()}
-    plain = step(CausalLMLoss(model, 16), b)
+    plain = step(SFTObjective(model, context=ObjectiveContext(loss_chunk_size=16)), b)
     offloaded = prepare_training(copy.deepcopy(model), TrainArgs(activation_offloading=True,
                                                                  activation_checkpointing=True), device)
     assert_same(plain, step(offloaded, b), atol=1e-5)

@@ -21,7 +21,7 @@ import yaml
 from litft.convert.hf import convert_from_hf
 from litft.peft.prompt import PROMPT_TENSOR, PromptTuningArgs, apply_prompt_tuning, init_token_ids, load_prompt
 from litft.tokenizer import Tokenizer
-from litft.train.checkpoint import load_checkpoint
+from litft.checkpoint import load_checkpoint
 from litft.train.metrics import read_metrics
 from litft.weights import load_model
 from tests.hf_models import make_hf_model
@@ -90,7 +90,7 @@ def test_init_equals_peft(init, n, tiny_llama_hf, tiny_llama_native):
         assert init_token_ids(Tokenizer(tiny_llama_native), PromptTuningArgs(n, "text", TEXT)) == (ids * n)[:n]
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2"])  # GQA; sliding window 4 < 3 + 9; softcap+scale
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "llama4"])  # GQA; window 4 < 3 + 9; softcap; chunks
 def test_logits_and_gradients_equal_peft(variant, family):
     hf_dir, native = family(variant)
     n = 3
@@ -105,7 +105,7 @@ def test_logits_and_gradients_equal_peft(variant, family):
     assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "llama4"])
 def test_cached_decoding_packing_and_batched_generation_equal_the_full_forward(variant, family):
     from litft.generate.engine import Engine
     from litft.generate.sampling import SamplingParams

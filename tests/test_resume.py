@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from litft.cli import main
-from litft.train.checkpoint import list_checkpoints, load_checkpoint, load_training_state
+from litft.checkpoint import load_checkpoint
+from litft.train.checkpoint import list_checkpoints, load_training_state
 from litft.train.metrics import read_metrics
 from tests.test_finetune import TEMPLATE, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+FAULT_LAUNCHER = REPO / "tests" / "fault_launcher.py"  # litft with a fault injected (tests/fault_launcher.py)
 STEPS = 16
 
 
@@ -60,8 +62,8 @@ def reference(setup):
 
 
 def launch(cli_args: list[str], delay: str) -> subprocess.Popen:
-    env = {**os.environ, "LITFT_TEST_SAVE_DELAY": delay, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "litft", *cli_args], env=env, cwd=REPO,
+    env = {**os.environ, "LITFT_FAULT_SAVE_DELAY": delay, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, str(FAULT_LAUNCHER), *cli_args], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

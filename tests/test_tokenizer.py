@@ -526,4 +526,4 @@ def test_chat_template_errors_name_the_file_and_line(tmp_path: Path, dirs: dict,
     with pytest.raises(ChatTemplateError) as info:
         Tokenizer(d).apply_chat_template([{"role": "user", "content": "hi"}])
     message = str(info.value)
-    assert message.startswith(f"{d / 'chat_template.jinja'}, {problem}") and "\n" not in message, message
+    assert message.startswith(f"chat template {d / 'chat_template.jinja'}, {problem}") and "\n" not in message, message

@@ -101,7 +101,7 @@ def test_export_tutorial_runs(tiny_model, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from litft.train.checkpoint import load_checkpoint
+    from litft.checkpoint import load_checkpoint
     from litft.weights import load_model
 
     text = TUTORIAL.read_text()

@@ -17,7 +17,8 @@ import pytest
 from tests.tutorials import REPO, Ran, bash_commands, blocks, run_tutorial
 
 TUTORIALS = REPO / "tutorials"
-OWN_TEST = {"export-to-vllm.md": "tests/test_tutorial_export.py", "multi-node.md": "tests/test_multinode_tutorial.py"}
+OWN_TEST = {"export-to-vllm.md": "tests/test_tutorial_export.py", "multi-node.md": "tests/test_multinode_tutorial.py",
+            "real-model.md": "tests/test_real_models.py"}
 MODEL = "checkpoints/meta-llama/Llama-3.2-1B"
 HF_MODEL = "models/Llama-3.2-1B-hf"  # python-api.md: a folder in Hugging Face layout
 ABS_MODEL = "/home/me/checkpoints/meta-llama/Llama-3.2-1B"  # what a reader writes in an asset card

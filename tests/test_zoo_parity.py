@@ -95,12 +95,15 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
-def test_gpt_oss_gradients_match_transformers_for_every_tensor(tmp_path):
-    """The backward through sinks, biases, the router bias and the clamped SwiGLU: litft's gradients, mapped to
-    transformers' names by the weight table (experts stacked, gate and up interleaved), equal transformers'."""
+@pytest.mark.parametrize("variant", ["gpt_oss", "llama4"])
+def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(variant, tmp_path):
+    """The backward through sinks, biases, the router bias and the clamped SwiGLU (gpt-oss), through chunked and
+    NoPE layers, L2 qk-norm, the query temperature, sigmoid scores on the experts' inputs and the shared expert
+    (Llama 4): litft's gradients, mapped to transformers' names by the weight table (experts stacked), equal
+    transformers'."""
     from litft.convert.hf import native_tensors_to_hf
 
-    hf_model = make_hf_model("gpt_oss", tmp_path / "hf")
+    hf_model = make_hf_model(variant, tmp_path / "hf")
     model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
     idx = _tokens(5)
     model(idx).pow(2).mean().backward()
@@ -111,7 +114,8 @@ def test_gpt_oss_gradients_match_transformers_for_every_tensor(tmp_path):
     assert sorted(ours) == sorted(theirs)
     for name, grad in theirs.items():
         assert (ours[name] - grad).abs().max() <= TOL * max(1.0, grad.abs().max().item()), name
-    assert all(theirs[f"model.layers.{i}.self_attn.sinks"].abs().sum() > 0 for i in range(len(model.blocks)))
+    if variant == "gpt_oss":
+        assert all(theirs[f"model.layers.{i}.self_attn.sinks"].abs().sum() > 0 for i in range(len(model.blocks)))
 
 
 def test_numeric_constants_come_from_config_json(converted):
@@ -255,7 +259,8 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
     assert json.loads((out / "config.json").read_text())["model_type"] == variant
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "llama4_text",
+                                        "deepseek_v3"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
@@ -382,3 +387,77 @@ def test_an_unknown_quantization_of_gpt_oss_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"quantization_config.quant_method='fp8' is not a format litft imports"):
         convert_from_hf(tmp_path / "hf", tmp_path / "native")
     assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_quantized_llama4_is_refused_by_name(wrapped, tmp_path):
+    """The FP8 Llama 4 releases keep quantization_config beside text_config (the multimodal wrapper): it is refused
+    by name there too, never imported as if the weights were plain."""
+    import json
+
+    make_hf_model("llama4", tmp_path / "hf")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    quant = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+    hf = {"model_type": "llama4", "text_config": hf, "quantization_config": quant} if wrapped else \
+        {**hf, "quantization_config": quant}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"quantization_config \(quant_method='fbgemm_fp8'\) is not a format litft "
+                                         r"imports for model_type 'llama4_text'"):
+        convert_from_hf(tmp_path / "hf", tmp_path / "native")
+    assert not (tmp_path / "native").exists()
+
+
+def test_llama4_inside_its_multimodal_wrapper_imports_the_text_model(tmp_path):
+    """A Llama4ForConditionalGeneration checkpoint (config in text_config, weights under language_model., a vision
+    tower beside them) converts to the text model with the same logits."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf_model = make_hf_model("llama4", tmp_path / "hf")
+    text = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text}))
+    weights = {("language_model." + k): v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}
+    weights["vision_model.patch_embedding.linear.weight"] = torch.ones(2, 2)
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens()
+    with torch.no_grad():
+        assert (model(idx) - hf_model(idx).logits).abs().max().item() <= TOL
+
+
+def test_llama4_layer_kinds_follow_config_json(tmp_path):
+    """transformers' defaults: RoPE layers chunked unless attention_chunk_size is null (then every layer is full),
+    NoPE layers every no_rope_layer_interval-th, MoE layers every interleave_moe_layer_step-th."""
+    import json
+
+    from litft.zoo import family_for
+
+    make_hf_model("llama4", tmp_path / "hf", overrides={"num_hidden_layers": 4})
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key in ("layer_types", "no_rope_layers", "moe_layers"):
+        hf.pop(key)
+    family = family_for("llama4_text")
+    config = family.config_from_hf({**hf, "interleave_moe_layer_step": 2})
+    assert config.layer_types == ["chunked", "full", "chunked", "full"] and config.nope_layers == [1, 3]
+    assert config.moe_dense_layers == [0, 2] and config.attention_chunk_size == 4
+    assert family.config_from_hf({**hf, "attention_chunk_size": None}).layer_types == ["full"] * 4
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(layer_types=["chunked", "full"]), r"layer_types has 'chunked' layers but attention_chunk_size is not a "
+                                            r"positive integer \(got None\)"),
+    (dict(layer_types=["chunked", "full"], attention_chunk_size=0),
+     r"layer_types has 'chunked' layers but attention_chunk_size is not a positive integer \(got 0\)"),
+    (dict(layer_types=["chunked", "banded"], attention_chunk_size=4),
+     r"layer_types may only hold 'full', 'sliding' or 'chunked', got \['banded'\]"),
+    (dict(nope_layers=[1], attn_temperature_floor_scale=0), "attn_temperature_floor_scale must be > 0, got 0"),
+    (dict(n_expert=4, n_expert_per_token=1, moe_routing="sigmoid_outputs"),
+     "moe_routing must be 'softmax', 'sigmoid_inputs' or 'sigmoid', got 'sigmoid_outputs'"),
+    (dict(moe_shared_expert_size=8), r"moe_shared_expert_size is set but n_expert is 0"),
+])
+def test_the_llama4_config_fields_are_checked(fields, message):
+    from litft.config import Config
+
+    with pytest.raises(ValueError, match=f"^config: {message}"):
+        Config.from_dict(dict(n_layer=2, n_embd=32, n_head=4, intermediate_size=64, **fields))

@@ -7,7 +7,7 @@ stays in its base checkpoint. ``final/`` is consolidated at the end of the run; 
 checkpoint, in one process on the CPU, so that what loads a checkpoint (generate, chat, serve, evaluate,
 convert to_hf/to_peft/merge_lora, ``LLM.load``) loads it too.
 
-The method's own save code writes the result (:func:`litft.train.checkpoint.write_model_files`, as for the step
+The method's own save code writes the result (:func:`litft.checkpoint.write_model_files`, as for the step
 checkpoints of a run without FSDP), on a model built on the meta device with the method applied as in training
 (its settings from the run's ``run.yaml``) and only the trainable weights read from the shards.
 """
@@ -44,9 +44,10 @@ def consolidate(step_dir: Path, out_dir: Optional[Path] = None, overwrite: bool 
         overwrite: write again over weights ``step_dir`` already holds (consolidated before), or replace a
             non-empty ``out_dir``.
     """
+    from litft.checkpoint import BASE_FILE, read_base, write_model_files
     from litft.config import Config
     from litft.train import checkpoint as ckpt
-    from litft.weights import atomic_directory, weight_files
+    from litft.weights import atomic_directory, print_written, weight_files
 
     step_dir = Path(step_dir)
     sharded = _check_step_dir(step_dir)
@@ -55,9 +56,9 @@ def consolidate(step_dir: Path, out_dir: Optional[Path] = None, overwrite: bool 
     method = _method(state.get("method"), step_dir)
     base_dir = None
     if not method.full:
-        base = ckpt.read_base(step_dir)
+        base = read_base(step_dir)
         if base is None:
-            raise FileNotFoundError(f"{step_dir / ckpt.BASE_FILE}: not found (a {method.name} checkpoint names the "
+            raise FileNotFoundError(f"{step_dir / BASE_FILE}: not found (a {method.name} checkpoint names the "
                                     "base checkpoint its weights apply to there)")
         base_dir = Path(base["base_checkpoint"])
     in_place = out_dir is None or Path(out_dir).resolve() == step_dir.resolve()
@@ -71,7 +72,7 @@ def consolidate(step_dir: Path, out_dir: Optional[Path] = None, overwrite: bool 
 
     model = _model_from_shards(config, method, sharded)
     with atomic_directory(target, overwrite=overwrite or in_place) as tmp:
-        ckpt.write_model_files(model, tmp, method.save, step_dir, base_dir, method.name)
+        write_model_files(model, tmp, method.save, step_dir, base_dir, method.name)
         if in_place:  # the shards and the training state (and anything else there) stay, as hard links
             skip = {f.name for f in old} | {"model.safetensors.index.json"}
             for entry in step_dir.iterdir():
@@ -81,7 +82,7 @@ def consolidate(step_dir: Path, out_dir: Optional[Path] = None, overwrite: bool 
                     shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
                 else:
                     _link_or_copy(entry, tmp / entry.name)
-    print(f"consolidated the {method.name} weights of {step_dir} (step {state.get('step')}) into {target}", flush=True)
+    print_written(target, f"consolidated the {method.name} weights of {step_dir} (step {state.get('step')})")
     return target
 
 
@@ -113,16 +114,13 @@ def _check_step_dir(step_dir: Path) -> Path:
 
 def _method(name: Any, step_dir: Path) -> Any:
     """The training method of the run, as ``litft finetune`` built it, its settings read from the run's run.yaml."""
-    from litft.peft.lora import args_from_mapping
+    from litft import methods
     from litft.train import checkpoint as ckpt
+    from litft.weights import args_from_mapping
 
-    if name == "full":
-        from litft.finetune.full import full_method
-
-        return full_method()
-    if name not in ("lora", "adapter", "prompt"):
-        raise ValueError(f"{step_dir / ckpt.STATE_FILE}: unknown method {name!r} (expected full, lora, adapter or "
-                         "prompt)")
+    kind = methods.get(name, str(step_dir / ckpt.STATE_FILE))
+    if kind.args_type is None:
+        return kind.build()
     run_file = step_dir.resolve().parent.parent / ckpt.RUN_FILE
     if not run_file.is_file():
         raise FileNotFoundError(f"{run_file}: not found; consolidating a {name} step checkpoint needs the run's "
@@ -134,21 +132,7 @@ def _method(name: Any, step_dir: Path) -> Any:
         raise ValueError(f"{run_file}: not valid YAML: {e}") from e
     if not isinstance(run, dict) or not isinstance(run.get(name), dict):
         raise ValueError(f"{run_file}: expected a '{name}:' mapping (the {name} settings the run trained with)")
-    source = f"{run_file} ({name}:)"
-    if name == "lora":
-        from litft.finetune.lora import lora_method
-        from litft.peft import LoRAArgs
-
-        return lora_method(args_from_mapping(run[name], LoRAArgs, source))
-    if name == "prompt":
-        from litft.finetune.prompt import prompt_method
-        from litft.peft.prompt import PromptTuningArgs
-
-        return prompt_method(args_from_mapping(run[name], PromptTuningArgs, source))
-    from litft.finetune.adapter import adapter_method
-    from litft.peft import AdapterArgs
-
-    return adapter_method(args_from_mapping(run[name], AdapterArgs, source))
+    return kind.build(args_from_mapping(run[name], kind.args_type, f"{run_file} ({name}:)"))
 
 
 def _model_from_shards(config: Any, method: Any, sharded: Path) -> torch.nn.Module:

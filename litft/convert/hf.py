@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -22,6 +22,7 @@ from litft.weights import (
     expected_shapes,
     parse_dtype,
     parse_size,
+    print_written,
     weight_files,
     write_shards,
 )
@@ -45,7 +46,9 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if isinstance(hf.get("text_config"), dict):
         text = dict(hf["text_config"])
         text.setdefault("model_type", f"{hf['model_type']}_text")
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # the wrapper's token ids hold for the text model, and so does its quantization (which the family refuses
+        # or imports, never drops)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "quantization_config"):
             if key not in text and key in hf:
                 text[key] = hf[key]
         hf = text
@@ -125,12 +128,16 @@ class _HFSource:
 
 def hf_tensors_to_native(
     hf_dir: Path, config: Config, dtype: Optional[torch.dtype] = None,
+    shards: Optional[Iterable[tuple[Path, dict[str, Callable[[], torch.Tensor]]]]] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Native (name, tensor) pairs of an HF checkpoint, shard by shard, shapes checked against ``config``."""
+    """Native (name, tensor) pairs of an HF checkpoint, shard by shard, shapes checked against ``config``.
+
+    ``shards`` gives the HF-named tensors from elsewhere (a GGUF file: ``litft.convert.gguf``) as (file, lazy getter
+    per HF name) pairs; by default they are read from the safetensors/.bin files of ``hf_dir``."""
     family = family_for(config.hf_model_type)
     expected = expected_shapes(config)
     seen: set[str] = set()
-    for path, getters in _HFSource(hf_dir).shards():
+    for path, getters in (_HFSource(hf_dir).shards() if shards is None else shards):
         for hf_key, get in getters.items():
             if family.is_ignored_hf(hf_key, config):
                 continue
@@ -197,6 +204,7 @@ def convert_from_hf(
         copy_tokenizer_files(hf_dir, tmp)
         if not (tmp / "generation_config.json").is_file():
             write_generation_config(config, tmp)
+    print_written(out_dir, "wrote a litft checkpoint")
     return out_dir
 
 
@@ -268,7 +276,8 @@ def convert_to_hf(
         max_shard_size: largest shard, e.g. ``5GB`` (transformers' default).
         overwrite: replace ``out_dir`` if it exists and is not empty.
     """
-    from litft.convert.merge import load_merged, resolve_checkpoint
+    from litft.checkpoint import resolve_checkpoint
+    from litft.convert.merge import load_merged
 
     checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
     config = Config.from_checkpoint(checkpoint_dir)
@@ -290,6 +299,7 @@ def convert_to_hf(
         copy_tokenizer_files(checkpoint_dir, tmp)
         if not (tmp / "generation_config.json").is_file():
             write_generation_config(config, tmp)
+    print_written(Path(out_dir), "wrote a Hugging Face folder")
     return Path(out_dir)
 
 

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import torch
 
-from litft.convert.merge import ADAPTER_REFUSAL, checkpoint_method, resolve_checkpoint
-from litft.train.checkpoint import run_quantize
-from litft.weights import atomic_directory, save_safetensors
+from litft import methods
+from litft.checkpoint import BASE_FILE, checkpoint_method, resolve_checkpoint, run_quantize
+from litft.weights import atomic_directory, print_written, save_safetensors
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,17 +55,13 @@ def to_peft(
 
     checkpoint_dir = resolve_checkpoint(Path(checkpoint_dir))
     base = checkpoint_method(checkpoint_dir)
-    if base is None:
-        raise ValueError(f"to_peft: {checkpoint_dir} holds full weights (model.safetensors), not LoRA weights; a PEFT "
-                         "adapter can only be made from a `litft finetune lora` or `litft finetune prompt` run. To "
-                         f"export the full model, use `litft convert to_hf {checkpoint_dir} <out_dir>`")
-    if base["method"] == "adapter":
-        raise ValueError(f"to_peft: {checkpoint_dir} cannot be written as a PEFT adapter: {ADAPTER_REFUSAL}")
-    if base["method"] == "prompt":
+    kind = methods.METHODS["full"] if base is None else methods.get(base["method"], str(checkpoint_dir / BASE_FILE))
+    if kind.peft_type is None:
+        extra = f". To export the full model, use `litft convert to_hf {checkpoint_dir} <out_dir>`" if kind.full else ""
+        raise ValueError(f"to_peft: {checkpoint_dir} cannot be written as a PEFT adapter: {kind.peft_refusal}{extra}")
+    if kind.peft_type == "PROMPT_TUNING":
         return _prompt_to_peft(checkpoint_dir, Path(base["base_checkpoint"]), Path(out_dir), base_model_name_or_path,
                                overwrite)
-    if base["method"] != "lora":
-        raise ValueError(f"to_peft: {checkpoint_dir}: unknown method {base['method']!r} in base.yaml")
     config = Config.from_checkpoint(checkpoint_dir)
     args = read_lora_args(checkpoint_dir)
     reader = SafetensorsReader([checkpoint_dir / LORA_WEIGHTS_FILE])
@@ -85,8 +81,8 @@ def to_peft(
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(base_model_name_or_path, args, targets))
     quantize = run_quantize(checkpoint_dir, base)
-    print(f"PEFT adapter written to {out_dir} (r={args.r}, lora_alpha={args.alpha}, target_modules={targets}"
-          f"{', use_dora' if args.use_dora else ''}{', use_rslora' if args.use_rslora else ''})", flush=True)
+    print_written(Path(out_dir), f"wrote a PEFT adapter (r={args.r}, lora_alpha={args.alpha}, target_modules={targets}"
+                  f"{', use_dora' if args.use_dora else ''}{', use_rslora' if args.use_rslora else ''})")
     if not base_model_name_or_path:
         print("note: base_model_name_or_path is empty: pass --base_model_name_or_path <hub id or HF folder> for "
               "AutoPeftModelForCausalLM, or load the base yourself and call PeftModel.from_pretrained(base, dir)",
@@ -103,7 +99,7 @@ def _prompt_to_peft(checkpoint_dir: Path, base_dir: Path, out_dir: Path, base_mo
     (``prompt_embeddings``, float32 as PEFT keeps it)."""
     from litft.config import Config
     from litft.peft.prompt import PROMPT_TENSOR, PROMPT_WEIGHTS_FILE, peft_prompt_config_dict, read_prompt_args
-    from litft.train.checkpoint import read_base
+    from litft.checkpoint import read_base
     from litft.weights import SafetensorsReader
 
     config = Config.from_checkpoint(checkpoint_dir)
@@ -126,7 +122,7 @@ def _prompt_to_peft(checkpoint_dir: Path, base_dir: Path, out_dir: Path, base_mo
             header + f"# Prompt-tuning adapter\n\nTrained with litft: {args.num_virtual_tokens} virtual tokens, "
             f"initialised {init}.\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained("
             "base_model, \"path/to/this/folder\")\n```\n")
-    print(f"PEFT prompt-tuning adapter written to {out_dir} (num_virtual_tokens={args.num_virtual_tokens})", flush=True)
+    print_written(out_dir, f"wrote a PEFT prompt-tuning adapter (num_virtual_tokens={args.num_virtual_tokens})")
     inner = read_base(base_dir)
     if inner is not None:
         print(f"note: the prompt was trained on {base_dir}, itself a {inner['method']} run: load the adapter onto that "
@@ -218,14 +214,12 @@ def from_peft(
     from litft.config import Config
     from litft.model import GPT
     from litft.peft.lora import (
-        LORA_CONFIG_FILE,
-        LORA_WEIGHTS_FILE,
         apply_lora,
         from_peft_state_dict,
         lora_args_from_peft_config,
-        load_state_strict,
         lora_state_dict,
     )
+    from litft.weights import load_state_strict
 
     if base is None:
         raise ValueError("from_peft: --base is required: the litft checkpoint of the model the adapter was trained "
@@ -253,29 +247,29 @@ def from_peft(
     except ValueError as e:
         raise ValueError(f"{e} (--base {base}: {config.name or config.hf_model_type}, n_layer={config.n_layer}, "
                          f"n_embd={config.n_embd})") from e
-    _write_imported(out_dir, overwrite, "lora", LORA_WEIGHTS_FILE, LORA_CONFIG_FILE, state, args, config, base,
+    _write_imported(out_dir, overwrite, methods.METHODS["lora"], state, args, config, base,
                     peft_config)
-    print(f"LoRA checkpoint written to {out_dir} (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
-          f"{', DoRA' if args.use_dora else ''}) on base {base}", flush=True)
+    print_written(out_dir, f"wrote a LoRA checkpoint (r={args.r}, alpha={args.alpha}, targets={','.join(args.targets)}"
+                           f"{', DoRA' if args.use_dora else ''}; base {base})")
     return out_dir
 
 
-def _write_imported(out_dir: Path, overwrite: bool, method: str, weights_file: str, args_file: str,
+def _write_imported(out_dir: Path, overwrite: bool, kind: methods.MethodKind,
                     state: dict[str, torch.Tensor], args: Any, config: Any, base: Path,
                     peft_config: dict[str, Any]) -> None:
-    """Write an imported adapter as a litft ``method`` checkpoint on ``base`` (weights, their args, base.yaml, the
+    """Write an imported adapter as a litft checkpoint of method ``kind`` on ``base`` (weights, their args, base.yaml, the
     model config and the tokenizer), atomically; a note when the adapter names another base model."""
-    from litft.peft.lora import write_method_files
-    from litft.train.checkpoint import write_base_file
-    from litft.weights import copy_tokenizer_files
+    from litft.checkpoint import write_base_file
+    from litft.weights import copy_tokenizer_files, write_method_files
 
     declared = peft_config.get("base_model_name_or_path") or ""
     if declared and config.hf_id and declared != config.hf_id:
         print(f"note: the adapter says it was trained on {declared!r}, --base is {config.hf_id!r} (names and shapes "
               "match, so it loads; check that this is the model you mean)", flush=True)
     with atomic_directory(out_dir, overwrite) as tmp:
-        write_method_files(tmp, {k: v.contiguous() for k, v in state.items()}, weights_file, args_file, args, method)
-        write_base_file(tmp, method, base)
+        write_method_files(tmp, {k: v.contiguous() for k, v in state.items()}, kind.weights_file, kind.args_file,
+                           args, kind.name)
+        write_base_file(tmp, kind.name, base)
         config.save(tmp)
         copy_tokenizer_files(base, tmp)
 
@@ -285,14 +279,14 @@ def _prompt_from_peft(peft_config: dict[str, Any], peft_state: dict[str, torch.T
     """A PEFT prompt-tuning adapter as a litft prompt-tuning checkpoint (prompt.safetensors + prompt.yaml +
     base.yaml) on ``base``."""
 
-    from litft.peft.prompt import PROMPT_CONFIG_FILE, PROMPT_WEIGHTS_FILE, prompt_from_peft
+    from litft.peft.prompt import prompt_from_peft
 
     args, state = prompt_from_peft(peft_config, peft_state, config, str(peft_dir))
     if args.num_virtual_tokens >= config.block_size:
         raise ValueError(f"{peft_dir / PEFT_CONFIG_FILE}: num_virtual_tokens={args.num_virtual_tokens} leaves no room "
                          f"in --base {base}'s context (block_size={config.block_size})")
-    _write_imported(out_dir, overwrite, "prompt", PROMPT_WEIGHTS_FILE, PROMPT_CONFIG_FILE, state, args, config, base,
+    _write_imported(out_dir, overwrite, methods.METHODS["prompt"], state, args, config, base,
                     peft_config)
-    print(f"prompt-tuning checkpoint written to {out_dir} (num_virtual_tokens={args.num_virtual_tokens}) on base "
-          f"{base}", flush=True)
+    print_written(out_dir, f"wrote a prompt-tuning checkpoint (num_virtual_tokens={args.num_virtual_tokens}; base "
+                           f"{base})")
     return out_dir

@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 
 from litft.data.collate import IGNORE_INDEX, BatchIterator, first_fit, pack_batch, pad_batch
 from litft.data.formats import (
-    FORMATS, PROMPT_STYLES, chat_messages, chat_segments, detect_format, encode_segments_batch, format_prompt,
-    render_segments,
+    FORMATS, PROMPT_STYLES, Segments, chat_messages, chat_segments, detect_format, encode_segments_batch,
+    format_prompt, render_segments,
 )
 from litft.data.loader import Record, read_records, resolve_paths
 
@@ -143,19 +143,19 @@ def load_datasets(data: DataArgs, tokenizer: Any, max_seq_length: int) -> tuple[
     if val_path is not None:
         val_records = read_records(val_path)
     else:
-        train_records, val_records = _split(train_records, data.val_split_fraction, data.seed)
+        train_records, val_records = split_records(train_records, data.val_split_fraction, data.seed)
 
     fmt = detect_format(data, train_records[0]) if data.format == "auto" else data.format
     if fmt == "chat":
-        _check_chat_template(tokenizer)
+        check_chat_template(tokenizer)
     stats = DataStats(format=fmt, train_path=str(train_path), val_path=None if val_path is None else str(val_path),
                       max_seq_length=max_seq_length, train_rows=len(train_records), val_rows=len(val_records))
     train = _encode_all(train_records, fmt, data, tokenizer, max_seq_length, stats)
     val = _encode_all(val_records, fmt, data, tokenizer, max_seq_length, stats)
     stats.train_tokens = sum(len(s) for s in train)
-    stats.train_target_tokens = sum(_n_targets(s) for s in train)
+    stats.train_target_tokens = sum(n_targets(s) for s in train)
     stats.val_tokens = sum(len(s) for s in val)
-    stats.val_target_tokens = sum(_n_targets(s) for s in val)
+    stats.val_target_tokens = sum(n_targets(s) for s in val)
     stats.samples = len(train) + len(val)
     if not train:
         raise ValueError(
@@ -165,11 +165,11 @@ def load_datasets(data: DataArgs, tokenizer: Any, max_seq_length: int) -> tuple[
     return train, val, stats
 
 
-def _n_targets(sample: Sample) -> int:
+def n_targets(sample: Sample) -> int:
     return sum(1 for label in sample.labels if label != IGNORE_INDEX)
 
 
-def _split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     if fraction <= 0 or len(records) < 2:
         return records, []
     order = list(range(len(records)))
@@ -180,7 +180,7 @@ def _split(records: list[Record], fraction: float, seed: int) -> tuple[list[Reco
             [r for i, r in enumerate(records) if i in val_index])
 
 
-def _check_chat_template(tokenizer: Any) -> None:
+def check_chat_template(tokenizer: Any) -> None:
     has = getattr(tokenizer, "has_chat_template", None)
     if has is None:
         has = getattr(tokenizer, "chat_template", None) is not None
@@ -205,18 +205,31 @@ def _encode_records(records: list[Record], fmt: str, data: DataArgs, tokenizer: 
     is tokenized from a prefix of its text and comes back longer than ``max_tokens``: see encode_segments_batch)."""
     if fmt == "chat":
         rows = [chat_segments(tokenizer, chat_messages(data, record), record) for record in records]
-        # like transformers' apply_chat_template(tokenize=True): the template writes BOS itself when the model wants one
-        encoded = [_end_turns_with_stop(ids, trained, tokenizer)
-                   for ids, trained in encode_segments_batch(tokenizer, rows, bos=False, max_tokens=max_tokens)]
     else:
         rows = [render_segments(fmt, data, record) for record in records]
-        encoded = encode_segments_batch(tokenizer, rows, max_tokens=max_tokens)
-        for ids, trained in encoded:
-            if not ids or ids[-1] != tokenizer.eos_id:
-                ids.append(tokenizer.eos_id)
-                trained.append(True)
+    encoded = encode_rows(rows, tokenizer, chat=fmt == "chat", max_tokens=max_tokens)
     if not data.mask_prompt:
         encoded = [(ids, [True] * len(ids)) for ids, _ in encoded]
+    return encoded
+
+
+def encode_rows(rows: list[Segments], tokenizer: Any, chat: bool,
+                max_tokens: Optional[int] = None) -> list[tuple[list[int], list[bool]]]:
+    """Token ids of rendered rows and, per token, whether it is trained; every trained span ends with a stop token.
+
+    ``chat``: the rows were rendered by the chat template, which writes BOS itself when the model wants one (like
+    transformers' ``apply_chat_template(tokenize=True)``), and every assistant turn gets a stop token; otherwise the
+    tokenizer adds BOS as configured and EOS (trained) ends each row. ``max_tokens``: only the first ``max_tokens``
+    ids need be exact (a very long row is tokenized from a prefix of its text: see ``encode_segments_batch``).
+    """
+    if chat:
+        return [_end_turns_with_stop(ids, trained, tokenizer)
+                for ids, trained in encode_segments_batch(tokenizer, rows, bos=False, max_tokens=max_tokens)]
+    encoded = encode_segments_batch(tokenizer, rows, max_tokens=max_tokens)
+    for ids, trained in encoded:
+        if not ids or ids[-1] != tokenizer.eos_id:
+            ids.append(tokenizer.eos_id)
+            trained.append(True)
     return encoded
 
 

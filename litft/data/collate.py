@@ -102,7 +102,7 @@ class BatchIterator:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         if not samples:
             raise ValueError("no samples to batch")
-        longest = max(len(s.input_ids) for s in samples)
+        longest = max(len(s) for s in samples)
         if longest > max_seq_length:
             raise ValueError(f"a sample has {longest} tokens, more than max_seq_length={max_seq_length}")
         self.samples = samples
@@ -139,10 +139,14 @@ class BatchIterator:
         return self._collate(self.epoch_order(epoch), index)
 
     def _collate(self, order: list[int], index: int) -> dict[str, torch.Tensor]:
-        chosen = order[index * self.micro_batch_size:(index + 1) * self.micro_batch_size]
+        picked = order[index * self.micro_batch_size:(index + 1) * self.micro_batch_size]
         if self.packing:
-            return pack_batch([[self.samples[i] for i in self.units[u]] for u in chosen], self.pad_id)
-        return pad_batch([self.samples[self.units[u][0]] for u in chosen], self.pad_id)
+            return pack_batch([[self.samples[i] for i in self.units[u]] for u in picked], self.pad_id)
+        return self.pad([self.samples[self.units[u][0]] for u in picked])
+
+    def pad(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """One padded micro-batch of (unpacked) samples."""
+        return pad_batch(samples, self.pad_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.index >= len(self):  # the previous epoch was fully consumed

@@ -265,10 +265,13 @@ def chat_messages(data: "DataArgs", record: Record) -> list[dict[str, Any]]:
     messages = record.data.get(data.messages_field)
     if messages is None:
         raise ValueError(f"{record.source}: row has no field {data.messages_field!r} (chat format)")
+    return check_messages(messages, data.messages_field, record)
+
+
+def check_messages(messages: Any, field: str, record: Record) -> list[dict[str, Any]]:
+    """``messages`` (the row's field ``field``) as a non-empty list of {role, content} objects, or a ValueError."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(
-            f"{record.source}: {data.messages_field!r} must be a non-empty list of {{role, content}} objects"
-        )
+        raise ValueError(f"{record.source}: {field!r} must be a non-empty list of {{role, content}} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{record.source}: message {i} must be an object with 'role' and 'content'")

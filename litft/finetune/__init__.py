@@ -2,7 +2,8 @@
 
 Each entry function's signature *is* its CLI and its YAML (``--config``): jsonargparse turns the
 dataclass arguments into ``--train.lr``, ``--lora.r``, ``--data.packing`` and so on. The functions only
-load the model, apply their method and call the one training loop, :func:`litft.train.loop.fit`.
+build their method (:mod:`litft.methods`) and call the one training loop, :func:`litft.train.trainer.fit`.
+``--objective`` (:mod:`litft.train.objectives`) says what every one of them trains towards.
 """
 
 from __future__ import annotations

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import adapter_method
 from litft.peft import AdapterArgs
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 
 def finetune_adapter(
@@ -20,6 +20,7 @@ def finetune_adapter(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=3e-3, weight_decay=0.02, warmup_steps=20),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     adapter: AdapterArgs = AdapterArgs(),
     optimizer: Union[str, dict] = "AdamW",
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
@@ -41,6 +42,11 @@ def finetune_adapter(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against the model with its adapters switched off),
+            ``simpo``/``orpo`` (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``,
+            any litft checkpoint with this tokenizer); its options are ``--objective.<option>``. Preference objectives
+            need rows with ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         adapter: Prompt length and the first layer that gets an adapter (``--adapter.prompt_length 10``).
         optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
             ``{class_path: ..., init_args: {...}}``; lr and weight decay come from ``train``.
@@ -54,23 +60,17 @@ def finetune_adapter(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     method = adapter_method(adapter)
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective,
                         adapter=adapter, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
 
 
-def adapter_method(adapter: AdapterArgs) -> "Method":
-    """The LLaMA-Adapter method for the training loop (and for ``litft convert consolidate``, which rebuilds it from
-    a run's run.yaml): prompts and gates on the frozen base; checkpoints hold adapter.safetensors + adapter.yaml."""
-    from litft.peft import apply_adapter, load_adapter, save_adapter
-    from litft.train.loop import Method
-
-    return Method(name="adapter", full=False, prepare=lambda model: apply_adapter(model, adapter),
-                  save=lambda model, d: save_adapter(model, adapter, d), load=load_adapter)
+finetune_adapter.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
-
-import torch
+from typing import Literal, Optional, Union
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import full_method
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 
 def finetune_full(
@@ -21,6 +19,7 @@ def finetune_full(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=2e-5, weight_decay=0.01),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     freeze_layers: int = 0,
     optimizer: Union[str, dict] = "AdamW",
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
@@ -40,6 +39,11 @@ def finetune_full(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against a frozen copy of the starting checkpoint),
+            ``simpo``/``orpo`` (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``,
+            any litft checkpoint with this tokenizer); its options are ``--objective.<option>``. Preference objectives
+            need rows with ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         freeze_layers: Freeze the first N transformer blocks (their weights stay as in ``checkpoint_dir``; no
             gradients or optimizer state for them), as llama-recipes' ``--freeze_layers --num_freeze_layers N``
             does: the token embeddings, the later blocks, the final norm and the head still train. At most
@@ -56,45 +60,20 @@ def finetune_full(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) or freeze_layers < 0:
         raise ValueError(f"freeze_layers={freeze_layers!r} is invalid: expected an integer >= 0 (the number of "
                          "transformer blocks, from the first, that do not train)")
     method = full_method(freeze_layers)
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective,
                         freeze_layers=freeze_layers, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
 
 
-def full_method(freeze_layers: int = 0) -> "Method":
-    """The full fine-tuning method for the training loop (and for ``litft convert consolidate``): every weight
-    trains but those of the first ``freeze_layers`` blocks; checkpoints hold the whole model (model.safetensors)."""
-    from litft.train.loop import Method
-    from litft.weights import load_model, save_model
-
-    def prepare(model: torch.nn.Module) -> None:
-        model.requires_grad_(True)
-        freeze_blocks(model, freeze_layers)
-
-    def load(model: torch.nn.Module, directory: Path) -> None:
-        state = load_model(directory, device="cpu").state_dict()
-        model.load_state_dict(state, strict=False)
-
-    return Method(name="full", full=True, prepare=prepare, save=save_model, load=load)
-
-
-def freeze_blocks(model: torch.nn.Module, n: int) -> None:
-    """Stop the first ``n`` transformer blocks of ``model`` from training (``requires_grad=False``); a clear error
-    when ``n`` leaves no block to train."""
-    n_layer = len(model.blocks)
-    if n >= n_layer and n > 0:
-        raise ValueError(f"freeze_layers={n} is invalid: the model has {n_layer} transformer blocks (n_layer in its "
-                         f"model_config.yaml), so at least one must train: expected 0 <= freeze_layers <= "
-                         f"{n_layer - 1}")
-    for block in model.blocks[:n]:
-        block.requires_grad_(False)
+finetune_full.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-import torch
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import lora_method
 from litft.peft import LoRAArgs
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"]
 
@@ -24,6 +23,7 @@ def finetune_lora(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=2e-4),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     lora: LoRAArgs = LoRAArgs(),
     quantize: Optional[Quantize] = None,
     merge: bool = False,
@@ -47,6 +47,11 @@ def finetune_lora(
         data: The training data (``--data.train_path``, ``--data.format``, ``--data.packing``, ...).
         train: Optimisation, stopping and saving (``--train.lr``, ``--train.global_batch_size``, ...).
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against the model with its LoRA weights switched off),
+            ``simpo``/``orpo`` (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``,
+            any litft checkpoint with this tokenizer); its options are ``--objective.<option>``. Preference objectives
+            need rows with ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         lora: Rank, alpha, dropout, target projections, DoRA and rsLoRA (``--lora.r 16 --lora.targets all-linear``).
         quantize: Quantize the frozen base with bitsandbytes (QLoRA): "bnb.nf4", "bnb.nf4-dq" (double
             quantization), "bnb.fp4" or "bnb.int8". Needs bitsandbytes (the ``quantize`` extra) and a device it
@@ -65,7 +70,7 @@ def finetune_lora(
             false starts fresh (refused when out_dir already holds a run, unless ``overwrite``).
         overwrite: Replace a run already in out_dir.
     """
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     if quantize is not None:
         from litft.peft.quantize import import_bitsandbytes
@@ -73,41 +78,14 @@ def finetune_lora(
         import_bitsandbytes(quantize)  # fail before anything is loaded; device support is probed by quantize_model
 
     method = lora_method(lora, quantize, merge)
-    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval, lora=lora,
+    config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective, lora=lora,
                         quantize=quantize, merge=merge, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
 
 
-
-def lora_method(lora: LoRAArgs, quantize: Optional[Quantize] = None, merge: bool = False) -> "Method":
-    """The LoRA method for the training loop (and for ``litft convert consolidate``, which rebuilds it from a run's
-    run.yaml): LoRA layers on the (quantized) base; checkpoints hold lora.safetensors + lora.yaml."""
-    from litft.peft import apply_lora, load_lora, merge_lora, save_lora
-    from litft.train.loop import Method
-
-    def prepare(model: torch.nn.Module) -> None:
-        if quantize is not None:
-            from litft.peft import quantize_model
-
-            quantize_model(model, quantize)
-        apply_lora(model, lora)
-
-    def finalize(model: torch.nn.Module, directory: Path) -> None:
-        if merge:
-            from litft.weights import save_model
-
-            if quantize is not None:  # into the dequantized base the LoRA weights were trained against, on the CPU,
-                from litft.convert.merge import load_merged  # as `litft convert merge_lora` does
-
-                merged = load_merged(directory, purpose="merge")
-            else:
-                merged = merge_lora(model) or model
-            save_model(merged, directory)
-            merged.config.save(directory)  # merging a LoRA on a tied lm_head unties it
-
-    return Method(name="lora", full=False, prepare=prepare, save=lambda model, d: save_lora(model, lora, d),
-                  load=load_lora, finalize=finalize, quantized=quantize is not None)
+finetune_lora.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from litft.data import DataArgs
 from litft.finetune import run_config
+from litft.methods import prompt_method
 from litft.peft.prompt import PromptTuningArgs
 from litft.train.args import EvalArgs, TrainArgs
+from litft.train.objectives import ObjectiveArgs, objective_cli_argv
 
-if TYPE_CHECKING:
-    from litft.train.loop import Method
 
 
 def finetune_prompt(
@@ -20,6 +20,7 @@ def finetune_prompt(
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(lr=3e-2, warmup_steps=10),
     eval: EvalArgs = EvalArgs(),
+    objective: ObjectiveArgs = ObjectiveArgs(),
     prompt: PromptTuningArgs = PromptTuningArgs(),
     optimizer: Union[str, dict] = "AdamW",
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
@@ -46,6 +47,11 @@ def finetune_prompt(
             wants a large learning rate (default 3e-2). ``max_seq_length`` defaults to the model's context less
             ``num_virtual_tokens``.
         eval: Validation, early stopping and generation checks (``--eval.interval``, ...).
+        objective: What the run trains towards: ``--objective sft`` (default: next-token cross-entropy on the trained
+            tokens), ``dpo``/``ipo`` (preference pairs against the model without its virtual prompt), ``simpo``/``orpo``
+            (preference pairs, no reference) or ``kd`` (distillation from ``--objective.teacher``, any litft checkpoint
+            with this tokenizer); its options are ``--objective.<option>``. Preference objectives need rows with
+            ``chosen`` and ``rejected`` (and ``prompt`` with string completions).
         prompt: Number of virtual tokens and their initialisation (``--prompt.num_virtual_tokens 8 --prompt.init
             text --prompt.init_text "Classify if the tweet is a complaint or not:"``).
         optimizer: A torch.optim class name ("AdamW", "SGD"), a class path, or
@@ -61,34 +67,17 @@ def finetune_prompt(
         overwrite: Replace a run already in out_dir.
     """
     from litft.asset_cards import resolve_checkpoint
-    from litft.train.loop import fit
+    from litft.train.trainer import fit
 
     method = prompt_method(prompt, resolve_checkpoint(Path(checkpoint_dir)))
     config = run_config(checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train, eval=eval,
+                        objective=objective,
                         prompt=prompt, optimizer=optimizer, precision=precision, devices=devices,
                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, resume=resume,
                         overwrite=overwrite)
     return fit(method, checkpoint_dir, out_dir, data, train, eval, precision=precision, devices=devices,
                num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, optimizer=optimizer, resume=resume,
-               overwrite=overwrite, run_config=config)
+               overwrite=overwrite, run_config=config, objective=objective)
 
 
-def prompt_method(prompt: PromptTuningArgs, tokenizer_dir: Optional[Path] = None) -> "Method":
-    """The prompt-tuning method for the training loop (and for ``litft convert consolidate``, which rebuilds it from
-    a run's run.yaml on the meta device, where nothing is initialised): a virtual prompt on the frozen base,
-    initialised from the text embedded with the tokenizer of ``tokenizer_dir`` (init text); checkpoints hold
-    prompt.safetensors + prompt.yaml."""
-    from litft.peft.prompt import apply_prompt_tuning, load_prompt, save_prompt
-    from litft.train.loop import Method
-
-    def prepare(model: Any) -> None:
-        tokenizer = None
-        if prompt.init == "text" and tokenizer_dir is not None and model.embed.weight.device.type != "meta":
-            from litft.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer(tokenizer_dir)
-        apply_prompt_tuning(model, prompt, tokenizer)
-
-    return Method(name="prompt", full=False, prepare=prepare,
-                  save=lambda model, d: save_prompt(model, prompt, d), load=load_prompt,
-                  virtual_tokens=prompt.num_virtual_tokens)
+finetune_prompt.cli_argv = objective_cli_argv  # type: ignore[attr-defined]  # --objective NAME

@@ -17,13 +17,8 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from litft.peft.lora import (
-    check_trainable,
-    load_state_strict,
-    read_args_yaml,
-    read_method_weights,
-    write_method_files,
-)
+from litft.peft.lora import check_trainable
+from litft.weights import load_state_strict, read_args_yaml, read_method_weights, write_method_files
 
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter.yaml"

@@ -15,20 +15,18 @@ A is initialised kaiming-uniform(a=√5) and B zero, as in PEFT. Native tensor n
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from litft.peft.quantize import dequantize_model, dequantize_weight, dequantized_linear, set_submodule
+from litft.weights import load_state_strict, read_args_yaml, read_method_weights, write_method_files
 
 LORA_WEIGHTS_FILE = "lora.safetensors"
 LORA_CONFIG_FILE = "lora.yaml"
@@ -97,8 +95,11 @@ class LoRALinear(nn.Module):
     """A linear layer (``nn.Linear`` or a bitsandbytes one, kept as ``base_layer``) plus a low-rank update.
 
     Loading a state dict with the plain base names (``q_proj.weight``) into a wrapped model works: they are
-    read as ``q_proj.base_layer.weight``.
+    read as ``q_proj.base_layer.weight``. ``disabled`` (set by the LoRA entry's ``reference_off`` in
+    :mod:`litft.methods`) makes it compute the base layer alone.
     """
+
+    disabled = False
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False,
                  use_rslora: bool = False) -> None:
@@ -161,6 +162,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.disabled:
+            return result
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
@@ -325,131 +328,12 @@ def _lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-def load_state_strict(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], what: str,
-                      source: str = "state dict") -> None:
-    """Copy ``state`` into ``params`` after checking that names and shapes match exactly (clear error if not)."""
-    missing = [k for k in params if k not in state]
-    unexpected = [k for k in state if k not in params]
-    wrong = [f"{k} has shape {list(state[k].shape)}, the model expects {list(params[k].shape)}"
-             for k in params if k in state and tuple(state[k].shape) != tuple(params[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}"
-                        + (" ..." if len(missing) > 4 else ""))
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:4])}"
-                        + (" ..." if len(unexpected) > 4 else ""))
-    if wrong:
-        problems.append("shape mismatch (was it trained on another base model?): " + "; ".join(wrong[:4])
-                        + (" ..." if len(wrong) > 4 else ""))
-    if problems:
-        raise ValueError(f"{source}: does not match the model's {what} tensors: " + " | ".join(problems))
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state[k].to(p.dtype))
-
-
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "LoRA state dict") -> None:
     """Load LoRA tensors (native names) into a model that :func:`apply_lora` prepared; strict on names and shapes."""
     params = _lora_parameters(model)
     if not params:
         raise ValueError(f"{source}: the model has no LoRA layers; call apply_lora(model, args) first")
     load_state_strict(params, state, "LoRA", source)
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """safetensors file written to a temp name beside ``path`` then renamed (non-finite tensors refused:
-    :func:`litft.weights.save_safetensors`)."""
-    from litft.weights import save_safetensors
-
-    with _atomic_file(path) as tmp:
-        save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata, final_path=path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with _atomic_file(path) as tmp:
-        tmp.write_text(text)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temp file beside ``path`` (the umask's mode) that replaces ``path`` when the block succeeds; a failed
-    write is one error naming ``path``."""
-    from litft.errors import writing
-    from litft.weights import follow_umask
-
-    with writing(path, any_os_error=False):
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.close(fd)
-        tmp = Path(name)
-        try:
-            yield tmp
-            follow_umask(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
-def read_args_yaml(path: Path, cls: type) -> Any:
-    """A dataclass from a YAML file, with errors naming the file and the unknown/invalid field."""
-    import yaml
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
-    return args_from_mapping(data, cls, str(path))
-
-
-def args_from_mapping(data: Any, cls: type, source: str) -> Any:
-    """A dataclass from YAML data (a mapping of its fields), with errors naming ``source`` and the bad field."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from e
-
-
-def write_args_yaml(path: Path, args: Any) -> None:
-    import yaml
-
-    write_text_atomic(path, yaml.safe_dump(asdict(args), sort_keys=False))
-
-
-def write_method_files(out_dir: Path, state: dict[str, torch.Tensor], weights_name: str, args_name: str, args: Any,
-                       method: str) -> Path:
-    """Write a method's trainable tensors (``weights_name``, safetensors) and its args (``args_name``, YAML) into
-    ``out_dir``: the files of a LoRA, adapter or prompt-tuning checkpoint."""
-    save_file_atomic(state, out_dir / weights_name, metadata={"format": "pt", "litft": method})
-    write_args_yaml(out_dir / args_name, args)
-    return out_dir
-
-
-def read_method_weights(directory: Path, weights_name: str, args_name: str) -> tuple[Path, dict[str, torch.Tensor]]:
-    """(path, tensors) of the weights file a method's args file ``args_name`` goes with, with a clear error when it
-    is missing or unreadable."""
-    from safetensors.torch import load_file
-
-    weights = directory / weights_name
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: not found (expected next to {directory / args_name})")
-    try:
-        return weights, load_file(str(weights))
-    except Exception as e:
-        raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e
 
 
 def save_lora(model: nn.Module, args: LoRAArgs, out_dir: Union[str, Path]) -> Path:

@@ -25,13 +25,8 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.nn as nn
 
-from litft.peft.lora import (
-    check_trainable,
-    load_state_strict,
-    read_args_yaml,
-    read_method_weights,
-    write_method_files,
-)
+from litft.peft.lora import check_trainable
+from litft.weights import load_state_strict, read_args_yaml, read_method_weights, write_method_files
 
 PROMPT_WEIGHTS_FILE = "prompt.safetensors"
 PROMPT_CONFIG_FILE = "prompt.yaml"

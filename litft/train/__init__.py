@@ -1,4 +1,5 @@
-"""The one training loop (:mod:`litft.train.loop`) and its parts: arguments, schedule, checkpoints, metrics.
+"""The one training loop (:mod:`litft.train.trainer`) and its parts: objectives, arguments, schedule, checkpoints,
+metrics, strategies; :mod:`litft.train.loop` checks a run's inputs and sets up Fabric and the speed switches.
 
 Light to import: :mod:`lightning` is imported only when a run starts.
 """

@@ -15,7 +15,7 @@ compute dtype, again in fp32, the fp32 log-softmax saved for backward and its gr
 Both return the summed token loss in fp32 and take the final logit softcap (``cap * tanh(z / cap)``) into
 account. The result is exact up to float rounding (the summation order differs): see tests/test_fused_loss.py.
 The gradients reach the parameters through autograd as usual, so DDP's and FSDP's gradient hooks fire; call it
-inside the wrapped module's forward (:class:`litft.train.loop.CausalLMLoss` does).
+inside the wrapped module's forward (:class:`litft.train.objectives.SFTObjective` does).
 """
 
 from __future__ import annotations

@@ -340,6 +340,20 @@ def _parallelize(sharding: str, num_nodes: int, timeout: Union[float, str, None]
     return parallelize
 
 
+def shard_frozen(model: torch.nn.Module, fabric: Any) -> torch.nn.Module:
+    """Shard a frozen model (a distillation teacher, a DPO reference copy) over the FSDP run's data-parallel mesh:
+    each ``Block`` as the trained model's are (gathered for its forward, resharded after); the embeddings, final
+    norm and head stay whole on every process (the objective calls the head outside the model's forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from litft.model import Block
+
+    mesh = fabric.strategy.device_mesh["data_parallel"]
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
 def build_strategy(strategy: str, devices: Union[int, str], num_nodes: int, sharding: str = "full_shard",
                    timeout: Union[float, str, None] = None) -> Any:
     """The Fabric strategy object (or "auto") for ``strategy``. Joining the process group may take
@@ -478,19 +492,3 @@ def plain_model(config: Any, prepare: Any, state: dict[str, torch.Tensor]) -> to
         raise RuntimeError(f"consolidating the FSDP checkpoint: parameters missing from the state dict: {missing[:5]}")
     model.init_buffers(torch.device("cpu"))
     return model
-
-
-def test_hook(rank: int, step: int) -> None:
-    """Tests of dead and stuck ranks: ``LITFT_TEST_DIE=rank:step`` makes that rank exit at that step,
-    ``LITFT_TEST_HANG=rank:step`` makes it sleep (stuck outside any collective) until it is killed."""
-    for variable in ("LITFT_TEST_DIE", "LITFT_TEST_HANG"):
-        spec = os.environ.get(variable, "")
-        if not spec:
-            continue
-        at_rank, _, at_step = spec.partition(":")
-        if int(at_rank) == rank and int(at_step) == step:
-            if variable == "LITFT_TEST_DIE":
-                print(f"rank {rank}: exiting at step {step} ({variable})", flush=True)
-                os._exit(3)
-            print(f"rank {rank}: hanging at step {step} ({variable})", flush=True)
-            time.sleep(3600)

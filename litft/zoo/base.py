@@ -129,7 +129,9 @@ class Family:
     # -------------------------------------------------------------- config mapping
 
     def config_from_hf(self, hf: dict[str, Any], name: str = "", hf_id: str = "") -> Config:
-        hf = {**self.hf_defaults, **{k: v for k, v in hf.items() if v is not None or k in ("sliding_window",)}}
+        # an explicit null window or chunk size means none (not the class default)
+        hf = {**self.hf_defaults,
+              **{k: v for k, v in hf.items() if v is not None or k in ("sliding_window", "attention_chunk_size")}}
         for key, supported in self.hf_supported_values.items():
             if key in hf and hf[key] not in supported:
                 raise ValueError(f"config.json: {key}={hf[key]!r} is not a value litft implements for model_type "
@@ -251,7 +253,10 @@ def _layer_kind(hf_type: str) -> str:
         return "sliding"
     if hf_type in ("full_attention", "full", "global"):
         return "full"
-    raise ValueError(f"config.json: unsupported layer type {hf_type!r} (expected full_attention or sliding_attention)")
+    if hf_type in ("chunked_attention", "chunked"):
+        return "chunked"
+    raise ValueError(f"config.json: unsupported layer type {hf_type!r} (expected full_attention, sliding_attention or "
+                     "chunked_attention)")
 
 
 def read_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict], Optional[float]]:
@@ -309,6 +314,17 @@ def _scaling(params: dict[str, Any], hf: dict[str, Any], per_layer: bool = False
                              "'max_position_embeddings') as a positive integer, got "
                              f"{scaling[_ORIGINAL_MAX]!r}")
     return scaling
+
+
+def unstack_transposed(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    """A stacked-experts tensor of (E, in, out) weights (``x @ w``) or (E, out) biases → expert 0's, expert 1's, ...
+    with weights as (out, in) Linear weights (a :class:`WeightRule` ``unstack``)."""
+    return [x.T if x.dim() == 2 else x for x in tensor.unbind(0)]
+
+
+def stack_transposed(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
+    """The inverse of :func:`unstack_transposed`."""
+    return torch.stack([p.T if p.dim() == 2 else p for p in parts])
 
 
 def llama_rules(attention_bias: bool = False) -> list[WeightRule]:

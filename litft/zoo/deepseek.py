@@ -36,11 +36,11 @@ def _read_deepseek_v3(hf: dict, fields: dict) -> None:
     fields["q_lora_rank"] = None if hf.get("q_lora_rank") is None else int(hf["q_lora_rank"])
     fields["qk_nope_head_dim"] = int(hf["qk_nope_head_dim"])
     fields["v_head_dim"] = int(hf["v_head_dim"])
-    fields["rope_interleave"] = bool(hf["rope_interleave"])
+    fields["rope_interleaved"] = bool(hf["rope_interleave"])
     fields["n_expert"] = int(hf["n_routed_experts"])
     fields["n_expert_per_token"] = int(hf["num_experts_per_tok"])
     fields["moe_intermediate_size"] = int(hf["moe_intermediate_size"])
-    fields["moe_shared_expert_size"] = int(hf["moe_intermediate_size"]) * int(hf["n_shared_experts"] or 0)
+    fields["moe_shared_expert_size"] = int(hf["moe_intermediate_size"]) * int(hf["n_shared_experts"] or 0) or None
     fields["moe_normalize_topk"] = bool(hf["norm_topk_prob"])
     fields["moe_routed_scaling"] = float(hf["routed_scaling_factor"])
     fields["moe_n_group"] = int(hf["n_group"])
@@ -53,12 +53,12 @@ def _write_deepseek_v3(config: Config, hf: dict) -> None:
     if config.moe_dense_layers != list(range(dense)):
         raise ValueError(f"DeepseekV3ForCausalLM has its dense layers first (first_k_dense_replace); this config's "
                          f"are {config.moe_dense_layers}")
-    shared, size = config.moe_shared_expert_size, config.moe_intermediate_size or config.intermediate_size
+    shared, size = config.moe_shared_expert_size or 0, config.moe_intermediate_size or config.intermediate_size
     if shared % size:
         raise ValueError(f"moe_shared_expert_size ({shared}) is not a multiple of moe_intermediate_size ({size})")
     hf.update(kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank, qk_rope_head_dim=config.head_size,
               qk_nope_head_dim=config.qk_nope_head_dim, v_head_dim=config.v_head_dim,
-              rope_interleave=config.rope_interleave, n_routed_experts=config.n_expert,
+              rope_interleave=config.rope_interleaved, n_routed_experts=config.n_expert,
               num_experts_per_tok=config.n_expert_per_token, moe_intermediate_size=size,
               n_shared_experts=shared // size, norm_topk_prob=config.moe_normalize_topk,
               routed_scaling_factor=config.moe_routed_scaling, n_group=config.moe_n_group,
@@ -84,17 +84,17 @@ def _deepseek_v3_rules() -> list[WeightRule]:
     rules.append(WeightRule("blocks.{i}.mlp.score_correction_bias", moe + "gate.e_score_correction_bias"))
     for p in ("gate_proj", "up_proj", "down_proj"):
         rules.append(WeightRule(f"blocks.{{i}}.mlp.experts.{{e}}.{p}.weight", moe + f"experts.{{e}}.{p}.weight"))
-        rules.append(WeightRule(f"blocks.{{i}}.mlp.shared_experts.{p}.weight", moe + f"shared_experts.{p}.weight"))
+        rules.append(WeightRule(f"blocks.{{i}}.mlp.shared_expert.{p}.weight", moe + f"shared_experts.{p}.weight"))
     return rules
 
 
-_TRAITS = dict(moe_router_scoring="sigmoid", moe_score_correction_bias=True)
+_TRAITS = dict(moe_routing="sigmoid", moe_score_correction_bias=True)
 _YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 CONFIGS = [
     Config(name="DeepSeek-V3", hf_id="deepseek-ai/DeepSeek-V3", hf_model_type="deepseek_v3", vocab_size=129280,
            block_size=163840, n_layer=61, n_embd=7168, n_head=128, n_query_groups=128, head_size=64,
-           intermediate_size=18432, norm_eps=1e-6, rope_theta=10000.0, rope_scaling=_YARN, rope_interleave=True,
+           intermediate_size=18432, norm_eps=1e-6, rope_theta=10000.0, rope_scaling=_YARN, rope_interleaved=True,
            kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, v_head_dim=128, n_expert=256,
            n_expert_per_token=8, moe_intermediate_size=2048, moe_shared_expert_size=2048, moe_normalize_topk=True,
            moe_routed_scaling=2.5, moe_n_group=8, moe_topk_group=4, moe_dense_layers=[0, 1, 2], bos_token_id=0,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from litft.config import Config
-from litft.zoo.base import Family, WeightRule, llama_rules
+from litft.zoo.base import Family, WeightRule, llama_rules, stack_transposed, unstack_transposed
 
 _ALPHA, _LIMIT = 1.702, 7.0  # transformers' GptOssConfig defaults (swiglu_alpha, swiglu_limit)
 _YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
@@ -78,15 +78,6 @@ def _stack_gate_up(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
     return torch.stack(experts)
 
 
-def _unstack_down(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
-    """(E, I, C) weights or (E, C) biases → expert 0's, expert 1's, ... (weights as (C, I) Linear weights)"""
-    return [x.T if x.dim() == 2 else x for x in tensor.unbind(0)]
-
-
-def _stack_down(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
-    return torch.stack([p.T if p.dim() == 2 else p for p in parts])
-
-
 def _gpt_oss_rules() -> list[WeightRule]:
     layer = "model.layers.{i}."
     moe = layer + "mlp."
@@ -100,9 +91,10 @@ def _gpt_oss_rules() -> list[WeightRule]:
                    unstack=_unstack_gate_up, stack=_stack_gate_up),
         WeightRule((expert + "gate_proj.bias", expert + "up_proj.bias"), moe + "experts.gate_up_proj_bias",
                    unstack=_unstack_gate_up, stack=_stack_gate_up),
-        WeightRule(expert + "down_proj.weight", moe + "experts.down_proj", unstack=_unstack_down, stack=_stack_down),
-        WeightRule(expert + "down_proj.bias", moe + "experts.down_proj_bias", unstack=_unstack_down,
-                   stack=_stack_down),
+        WeightRule(expert + "down_proj.weight", moe + "experts.down_proj", unstack=unstack_transposed,
+                   stack=stack_transposed),
+        WeightRule(expert + "down_proj.bias", moe + "experts.down_proj_bias", unstack=unstack_transposed,
+                   stack=stack_transposed),
     ]
     return rules
 
