@@ -121,6 +121,29 @@ def test_config_keys_litft_does_not_implement_are_refused_by_name(key, value, me
         hf_config_to_config(tmp_path / "hf")
 
 
+_LATENT = dict(head_size=8, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(n_expert=4, n_expert_per_token=2, moe_n_group=2),
+     "moe_n_group > 1 needs moe_routing 'sigmoid' and at least 2 experts per group"),
+    (dict(n_expert=4, n_expert_per_token=2, moe_routing="sigmoid_inputs", moe_score_correction_bias=True),
+     "moe_score_correction_bias needs moe_routing 'sigmoid'"),
+    (dict(n_expert=4, n_expert_per_token=2, moe_routing="sigmoid_inputs", moe_routed_scaling=2.5),
+     "moe_routed_scaling needs moe_routing 'sigmoid'"),
+    (dict(_LATENT, layer_types=["chunked", "full"], attention_chunk_size=4),
+     "multi-head latent attention \\(kv_lora_rank\\) does not implement attention_chunk_size"),
+    (dict(_LATENT, qk_l2_norm=True), "multi-head latent attention \\(kv_lora_rank\\) does not implement qk_l2_norm"),
+])
+def test_routing_and_latent_attention_fields_that_do_not_combine_are_refused(fields, message):
+    """The sigmoid routing's options need moe_routing 'sigmoid' (Llama 4's 'sigmoid_inputs' has none of them), and
+    latent attention refuses Llama 4's chunked attention and L2 qk-norm, by name."""
+    from litft.config import Config
+
+    with pytest.raises(ValueError, match=f"^config: {message}"):
+        Config.from_dict(dict(n_layer=2, n_embd=32, n_head=4, intermediate_size=64, **fields))
+
+
 def test_lora_on_the_latent_attention_exports_to_peft_with_the_same_logits(tmp_path):
     """A LoRA run on q_a, q_b, kv_a, kv_b and o (transformers' q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj,
     o_proj) exported to_peft: PeftModel over the original HF model computes what litft computes."""
