@@ -27,13 +27,13 @@ Operations (every :class:`Cache` implements them):
   engine sizes ``--kv_cache_memory`` with before allocating.
 
 Kinds implemented: :class:`KVCache` (full attention: every slot), :class:`SlidingKVCache` (sliding window: a
-ring buffer of the window's slots; prompts longer than the window prefill in chunks) and :class:`ChunkedKVCache`
+ring buffer of the window's slots; prompts longer than the window prefill in chunks), :class:`ChunkedKVCache`
 (chunked local attention, Llama 4: the same ring of one chunk's slots; the mask keeps a key when it is in the
-query's chunk, from the query's position). How the kinds litft does not have yet fit the same interface:
+query's chunk, from the query's position) and :class:`LatentCache` (multi-head latent attention, DeepSeek-V3: per
+slot only the compressed latent and the shared RoPE key, which the attention reads instead of every head's keys
+and values). :func:`cache_class` picks a layer's kind. How the kinds litft does not have yet fit the same
+interface:
 
-- MLA latent (DeepSeek-V3): a :class:`SlotCache` whose entries are the compressed latent (rows, 1, length,
-  kv_lora_rank) and the decoupled RoPE key (rows, 1, length, rope_dim) instead of keys and values; the
-  attention expands them after ``update``. Every slot operation is :class:`SlotCache`'s.
 - KV shared across layers (Gemma 4): the reading layer's cache is a view of the writing layer's: ``update``
   ignores its entries and returns the source's, ``key_slots`` are the source's, ``bytes_per_row`` is 0 and the row
   and slot operations do nothing (the source layer's cache does them).
@@ -243,7 +243,33 @@ class ChunkedKVCache(SlidingKVCache):
         return config.attention_chunk_size
 
 
+class LatentCache(SlotCache):
+    """What a multi-head latent attention layer (``Config.kv_lora_rank``) keeps per slot: ``latent`` (rows, 1,
+    length, kv_lora_rank), the normed compressed keys and values, and ``rope_key`` (rows, 1, length, head_size), the
+    RoPE key all heads share, after RoPE. Not the per-head keys and values: the layer expands them from these."""
+
+    def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        entries = {"latent": (1, config.kv_lora_rank), "rope_key": (1, config.head_size)}
+        super().__init__(rows, length, entries, dtype, device)
+
+    @classmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        return (config.kv_lora_rank + config.head_size) * length * dtype.itemsize
+
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.length, device=input_pos.device)
+
+
 CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache, "chunked": ChunkedKVCache}
+
+
+def cache_class(config: Config, kind: str) -> type[Cache]:
+    """The cache class of a layer of attention ``kind`` ("full", "sliding" or "chunked") in a model of ``config``:
+    :class:`LatentCache` for every layer of a multi-head latent attention model (``kv_lora_rank``)."""
+    if config.kv_lora_rank is not None:
+        return LatentCache
+    return CACHE_BY_LAYER_TYPE[kind]
 
 
 class ModelCache(nn.Module):

@@ -65,8 +65,18 @@ class Config:
     rope_scaling: Optional[dict[str, Any]] = None
     nope_layers: list[int] = field(default_factory=list)  # layers that apply no RoPE at all (SmolLM3's NoPE)
     partial_rotary_factor: float = 1.0  # fraction of each head that is rotated (Phi-4-mini: 0.75)
-    # RoPE rotates adjacent channel pairs (2i, 2i+1) (Llama 4's complex form) instead of halves (i, i + dim / 2)
+    # RoPE rotates adjacent channel pairs (2i, 2i+1) (Llama 4's complex form, DeepSeek-V3's interleave) instead of
+    # halves (i, i + dim / 2)
     rope_interleaved: bool = False
+
+    # multi-head latent attention (DeepSeek-V3), on when kv_lora_rank is set: keys and values come from a per-token
+    # latent of kv_lora_rank channels (kv_a_proj, kv_a_norm, kv_b_proj) plus one RoPE key of head_size channels
+    # shared by all heads; each head's query and key are qk_nope_head_dim unrotated + head_size rotated channels,
+    # its value v_head_dim. The generation cache holds only the latent and the RoPE key.
+    kv_lora_rank: Optional[int] = None
+    q_lora_rank: Optional[int] = None  # low-rank query (q_a_proj, q_a_norm, q_b_proj); None = one q_proj
+    qk_nope_head_dim: int = 0
+    v_head_dim: Optional[int] = None
 
     # normalisation
     norm_eps: float = 1e-5
@@ -88,9 +98,16 @@ class Config:
     moe_intermediate_size: Optional[int] = None  # each expert's hidden size; None = intermediate_size
     moe_dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP among the MoE ones
     # "softmax": top-k of the softmax of the router logits weight the experts' outputs; "sigmoid_inputs" (Llama 4):
-    # sigmoid of the top-k router logits scales the experts' inputs
-    moe_routing: Literal["softmax", "sigmoid_inputs"] = "softmax"
-    # hidden size of a shared expert (a gated MLP every token goes through, added to the routed experts); None: none
+    # sigmoid of the top-k router logits scales the experts' inputs; "sigmoid" (DeepSeek-V3): the top-k by sigmoid
+    # score (plus the correction bias, among the best groups) weight the experts' outputs by those sigmoid scores
+    moe_routing: Literal["softmax", "sigmoid_inputs", "sigmoid"] = "softmax"
+    # the options of "sigmoid" routing:
+    moe_score_correction_bias: bool = False  # a non-trained per-expert bias added to the scores for choosing only
+    moe_n_group: int = 1  # experts in this many equal groups; only the moe_topk_group best groups are chosen from
+    moe_topk_group: int = 1  # (a group's score: the sum of its two best expert scores)
+    moe_routed_scaling: float = 1.0  # the routing weights are multiplied by this (after renormalisation)
+    # hidden size of a shared expert (a gated MLP every token goes through, added to the routed experts; DeepSeek-V3's
+    # n_shared_experts are one of n_shared_experts * moe_intermediate_size); None: none
     moe_shared_expert_size: Optional[int] = None
 
     # embeddings and head
@@ -132,8 +149,8 @@ class Config:
         if self.moe_shared_expert_size and not self.n_expert:
             raise ValueError("moe_shared_expert_size is set but n_expert is 0 (a shared expert belongs to a mixture "
                              "of experts)")
-        if self.moe_routing not in ("softmax", "sigmoid_inputs"):
-            raise ValueError(f"moe_routing must be 'softmax' or 'sigmoid_inputs', got {self.moe_routing!r}")
+        if self.moe_routing not in ("softmax", "sigmoid_inputs", "sigmoid"):
+            raise ValueError(f"moe_routing must be 'softmax', 'sigmoid_inputs' or 'sigmoid', got {self.moe_routing!r}")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise ValueError(f"n_expert_per_token must be in [1, n_expert={self.n_expert}], got {self.n_expert_per_token}")
         if self.moe_dense_layers and not self.n_expert:
@@ -151,8 +168,36 @@ class Config:
             raise ValueError("swiglu_alpha and swiglu_limit are set exactly when mlp_activation is 'clamped_swiglu' "
                              f"(got mlp_activation={self.mlp_activation!r}, swiglu_alpha={self.swiglu_alpha}, "
                              f"swiglu_limit={self.swiglu_limit})")
+        self._check_latent_attention_and_routing()
         if not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+
+    def _check_latent_attention_and_routing(self) -> None:
+        if self.kv_lora_rank is not None:
+            if self.kv_lora_rank < 1 or not self.v_head_dim or self.qk_nope_head_dim < 0:
+                raise ValueError("multi-head latent attention needs kv_lora_rank >= 1, v_head_dim >= 1 and "
+                                 f"qk_nope_head_dim >= 0 (got {self.kv_lora_rank}, {self.v_head_dim}, "
+                                 f"{self.qk_nope_head_dim})")
+            unsupported = [key for key in ("attention_sinks", "attn_logit_softcapping", "qk_norm", "sliding_window",
+                                           "attention_chunk_size", "qk_l2_norm", "attn_temperature_floor_scale")
+                           if getattr(self, key)]
+            if unsupported or self.partial_rotary_factor != 1.0:
+                raise ValueError(f"multi-head latent attention (kv_lora_rank) does not implement "
+                                 f"{', '.join(unsupported or ['partial_rotary_factor'])}")
+        elif self.q_lora_rank is not None or self.v_head_dim is not None or self.qk_nope_head_dim:
+            raise ValueError("q_lora_rank, v_head_dim and qk_nope_head_dim belong to multi-head latent attention: "
+                             "set kv_lora_rank too")
+        if self.n_expert and self.n_expert % self.moe_n_group:
+            raise ValueError(f"n_expert ({self.n_expert}) is not divisible by moe_n_group ({self.moe_n_group})")
+        if not 1 <= self.moe_topk_group <= self.moe_n_group:
+            raise ValueError(f"moe_topk_group must be in [1, moe_n_group={self.moe_n_group}], "
+                             f"got {self.moe_topk_group}")
+        if self.moe_n_group > 1 and (self.moe_routing != "sigmoid" or self.n_expert // self.moe_n_group < 2):
+            raise ValueError("moe_n_group > 1 needs moe_routing 'sigmoid' and at least 2 experts per group")
+        if self.moe_score_correction_bias and self.moe_routing != "sigmoid":
+            raise ValueError("moe_score_correction_bias needs moe_routing 'sigmoid'")
+        if self.moe_routed_scaling != 1.0 and self.moe_routing != "sigmoid":
+            raise ValueError("moe_routed_scaling needs moe_routing 'sigmoid'")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` has the mixture of experts (not a dense MLP)."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litft.cache import CACHE_BY_LAYER_TYPE, Cache, ModelCache
+from litft.cache import Cache, ModelCache, cache_class
 from litft.config import Config
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, 1, T, rope_dim)
@@ -100,13 +100,13 @@ class GPT(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
         kinds = self.config.layer_types
-        layers = [CACHE_BY_LAYER_TYPE[kind](self.config, rows, length, dtype, device) for kind in kinds]
+        layers = [cache_class(self.config, kind)(self.config, rows, length, dtype, device) for kind in kinds]
         return ModelCache(layers, kinds, rows, length, dtype)
 
     def cache_bytes_per_row(self, length: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes one row of ``length`` slots takes in :meth:`make_cache`'s cache (every layer)."""
         dtype = dtype or self.embed.weight.dtype
-        return sum(CACHE_BY_LAYER_TYPE[kind].bytes_per_row(self.config, length, dtype)
+        return sum(cache_class(self.config, kind).bytes_per_row(self.config, length, dtype)
                    for kind in self.config.layer_types)
 
     # ------------------------------------------------------------------ forward
@@ -249,7 +249,7 @@ class Block(nn.Module):
             self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         else:
             self.attn_norm = self.mlp_norm = None
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config) if config.kv_lora_rank is None else LatentAttention(config)
         self.mlp = MoE(config) if config.is_moe_layer(index) else GatedMLP(config)
         if config.post_block_norms:
             self.post_attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
@@ -369,6 +369,102 @@ class CausalSelfAttention(nn.Module):
         return probs[..., :-1].to(q.dtype) @ v
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V3, ``Config.kv_lora_rank``): every token's keys and values come from a
+    normed latent of ``kv_lora_rank`` channels (``kv_b_proj`` expands it per head into unrotated key and value
+    channels) and one RoPE key of ``head_size`` channels shared by all heads; the query is low-rank when
+    ``q_lora_rank`` is set. The cache (:class:`litft.cache.LatentCache`) stores the latent and the RoPE key only;
+    with a cache, attention reads them as they are (``kv_b_proj`` absorbed into the query and the output, see
+    :meth:`attend_latent`), except under LoRA or quantization of ``kv_b_proj``, where they are expanded per head.
+    Scores are scaled by (qk_nope_head_dim + head_size) ** -0.5, times YaRN's mscale(factor, mscale_all_dim) squared
+    when the RoPE scaling sets ``mscale_all_dim``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        nh, rope_dim = config.n_head, config.head_size
+        self.nope_dim, self.v_dim, self.rank = config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
+        qk_dim = self.nope_dim + rope_dim
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.n_embd, nh * qk_dim, bias=False)
+            self.q_a_proj = self.q_a_norm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = nn.Linear(config.n_embd, config.q_lora_rank, bias=bias)
+            self.q_a_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, nh * qk_dim, bias=False)
+        self.kv_a_proj = nn.Linear(config.n_embd, self.rank + rope_dim, bias=bias)
+        self.kv_a_norm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, config.n_embd, bias=bias)
+        self.scale = qk_dim**-0.5 * latent_softmax_mscale(config.rope_scaling) ** 2
+        self.sinks = None
+
+    def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
+                input_pos: Optional[torch.Tensor], virtual_kv: Optional[Any] = None, return_kv: bool = False,
+                cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As :meth:`CausalSelfAttention.forward`, without virtual tokens."""
+        if virtual_kv is not None or return_kv:
+            raise ValueError("prompt tuning (virtual tokens) is not implemented for multi-head latent attention "
+                             "(kv_lora_rank): use LoRA")
+        B, T, _ = x.shape
+        nh = self.config.n_head
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(B, T, nh, -1).transpose(1, 2).split([self.nope_dim, self.config.head_size], dim=-1)
+        latent, k_rot = self.kv_a_proj(x).split([self.rank, self.config.head_size], dim=-1)
+        latent, k_rot = self.kv_a_norm(latent).unsqueeze(1), k_rot.unsqueeze(1)  # (B, 1, T, ...)
+        if rope is not None:
+            rotate = apply_rope_interleaved if self.config.rope_interleaved else apply_rope
+            q_rot, k_rot = rotate(q_rot, rope), rotate(k_rot, rope)
+        if q_scale is not None:
+            q_nope, q_rot = (q_nope * q_scale).to(q_nope.dtype), (q_rot * q_scale).to(q_rot.dtype)
+        if cache is not None:
+            latent, k_rot = cache.update(input_pos, latent, k_rot)
+            if type(self.kv_b_proj) is nn.Linear:  # not under LoRA or quantization: its plain weight is the map
+                return self.o_proj(self.attend_latent(q_nope, q_rot, latent, k_rot, mask))
+        S = latent.shape[2]
+        k_nope, v = self.kv_b_proj(latent).view(B, S, nh, -1).transpose(1, 2).split([self.nope_dim, self.v_dim], -1)
+        k = torch.cat((k_nope, k_rot.expand(B, nh, S, -1)), dim=-1)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            from litft.attention import flex_attend
+
+            y = flex_attend(q, k, v, mask, self.scale, None)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * self.v_dim))
+
+
+    def attend_latent(self, q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention read from the cache without expanding it per head (``kv_b_proj`` absorbed): a head's unrotated
+        key channels are W_k latent, so q_nope . W_k latent = (W_k^T q_nope) . latent; likewise its output is
+        W_v (probs @ latent). One single-head attention over (latent, rope key) with the absorbed queries, whatever
+        the number of heads. Returns (B, T, n_head * v_head_dim)."""
+        B, nh, T, _ = q_nope.shape
+        w_k, w_v = self.kv_b_proj.weight.view(nh, self.nope_dim + self.v_dim, self.rank).split(
+            [self.nope_dim, self.v_dim], dim=1)
+        q = torch.cat((q_nope @ w_k, q_rot), dim=-1)  # (B, nh, T, rank + rope)
+        k = torch.cat((latent, k_rot), dim=-1)  # (B, 1, S, rank + rope)
+        context = F.scaled_dot_product_attention(q, k, latent, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale, enable_gqa=True)  # (B, nh, T, rank)
+        return (context @ w_v.transpose(1, 2)).transpose(1, 2).reshape(B, T, nh * self.v_dim)
+
+
+# transformers' DeepseekV3RMSNorm default: the q and kv latent norms do not take rms_norm_eps
+LATENT_NORM_EPS = 1e-6
+
+
+def latent_softmax_mscale(scaling: Optional[dict]) -> float:
+    """YaRN's mscale(factor, mscale_all_dim), by which latent attention's softmax scale is multiplied twice; 1 without
+    YaRN or ``mscale_all_dim``."""
+    if not scaling or scaling.get("rope_type", "default") == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    factor = scaling["factor"]
+    return 1.0 if factor <= 1 else 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0
+
+
 def build_attention_mask(
     q_slots: torch.Tensor, kv_len: int, window: Optional[int], segment_ids: Optional[torch.Tensor], cached: bool,
     k_slots: Optional[torch.Tensor] = None,
@@ -458,8 +554,9 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 class MoE(nn.Module):
     """Sparse mixture of gated-MLP experts with top-k routing (``Config.moe_routing``): softmax weights on the
-    experts' outputs (Mixtral, Qwen3-MoE, gpt-oss) or sigmoid scores on their inputs (Llama 4), plus an optional
-    shared expert every token goes through (``Config.moe_shared_expert_size``).
+    experts' outputs (Mixtral, Qwen3-MoE, gpt-oss), sigmoid scores on their inputs (Llama 4) or grouped sigmoid
+    scores with a correction bias on their outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared
+    expert every token goes through (``Config.moe_shared_expert_size``).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
     on its contiguous group of rows, and every token's k outputs are summed with their routing weights (or, with
@@ -473,20 +570,63 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(GatedMLP(config, size) for _ in range(config.n_expert))
         self.top_k = config.n_expert_per_token
         self.normalize = config.moe_normalize_topk
+        self.config = config
         self.weights_on_inputs = config.moe_routing == "sigmoid_inputs"
+        # not trained (a load-balancing offset updated outside gradient descent), but part of the checkpoint
+        if config.moe_score_correction_bias:
+            self.register_buffer("score_correction_bias", torch.zeros(config.n_expert, dtype=torch.float32))
+        else:
+            self.score_correction_bias = None
         shared = config.moe_shared_expert_size
         self.shared_expert = GatedMLP(config, shared) if shared else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
+        """As nn.Module's (``.to``, ``.cuda``, ``.bfloat16`` ...), but the score correction bias only moves: it keeps
+        its float32 values."""
+        bias = self.score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self.score_correction_bias
+            kept = moved.float() if bias.device.type == "meta" or moved.device.type == "meta" else \
+                bias.to(device=moved.device, dtype=torch.float32)
+            self._buffers["score_correction_bias"] = kept
+        return self
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights (N, k) in ``x``'s dtype and chosen expert ids (N, k) of the rows of ``x`` (N, C)."""
         if self.weights_on_inputs:  # sigmoid of the top-k logits
             top, chosen = self.router(x).topk(self.top_k, dim=-1)
             return torch.sigmoid(top.float()).to(x.dtype), chosen
-        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.config.moe_routing == "sigmoid":
+            weights, chosen = self.route_sigmoid(x)
+            weights = weights * self.config.moe_routed_scaling
+        else:
+            probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
+            weights, chosen = probs.topk(self.top_k, dim=-1)
+            if self.normalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), chosen
+
+    def route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmoid scores in float32; the top-k by score (+ correction bias) among the experts of the
+        ``moe_topk_group`` groups with the best sums of their two best scores; weights: the chosen scores."""
+        if type(self.router) is nn.Linear:  # in float32, as transformers (its router weight stays float32)
+            bias = None if self.router.bias is None else self.router.bias.float()
+            scores = F.linear(x.float(), self.router.weight.float(), bias).sigmoid()
+        else:  # a quantized router (QLoRA)
+            scores = self.router(x).float().sigmoid()
+        choice = scores if self.score_correction_bias is None else scores + self.score_correction_bias
+        groups = self.config.moe_n_group
+        if groups > 1:
+            per_group = choice.view(-1, groups, choice.shape[-1] // groups)
+            best = per_group.topk(2, dim=-1)[0].sum(dim=-1).topk(self.config.moe_topk_group, dim=-1)[1]
+            allowed = torch.zeros_like(per_group[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = per_group.masked_fill(~allowed.unsqueeze(-1), float("-inf")).view_as(choice)
+        chosen = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, chosen)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -505,6 +645,16 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             routed = self.shared_expert(x) + routed
         return routed.view(shape)
+
+
+# tensors that stay float32 whatever dtype the model is loaded, converted or cast to (transformers keeps them so): a
+# routing offset whose small differences between experts decide which experts run
+FLOAT32_TENSORS = ("score_correction_bias",)
+
+
+def keeps_float32(name: str) -> bool:
+    """Whether the state-dict tensor ``name`` stays float32 when the model's dtype changes."""
+    return name.rsplit(".", 1)[-1] in FLOAT32_TENSORS
 
 
 class RMSNorm(nn.Module):

@@ -297,9 +297,11 @@ def load_model(
     expected = expected_shapes(config)
     check_tensor_names(reader, expected, str(checkpoint_dir))
     state = {}
+    from litft.model import keeps_float32
+
     for key in expected:
         t = reader.get(key)
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.is_floating_point() and not keeps_float32(key):
             t = t.to(dtype)
         state[key] = t.to(device)
     with torch.device("meta"):

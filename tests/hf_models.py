@@ -85,6 +85,22 @@ FAMILY_VARIANTS = {
                                         rope_parameters={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
                                                          "high_freq_factor": 1.0, "rope_theta": 500000.0,
                                                          "original_max_position_embeddings": 16})),
+    # multi-head latent attention with a low-rank query, 8 experts in 4 groups (top-3 from the best 2 groups),
+    # a shared expert, one dense first layer, YaRN whose mscale_all_dim scales the softmax, interleaved RoPE
+    "deepseek_v3": ("deepseek_v3", dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=12, v_head_dim=10, n_routed_experts=8, num_experts_per_tok=3,
+                                        n_group=4, topk_group=2, first_k_dense_replace=1, moe_intermediate_size=32,
+                                        n_shared_experts=1, routed_scaling_factor=2.5, rms_norm_eps=1e-5,
+                                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "mscale": 0.9,
+                                                         "mscale_all_dim": 0.7, "rope_theta": 20000.0,
+                                                         "original_max_position_embeddings": 16})),
+    # a plain q_proj (q_lora_rank null), rotate-half RoPE, 2 shared experts, weights not renormalised, one group
+    "deepseek_v3-plain-q": ("deepseek_v3", dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=12,
+                                                qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=16,
+                                                n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                                first_k_dense_replace=1, moe_intermediate_size=24,
+                                                n_shared_experts=2, norm_topk_prob=False, rope_interleave=False,
+                                                routed_scaling_factor=1.5, rope_theta=50000.0)),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),
@@ -109,6 +125,9 @@ def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dty
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(("bias", "sinks")):
                 p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
+        for name, b in model.named_buffers():  # DeepSeek-V3's routing correction bias: shifts which experts are chosen
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.1)
     model.eval()
     model.save_pretrained(directory)
     return model

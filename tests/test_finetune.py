@@ -194,7 +194,15 @@ NEW_ARCHITECTURES = {
     "llama4_text": dict(n_expert=4, n_expert_per_token=1, moe_intermediate_size=24, moe_shared_expert_size=24,
                         moe_dense_layers=[1], attention_chunk_size=4, layer_types=["chunked", "full"],
                         nope_layers=[1], qk_l2_norm=True, attn_temperature_floor_scale=2, attn_temperature_scale=0.5),
+    # latent attention (low-rank q, interleaved RoPE) on a dense first layer, then grouped sigmoid routing with the
+    # correction bias and a shared expert; LoRA on the latent projections, every expert and the shared one
+    "deepseek_v3": dict(n_query_groups=2, head_size=8, kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+                        v_head_dim=8, rope_interleaved=True, n_expert=4, n_expert_per_token=2, moe_intermediate_size=24,
+                        moe_shared_expert_size=24, moe_dense_layers=[0], moe_n_group=2, moe_topk_group=1,
+                        moe_routed_scaling=2.5),
 }
+# LoRA targets where attention has no q/k/v projections (multi-head latent attention)
+LORA_TARGETS = {"deepseek_v3": ["q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"]}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -215,7 +223,8 @@ def test_short_runs_on_the_newer_architectures(model_type, method, data_dir, tmp
                            **NEW_ARCHITECTURES[model_type])
     out = tmp_path / method
     if method == "lora":
-        lora = LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o", "gate", "up", "down"])
+        targets = LORA_TARGETS.get(model_type, ["q", "k", "v", "o", "gate", "up", "down"])
+        lora = LoRAArgs(r=4, alpha=8, dropout=0.0, targets=targets)
         final = finetune_lora(ckpt, out, data=data_args(data_dir), train=train_args(lr=2e-2), lora=lora,
                               merge=True, **COMMON)
     else:

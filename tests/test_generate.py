@@ -111,7 +111,8 @@ def test_continuous_batching_equals_alone(llama) -> None:
     assert all(r.finish_reason == "length" for r in together)
 
 
-@pytest.mark.parametrize("variant", ["gemma2", "phi3", "olmo3", "smollm3-sliding", "qwen3_moe", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("variant", ["gemma2", "phi3", "olmo3", "smollm3-sliding", "qwen3_moe", "gpt_oss", "llama4",
+                                     "deepseek_v3"])
 def test_requests_join_a_running_batch_and_the_cache_shifts(variant: str, tmp_path: Path) -> None:
     """The step-wise API a server schedules with: a longer prompt joins mid-decode (slots shift right), the cache
     fills up (slots shift left); sliding windows, attention chunks, softcapping, LongRoPE, NoPE layers (and their

@@ -68,7 +68,7 @@ def test_round_trip_is_identical_and_loads_in_transformers(converted):
         assert (reloaded(idx).logits - hf_model(idx).logits).abs().max().item() <= TOL, variant
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step", "deepseek_v3"])
 def test_moe_gradients_match_transformers(variant, tmp_path):
     """The backward of the MoE computed by expert: router and every expert's weight gradients equal transformers'
     (which holds the experts as 3-D tensors: gate and up stacked in ``gate_up_proj``)."""
@@ -141,7 +141,8 @@ def test_numeric_constants_come_from_config_json(converted):
 
 # ------------------------------------------------------------------------------ nothing keyed on model names
 
-_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo", "gpt_oss", "gpt-oss")
+_FAMILY_WORDS = ("llama", "gemma", "mistral", "mixtral", "qwen", "phi", "smollm", "olmo", "gpt_oss", "gpt-oss",
+                 "deepseek")
 _ALLOWED_LITERALS = {"llama3"}  # an HF rope_type value, read from config.json like any other field
 _NAME_FIELDS = {"name", "hf_id", "model_name", "repo_id", "model_id", "name_or_path", "_name_or_path"}
 _STRING_TESTS = {"startswith", "endswith", "match", "search", "fullmatch", "find", "index", "count"}
@@ -258,7 +259,8 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
     assert json.loads((out / "config.json").read_text())["model_type"] == variant
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "llama4_text",
+                                        "deepseek_v3"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
@@ -450,8 +452,8 @@ def test_llama4_layer_kinds_follow_config_json(tmp_path):
     (dict(layer_types=["chunked", "banded"], attention_chunk_size=4),
      r"layer_types may only hold 'full', 'sliding' or 'chunked', got \['banded'\]"),
     (dict(nope_layers=[1], attn_temperature_floor_scale=0), "attn_temperature_floor_scale must be > 0, got 0"),
-    (dict(n_expert=4, n_expert_per_token=1, moe_routing="sigmoid"),
-     "moe_routing must be 'softmax' or 'sigmoid_inputs', got 'sigmoid'"),
+    (dict(n_expert=4, n_expert_per_token=1, moe_routing="sigmoid_outputs"),
+     "moe_routing must be 'softmax', 'sigmoid_inputs' or 'sigmoid', got 'sigmoid_outputs'"),
     (dict(moe_shared_expert_size=8), r"moe_shared_expert_size is set but n_expert is 0"),
 ])
 def test_the_llama4_config_fields_are_checked(fields, message):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from litft.config import MODEL_CONFIG_FILE, Config
+from litft.model import keeps_float32
 from litft.weights import (
     SafetensorsReader,
     atomic_directory,
@@ -138,7 +139,7 @@ def hf_tensors_to_native(
     seen: set[str] = set()
     for path, getters in (_HFSource(hf_dir).shards() if shards is None else shards):
         for hf_key, get in getters.items():
-            if family.is_ignored_hf(hf_key):
+            if family.is_ignored_hf(hf_key, config):
                 continue
             match = family.hf_to_native(hf_key)
             if match is None:
@@ -163,7 +164,7 @@ def hf_tensors_to_native(
                 if part.shape != expected[name]:
                     raise ValueError(f"{path}: tensor {hf_key!r} has shape {list(part.shape)}, config.json implies "
                                      f"{list(expected[name])}")
-                if dtype is not None and part.is_floating_point():
+                if dtype is not None and part.is_floating_point() and not keeps_float32(name):
                     part = part.to(dtype)
                 seen.add(name)
                 yield name, part.contiguous()
@@ -236,7 +237,7 @@ def native_tensors_to_hf(
         if None in parts:
             raise ValueError(f"{checkpoint_dir}: {hf_key!r} needs {rules[hf_key].natives} but some are missing")
         tensor = rules[hf_key].to_hf([get(p) for p in parts], config)
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and tensor.is_floating_point() and not any(keeps_float32(p) for p in parts):
             tensor = tensor.to(dtype)
         yield hf_key, tensor
 

@@ -84,6 +84,9 @@ def apply_adapter(model: nn.Module, args: AdapterArgs) -> nn.Module:
                          f"get an adapter and training would change nothing; use start_layer < {n_layer}")
     if adapter_modules(model):
         raise ValueError("apply_adapter: the model already has adapters")
+    if model.config.kv_lora_rank is not None:
+        raise ValueError("LLaMA-Adapter is not implemented for multi-head latent attention (kv_lora_rank in the model "
+                         "config, DeepSeek-V3): use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = model.config

@@ -34,6 +34,8 @@ LORA_CONFIG_FILE = "lora.yaml"
 TARGETS: dict[str, str] = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "lm_head": "lm_head",
+    # multi-head latent attention (DeepSeek-V3): the low-rank query's and the key/value latent's projections
+    "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj", "kv_b": "kv_b_proj",
 }
 ALL_LINEAR = "all-linear"
 # not wrapped by all-linear: the MoE router (a routing score, not a projection; no nn.Linear in HF either)
@@ -50,8 +52,9 @@ class LoRAArgs:
         r: rank of the update B·A.
         alpha: scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).
         dropout: dropout probability on the LoRA branch's input.
-        targets: projections to adapt: any of q, k, v, o, gate, up, down, lm_head; or all-linear (every linear
-            layer of the blocks, not lm_head, as PEFT's all-linear), optionally with lm_head.
+        targets: projections to adapt: any of q, k, v, o, gate, up, down, lm_head (q_a, q_b, kv_a, kv_b: the
+            latent attention's projections, DeepSeek-V3); or all-linear (every linear layer of the blocks, not
+            lm_head, as PEFT's all-linear), optionally with lm_head.
         use_dora: weight-decomposed LoRA (DoRA): also train a per-output-row magnitude.
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
     """

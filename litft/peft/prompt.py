@@ -88,6 +88,9 @@ def init_token_ids(tokenizer: Any, args: PromptTuningArgs) -> list[int]:
 
 def add_virtual_prompt(model: nn.Module, num_virtual_tokens: int) -> VirtualPrompt:
     """Give ``model`` a (zero) virtual prompt of ``num_virtual_tokens`` tokens and freeze everything else."""
+    if model.config.kv_lora_rank is not None:
+        raise ValueError("prompt tuning is not implemented for multi-head latent attention (kv_lora_rank in the "
+                         "model config, DeepSeek-V3): use LoRA")
     if model.virtual_prompt is not None:
         raise ValueError("the model already has a virtual prompt (prompt tuning): start a new prompt-tuning run from "
                          "its base checkpoint (base.yaml's base_checkpoint), or pass --resume to continue this one")

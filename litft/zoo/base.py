@@ -118,6 +118,9 @@ class Family:
     hf_keys: tuple[str, ...] = ()  # config.json keys that read_hf interprets (kept out of Config.extra)
     # config.json keys with the only values litft implements: any other value is refused by name, never dropped
     hf_supported_values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # tensors of layers numbered num_hidden_layers and above are skipped on import (DeepSeek-V3's multi-token
+    # prediction layers, which transformers does not load either)
+    hf_layers_past_n_layer_ignored: bool = False
 
     def __post_init__(self) -> None:
         self._hf_regex = [(_template_regex(r.hf), r) for r in self.weight_rules]
@@ -213,7 +216,13 @@ class Family:
                 return rule, tuple(_fill(n, m) for n in rule.natives)
         return None
 
-    def is_ignored_hf(self, hf_key: str) -> bool:
+    def is_ignored_hf(self, hf_key: str, config: Optional[Config] = None) -> bool:
+        """Whether an HF tensor is not part of the text model (with ``config``: nor of its ``n_layer`` layers, where
+        the family skips layers past them)."""
+        if self.hf_layers_past_n_layer_ignored and config is not None:
+            m = _HF_LAYER.match(hf_key)
+            if m is not None and int(m["i"]) >= config.n_layer:
+                return True
         return hf_key.startswith(self.hf_ignored_prefixes) or hf_key.endswith("rotary_emb.inv_freq")
 
     def native_to_hf(self, native_key: str) -> Optional[tuple[WeightRule, int, str]]:
@@ -226,6 +235,9 @@ class Family:
                         part += int(m["e"]) * len(rule.natives)
                     return rule, part, _fill(rule.hf, m)
         return None
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(?P<i>\d+)\.")
 
 
 def _fill(template: str, m: re.Match) -> str:
