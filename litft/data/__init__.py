@@ -119,6 +119,21 @@ class DataStats:
         return "\n".join(lines)
 
 
+def read_train_val(data: DataArgs, max_seq_length: int) -> tuple[Path, Optional[Path], list[Record], list[Record]]:
+    """The train and validation rows (validation: ``data.val_path``, or ``data.val_split_fraction`` of the train
+    rows held out with ``data.seed``), after checking the settings every loader shares."""
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    if not 0.0 <= data.val_split_fraction < 1.0:
+        raise ValueError(f"data.val_split_fraction must be in [0, 1), got {data.val_split_fraction}")
+    train_path, val_path = resolve_paths(data.train_path, data.val_path)
+    train_records = read_records(train_path)
+    if val_path is not None:
+        return train_path, val_path, train_records, read_records(val_path)
+    train_records, val_records = split_records(train_records, data.val_split_fraction, data.seed)
+    return train_path, val_path, train_records, val_records
+
+
 def load_datasets(data: DataArgs, tokenizer: Any, max_seq_length: int) -> tuple[list[Sample], list[Sample], DataStats]:
     """Read, format, tokenize, mask and truncate the train and validation data.
 
@@ -134,16 +149,7 @@ def load_datasets(data: DataArgs, tokenizer: Any, max_seq_length: int) -> tuple[
         raise ValueError(f"unknown data format {data.format!r}; expected one of {', '.join(FORMATS)}")
     if data.prompt_style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt_style {data.prompt_style!r}; expected one of {', '.join(PROMPT_STYLES)}")
-    if max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
-    if not 0.0 <= data.val_split_fraction < 1.0:
-        raise ValueError(f"data.val_split_fraction must be in [0, 1), got {data.val_split_fraction}")
-    train_path, val_path = resolve_paths(data.train_path, data.val_path)
-    train_records = read_records(train_path)
-    if val_path is not None:
-        val_records = read_records(val_path)
-    else:
-        train_records, val_records = split_records(train_records, data.val_split_fraction, data.seed)
+    train_path, val_path, train_records, val_records = read_train_val(data, max_seq_length)
 
     fmt = detect_format(data, train_records[0]) if data.format == "auto" else data.format
     if fmt == "chat":

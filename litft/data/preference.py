@@ -30,11 +30,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from litft.data import (DataArgs, DataStats, Sample, check_chat_template, encode_rows, n_targets,
-                        split_records)
+from litft.data import DataArgs, DataStats, Sample, check_chat_template, encode_rows, n_targets, read_train_val
 from litft.data.collate import IGNORE_INDEX, BatchIterator, pad_batch
 from litft.data.formats import Segments, chat_segments, check_messages
-from litft.data.loader import Record, read_records, resolve_paths
+from litft.data.loader import Record
 
 
 @dataclass
@@ -184,16 +183,7 @@ def load_preference_datasets(data: DataArgs, tokenizer: Any, max_seq_length: int
                              ) -> tuple[list[PreferenceSample], list[PreferenceSample], DataStats]:
     """Read, render, tokenize, mask and truncate the train and validation pairs (file:line in every error)."""
     check_preference_data_args(data)
-    if max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
-    if not 0.0 <= data.val_split_fraction < 1.0:
-        raise ValueError(f"data.val_split_fraction must be in [0, 1), got {data.val_split_fraction}")
-    train_path, val_path = resolve_paths(data.train_path, data.val_path)
-    train_records = read_records(train_path)
-    if val_path is not None:
-        val_records = read_records(val_path)
-    else:
-        train_records, val_records = split_records(train_records, data.val_split_fraction, data.seed)
+    train_path, val_path, train_records, val_records = read_train_val(data, max_seq_length)
     # prompts are rendered as the input_output format renders its input, or by the chat template ("chat")
     stats = DataStats(format="input_output", train_path=str(train_path),
                       val_path=None if val_path is None else str(val_path), max_seq_length=max_seq_length,
