@@ -5,7 +5,6 @@ implement refused by name, and LoRA on the latent attention's projections export
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -150,19 +149,9 @@ def test_lora_on_the_latent_attention_exports_to_peft_with_the_same_logits(tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.inprocess_cli import litft
-    from tests.test_generate import make_tiny_checkpoint
-    from tests.test_interop import ROWS, hf_logits, litft_logits
+    from tests.test_interop import hf_logits, litft_logits, lora_run_to_peft
 
-    model = make_tiny_checkpoint(tmp_path / "model", "deepseek_v3")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    litft("finetune", "lora", model["native"], "--out_dir", tmp_path / "run", "--data.train_path", data,
-          "--data.prompt_style", "plain", "--train.max_steps", 2, "--train.global_batch_size", 4,
-          "--train.micro_batch_size", 4, "--train.lr", 0.02, "--train.lr_schedule", "constant",
-          "--eval.final_validation", "false", "--lora.r", 4, "--lora.alpha", 8, "--lora.dropout", 0.0,
-          "--lora.targets", "[q_a,q_b,kv_a,kv_b,o]")
-    litft("convert", "to_peft", tmp_path / "run", tmp_path / "adapter")
+    model = lora_run_to_peft(tmp_path, "deepseek_v3", "[q_a,q_b,kv_a,kv_b,o]")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"]
     tokens = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -263,14 +263,9 @@ def test_to_peft_loads_in_peft_with_the_same_logits(method, runs, tokens, tiny_l
                                atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3", "olmo3", "smollm3"])
-def test_to_peft_of_other_families_loads_in_peft_with_the_same_logits(variant, tokens, tmp_path):
-    """A LoRA run on a tiny Gemma (tied embeddings, GeGLU, (1 + w) norms), Mistral (sliding window), Qwen3
-    (q/k norms), OLMo 3 (post-only norms, whole-projection q/k norms, sliding layers) and SmolLM3 (NoPE layers)
-    exported to_peft: PeftModel over the original HF model computes what litft computes."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def lora_run_to_peft(tmp_path: Path, variant: str, targets: str) -> dict[str, Path]:
+    """A 2-step LoRA run (``targets``) on the tiny ``variant`` from the CLI, exported with ``convert to_peft`` to
+    ``tmp_path / "adapter"``; returns the tiny checkpoint's {"hf", "native"} folders (the run is ``tmp_path / "run"``)."""
     from tests.test_generate import make_tiny_checkpoint
 
     model = make_tiny_checkpoint(tmp_path / "model", variant)
@@ -280,8 +275,20 @@ def test_to_peft_of_other_families_loads_in_peft_with_the_same_logits(variant, t
           "--data.prompt_style", "plain", "--train.max_steps", 2, "--train.global_batch_size", 4,
           "--train.micro_batch_size", 4, "--train.lr", 0.02, "--train.lr_schedule", "constant",
           "--eval.final_validation", "false", "--lora.r", 4, "--lora.alpha", 8, "--lora.dropout", 0.0,
-          "--lora.targets", "[q,k,v,o,gate,up,down]")
+          "--lora.targets", targets)
     litft("convert", "to_peft", tmp_path / "run", tmp_path / "adapter")
+    return model
+
+
+@pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3", "olmo3", "smollm3"])
+def test_to_peft_of_other_families_loads_in_peft_with_the_same_logits(variant, tokens, tmp_path):
+    """A LoRA run on a tiny Gemma (tied embeddings, GeGLU, (1 + w) norms), Mistral (sliding window), Qwen3
+    (q/k norms), OLMo 3 (post-only norms, whole-projection q/k norms, sliding layers) and SmolLM3 (NoPE layers)
+    exported to_peft: PeftModel over the original HF model computes what litft computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = lora_run_to_peft(tmp_path, variant, "[q,k,v,o,gate,up,down]")
     hf = AutoModelForCausalLM.from_pretrained(model["hf"])
     base = hf_logits(hf, tokens)
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter")
