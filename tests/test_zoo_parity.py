@@ -260,7 +260,7 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "llama4_text",
-                                        "deepseek_v3"])
+                                        "deepseek_v3", "gemma4_text"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
@@ -281,8 +281,12 @@ def test_named_configs_build_the_transformers_model_with_the_same_weights(model_
         if shape in shapes_seen:  # base and instruct variants of one size
             continue
         shapes_seen.add(shape)
-        n = 4  # the first layers only (their kinds as in the full model): every size at the cost of a small one
+        # the first layers only (their kinds as in the full model): every size at the cost of a small one; up to a
+        # full layer at least (Gemma 4's last layer is one), twice that with the second half KV-shared
+        n = max(4, config.layer_types.index("full") + 1 if "full" in config.layer_types else 0)
+        n *= 2 if config.kv_shared_layers else 1
         config = dataclasses.replace(config, n_layer=n, layer_types=config.layer_types[:n],
+                                     kv_shared_layers=n // 2 if config.kv_shared_layers else 0,
                                      nope_layers=[i for i in config.nope_layers if i < n],
                                      moe_dense_layers=[i for i in config.moe_dense_layers if i < n])
         hf_config = family.config_to_hf(config)
