@@ -104,7 +104,7 @@ FAMILY_VARIANTS = {
     # sliding (window 4) and full layers 5:1-ish (the last full), full layers with a bigger head (32 vs 16) and
     # proportional RoPE rotating half of each head, per-layer inputs, the last 2 layers (one of each kind) KV-shared
     # with double-wide MLPs, a final softcap
-    "gemma4": ("gemma4_text", dict(head_dim=16, global_head_dim=32, num_hidden_layers=6, sliding_window=4,
+    "gemma4": ("gemma4_text", dict(head_dim=8, global_head_dim=16, num_hidden_layers=6, sliding_window=4,
                                    layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                                 "sliding_attention", "sliding_attention", "full_attention"],
                                    rope_parameters={"sliding_attention": {"rope_type": "default",
@@ -112,7 +112,8 @@ FAMILY_VARIANTS = {
                                                     "full_attention": {"rope_type": "proportional",
                                                                        "partial_rotary_factor": 0.5,
                                                                        "rope_theta": 20000.0}},
-                                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+                                   # a per-layer vocabulary of its own (room for the test tokenizer's 400 ids)
+                                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=400,
                                    num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=5.0,
                                    rms_norm_eps=1e-5)),
     # full layers with values from the key projection (no v_proj) and their own key/value heads (1), proportional
