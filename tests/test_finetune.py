@@ -200,6 +200,13 @@ NEW_ARCHITECTURES = {
                         v_head_dim=8, rope_interleaved=True, n_expert=4, n_expert_per_token=2, moe_intermediate_size=24,
                         moe_shared_expert_size=24, moe_dense_layers=[0], moe_n_group=2, moe_topk_group=1,
                         moe_routed_scaling=2.5),
+    # sliding and full layers with a bigger head on the full ones (values from the keys, proportional RoPE),
+    # per-layer inputs, the last two layers (one of each kind) KV-shared with double-wide MLPs
+    "gemma4_text": dict(n_layer=4, head_size=16, global_head_size=32, sliding_window=4,
+                        layer_types=["sliding", "full", "sliding", "full"], rope_local_theta=1000.0,
+                        rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5},
+                        attention_k_eq_v=True, kv_shared_layers=2, kv_shared_mlp_factor=2, per_layer_input_size=8,
+                        mlp_activation="gelu_tanh", final_logit_softcapping=30.0),
 }
 # LoRA targets where attention has no q/k/v projections (multi-head latent attention)
 LORA_TARGETS = {"deepseek_v3": ["q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"]}
