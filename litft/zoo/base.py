@@ -284,6 +284,16 @@ def read_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict], Optional[float
     return float(theta), scaling, None if local_theta is None else float(local_theta)
 
 
+def refuse_scaled_sliding_rope(hf: dict[str, Any], model_type: str) -> None:
+    """Refuse by name a ``rope_parameters.sliding_attention`` of another type than default: litft gives sliding
+    layers their own base only (``Config.rope_local_theta``), scaling applies to the full layers."""
+    sliding_rope = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
+    kind = sliding_rope.get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(f"config.json: rope_parameters.sliding_attention.rope_type={kind!r} is not implemented by "
+                         f"litft for model_type {model_type!r} (supported: 'default'; scaling applies to full layers)")
+
+
 # the keys each RoPE scaling type needs in config.json's rope_scaling / rope_parameters (as transformers validates them)
 ROPE_REQUIRED_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
                       "llama3": ("factor", "low_freq_factor", "high_freq_factor"),

@@ -34,7 +34,7 @@ import re
 from typing import Any
 
 from litft.config import Config
-from litft.zoo.base import Family, WeightRule
+from litft.zoo.base import Family, WeightRule, refuse_scaled_sliding_rope
 from litft.zoo.gemma import _sandwich_rules
 
 _TRAITS = dict(norm_unit_offset=False, scale_embeddings=True, post_block_norms=True, qk_norm=True, value_norm=True,
@@ -82,10 +82,7 @@ def _read_gemma4(hf: dict, fields: dict) -> None:
     if hf.get("enable_moe_block"):
         raise ValueError("config.json: enable_moe_block=true (Gemma 4's mixture-of-experts block, 26B-A4B) is not "
                          "implemented in litft")
-    sliding_rope = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
-    if sliding_rope.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json: rope_parameters.sliding_attention rope_type {sliding_rope['rope_type']!r} is "
-                         "not implemented for Gemma 4 (supported: default)")
+    refuse_scaled_sliding_rope(hf, "gemma4_text")
     n_layer = int(hf["num_hidden_layers"])
     if not hf.get("layer_types"):  # transformers' default: every 6th layer full
         fields["layer_types"] = ["sliding" if (i + 1) % 6 else "full" for i in range(n_layer)]
