@@ -166,6 +166,25 @@ def test_qlora_on_cpu_and_dora(ckpt, data_dir, tmp_path):
     check_loads_and_generates(final)
 
 
+def test_qlora_on_gemma4(data_dir, tmp_path):
+    """QLoRA (NF4 base) on Gemma 4's per-layer inputs, KV-shared layers and k_eq_v full layers learns, and its final/
+    loads and generates."""
+    pytest.importorskip("bitsandbytes")
+    from litft.finetune.lora import finetune_lora
+    from litft.peft import LoRAArgs
+    from litft.zoo import family_for
+
+    base = make_checkpoint(tmp_path / "base", hf_model_type="gemma4_text", **family_for("gemma4_text").traits,
+                           **NEW_ARCHITECTURES["gemma4_text"])
+    out = tmp_path / "qlora"
+    final = finetune_lora(base, out, data=data_args(data_dir), train=train_args(lr=2e-2, max_steps=8),
+                          lora=LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"]), quantize="bnb.nf4",
+                          **COMMON)
+    curve = losses(out)
+    assert sum(curve[-2:]) < sum(curve[:2]), curve
+    check_loads_and_generates(final)
+
+
 def test_adapter_end_to_end_with_packing_and_activation_checkpointing(ckpt, data_dir, tmp_path):
     from litft.finetune.adapter import finetune_adapter
     from litft.peft import AdapterArgs

@@ -1,0 +1,81 @@
+"""Gemma 4 beyond the per-family parity tests: its multimodal checkpoints import the text model, packing through
+FlexAttention, and what litft refuses for it by name (prompt tuning and LLaMA-Adapter where its attention or
+per-layer inputs have no place for them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from litft.convert.hf import convert_from_hf
+from litft.weights import load_model
+from tests.hf_models import make_hf_model
+
+TOL = 1e-4
+
+
+def _tokens(seed: int, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_multimodal_checkpoint_imports_the_text_model(tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint (config in text_config, weights under model.language_model.,
+    vision and audio towers beside them, k/v projections kept for the KV-shared layers, which transformers does not
+    load either) converts to the text model with transformers' logits."""
+    hf_model = make_hf_model("gemma4", tmp_path / "hf")
+    text = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": text}))
+    weights = {k.replace("model.", "model.language_model.", 1): v
+               for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}
+    for name in ("model.vision_tower.encoder.weight", "model.audio_tower.conv.weight",
+                 "model.embed_vision.embedding_projection.weight"):
+        weights[name] = torch.ones(2, 2)
+    for layer in (4, 5):  # the KV-shared layers
+        for name in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+            weights[f"model.language_model.layers.{layer}.self_attn.{name}"] = torch.ones(2)
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    idx = _tokens(1, (2, 24))
+    with torch.no_grad():
+        assert (model(idx) - hf_model(idx).logits).abs().max().item() <= TOL
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("variant", ["gemma4", "gemma4-keqv"])
+def test_packed_sequences_through_flex_attention_equal_each_alone(variant, tmp_path):
+    """Packing (segment ids, positions restarting per sample) through FlexAttention's block masks gives the
+    dense-mask SDPA logits and each sample's logits alone: per-layer inputs, KV-shared layers and the full layers'
+    own head size see only their sample."""
+    make_hf_model(variant, tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native")).eval()
+    a, b = _tokens(2, (1, 9)), _tokens(3, (1, 11))
+    idx = torch.cat((a, b), dim=1)
+    positions = torch.cat((torch.arange(9), torch.arange(11)))[None]
+    segments = torch.tensor([[1] * 9 + [2] * 11])
+    with torch.no_grad():
+        dense = model(idx, positions=positions, segment_ids=segments)
+        model.attention_backend = "flex"
+        flex = model(idx, positions=positions, segment_ids=segments)
+        model.attention_backend = "sdpa"
+        alone = torch.cat((model(a), model(b)), dim=1)
+    assert (flex - dense).abs().max().item() <= TOL
+    assert (dense - alone).abs().max().item() <= TOL
+
+
+def test_prompt_tuning_and_adapter_are_refused_where_they_have_no_place(tmp_path):
+    """Virtual tokens have no token id for a per-layer input, and a KV-shared layer has no keys of its own; the
+    adapter's prompt would need the value norm (and, on k_eq_v layers, the key projection as values)."""
+    from litft.peft import AdapterArgs, PromptTuningArgs, apply_adapter, apply_prompt_tuning
+
+    make_hf_model("gemma4", tmp_path / "hf")
+    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
+    with pytest.raises(ValueError, match=r"prompt tuning is not implemented for per-layer inputs or KV-shared layers "
+                                         r"\(per_layer_input_size, kv_shared_layers in the model config, Gemma 4\)"):
+        apply_prompt_tuning(model, PromptTuningArgs(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match=r"LLaMA-Adapter is not implemented for Gemma 4's attention \(value_norm, "
+                                         r"attention_k_eq_v or kv_shared_layers in the model config"):
+        apply_adapter(model, AdapterArgs(prompt_length=2, start_layer=1))
+    assert model.virtual_prompt is None and all(block.attn.adapter is None for block in model.blocks)
