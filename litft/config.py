@@ -125,6 +125,14 @@ class Config:
     per_layer_input_size: int = 0
     per_layer_input_vocab_size: Optional[int] = None  # None = vocab_size
     layer_scalars: bool = False  # every block's output is multiplied by its own scalar (a buffer, not trained)
+    # a mixture of experts beside every layer's dense MLP (Gemma 4's MoE block): the dense MLP's output and the
+    # experts' (their input normed by pre_moe_norm, their output by post_moe_norm), each post-normed, are summed
+    # before the post-MLP norm; the router sees the block's residual stream
+    moe_beside_dense: bool = False
+    # routing options (softmax routing): the router's input is RMS-normed without a weight, times a learned
+    # per-channel scale and n_embd ** -0.5; the chosen experts' weights are multiplied by a learned per-expert scale
+    moe_router_norm: bool = False
+    moe_per_expert_scale: bool = False
 
     # embeddings and head
     scale_embeddings: bool = False  # multiply embeddings by sqrt(n_embd) (Gemma)
@@ -233,6 +241,11 @@ class Config:
         if scaling.get("rope_type") == "proportional" and self.partial_rotary_factor != 1.0:
             raise ValueError("proportional RoPE rotates its own fraction of each head (rope_scaling's "
                              "partial_rotary_factor): partial_rotary_factor must be 1.0")
+        if self.moe_beside_dense and (not self.n_expert or self.moe_dense_layers):
+            raise ValueError("moe_beside_dense needs n_expert > 0 (and puts the experts beside every layer's dense MLP: "
+                             "no moe_dense_layers)")
+        if (self.moe_router_norm or self.moe_per_expert_scale) and (not self.n_expert or self.moe_routing != "softmax"):
+            raise ValueError("moe_router_norm and moe_per_expert_scale need n_expert > 0 and moe_routing 'softmax'")
         if self.per_layer_input_size < 0:
             raise ValueError(f"per_layer_input_size must be >= 0, got {self.per_layer_input_size}")
         if self.kv_lora_rank is not None and (self.global_head_size or self.global_n_query_groups or self.value_norm
@@ -266,7 +279,7 @@ class Config:
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` has the mixture of experts (not a dense MLP)."""
-        return self.n_expert > 0 and index not in self.moe_dense_layers
+        return self.n_expert > 0 and not self.moe_beside_dense and index not in self.moe_dense_layers
 
     @property
     def rope_dim(self) -> int:

@@ -86,6 +86,10 @@ class GPT(nn.Module):
                 nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
             elif isinstance(module, CausalSelfAttention) and module.sinks is not None:
                 nn.init.zeros_(module.sinks)
+            elif isinstance(module, MoE):
+                for scale in (module.router_scale, module.per_expert_scale):
+                    if scale is not None:
+                        nn.init.ones_(scale)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -284,6 +288,12 @@ class Block(nn.Module):
         shared = config.kv_source_layer(index) is not None
         self.mlp = MoE(config) if config.is_moe_layer(index) else GatedMLP(
             config, config.intermediate_size * (config.kv_shared_mlp_factor if shared else 1))
+        if config.moe_beside_dense:  # experts beside the dense MLP, each with its own norms
+            self.moe = MoE(config)
+            self.pre_moe_norm, self.post_moe_norm, self.post_dense_norm = (
+                RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset) for _ in range(3))
+        else:
+            self.moe = self.pre_moe_norm = self.post_moe_norm = self.post_dense_norm = None
         if config.post_block_norms:
             self.post_attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
             self.post_mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
@@ -319,6 +329,8 @@ class Block(nn.Module):
             h = self.post_attn_norm(h)
         x = x + h
         h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
+        if self.moe is not None:
+            h = self.post_dense_norm(h) + self.post_moe_norm(self.moe(self.pre_moe_norm(x), routing_input=x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         x = x + h
@@ -643,9 +655,10 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 class MoE(nn.Module):
     """Sparse mixture of gated-MLP experts with top-k routing (``Config.moe_routing``): softmax weights on the
-    experts' outputs (Mixtral, Qwen3-MoE, gpt-oss), sigmoid scores on their inputs (Llama 4) or grouped sigmoid
-    scores with a correction bias on their outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared
-    expert every token goes through (``Config.moe_shared_expert_size``).
+    experts' outputs (Mixtral, Qwen3-MoE, gpt-oss; Gemma 4 with a normed, scaled router input and per-expert
+    scales), sigmoid scores on their inputs (Llama 4) or grouped sigmoid scores with a correction bias on their
+    outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared expert every token goes through
+    (``Config.moe_shared_expert_size``).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
     on its contiguous group of rows, and every token's k outputs are summed with their routing weights (or, with
@@ -668,6 +681,8 @@ class MoE(nn.Module):
             self.score_correction_bias = None
         shared = config.moe_shared_expert_size
         self.shared_expert = GatedMLP(config, shared) if shared else None
+        self.router_scale = nn.Parameter(torch.ones(config.n_embd)) if config.moe_router_norm else None
+        self.per_expert_scale = nn.Parameter(torch.ones(config.n_expert)) if config.moe_per_expert_scale else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
         """As nn.Module's (``.to``, ``.cuda``, ``.bfloat16`` ...), but the score correction bias only moves: it keeps
@@ -690,10 +705,15 @@ class MoE(nn.Module):
             weights, chosen = self.route_sigmoid(x)
             weights = weights * self.config.moe_routed_scaling
         else:
-            probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
+            seen = x  # by the router: with router_scale, weightless RMSNorm times a scale per channel, / sqrt(C)
+            if self.router_scale is not None:
+                seen = l2_norm(x, self.config.norm_eps) * self.router_scale * self.config.n_embd**-0.5
+            probs = torch.softmax(self.router(seen), dim=-1, dtype=torch.float32)
             weights, chosen = probs.topk(self.top_k, dim=-1)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.per_expert_scale is not None:
+                weights = weights * self.per_expert_scale[chosen]
         return weights.to(x.dtype), chosen
 
     def route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -717,10 +737,11 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights, chosen
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The experts' output for ``x`` (..., C), routed by ``routing_input`` (the same shape; default ``x``)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, chosen = self.route(x)
+        weights, chosen = self.route(x if routing_input is None else routing_input.reshape(-1, shape[-1]))
         flat = chosen.reshape(-1)  # (N * k,): the expert of every (token, choice) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert, tokens in order within a group
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()

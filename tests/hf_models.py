@@ -128,6 +128,14 @@ FAMILY_VARIANTS = {
                                                                             "partial_rotary_factor": 0.25,
                                                                             "factor": 2.0, "rope_theta": 50000.0}},
                                         hidden_size_per_layer_input=0, tie_word_embeddings=False)),
+    # the MoE block (26B-A4B's): top-2 of 4 experts beside every dense MLP, router input norm and scale, per-expert
+    # scales (made non-trivial below); full layers with values from the keys
+    "gemma4-moe": ("gemma4_text", dict(head_dim=16, global_head_dim=32, num_hidden_layers=4, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                    "full_attention"],
+                                       attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True,
+                                       num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                                       hidden_size_per_layer_input=0, final_logit_softcapping=10.0)),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),
@@ -150,7 +158,8 @@ def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dty
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
     with torch.no_grad():  # non-trivial norm weights, biases and sinks so that they are really exercised
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(("bias", "sinks")):
+            # (and Gemma 4's router input and per-expert scales, ones at init)
+            if "norm" in name or name.endswith(("bias", "sinks", "router.scale", "per_expert_scale")):
                 p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
         for name, b in model.named_buffers():  # DeepSeek-V3's routing correction bias: shifts which experts are chosen
             if name.endswith("e_score_correction_bias"):

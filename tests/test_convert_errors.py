@@ -233,9 +233,9 @@ _SLIDING_YARN = {"full_attention": {"rope_type": "default", "rope_theta": 10000.
     ("llama4", {"quantization_config": {"quant_method": "fbgemm_fp8"}},
      r"config\.json: quantization_config \(quant_method='fbgemm_fp8'\) is not a format litft imports for "
      r"model_type 'llama4_text'"),
-    ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16},
-     r"config\.json: enable_moe_block=true \(Gemma 4's mixture-of-experts block, 26B-A4B\) is not implemented in "
-     r"litft"),
+    ("gemma4", {"enable_moe_block": True, "num_experts": 4}, r"config\.json: enable_moe_block=true needs "
+                                                             r"top_k_experts, moe_intermediate_size \(positive "
+                                                             r"integers\)"),
     ("gemma4", {"use_bidirectional_attention": "all"}, r"config\.json: use_bidirectional_attention='all' is not a "
                                                         r"value litft implements for model_type 'gemma4_text' "
                                                         r"\(supported: 'vision'\)"),

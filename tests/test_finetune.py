@@ -167,8 +167,8 @@ def test_qlora_on_cpu_and_dora(ckpt, data_dir, tmp_path):
 
 
 def test_qlora_on_gemma4(data_dir, tmp_path):
-    """QLoRA (NF4 base) on Gemma 4's per-layer inputs, KV-shared layers and k_eq_v full layers learns, and its final/
-    loads and generates."""
+    """QLoRA (NF4 base) on Gemma 4's per-layer inputs, KV-shared layers, k_eq_v full layers and MoE block learns,
+    and its final/ loads and generates."""
     pytest.importorskip("bitsandbytes")
     from litft.finetune.lora import finetune_lora
     from litft.peft import LoRAArgs
@@ -220,12 +220,15 @@ NEW_ARCHITECTURES = {
                         moe_shared_expert_size=24, moe_dense_layers=[0], moe_n_group=2, moe_topk_group=1,
                         moe_routed_scaling=2.5),
     # sliding and full layers with a bigger head on the full ones (values from the keys, proportional RoPE),
-    # per-layer inputs, the last two layers (one of each kind) KV-shared with double-wide MLPs
+    # per-layer inputs, the last two layers (one of each kind) KV-shared with double-wide MLPs, the MoE block beside
+    # every dense MLP; LoRA on every expert too
     "gemma4_text": dict(n_layer=4, head_size=16, global_head_size=32, sliding_window=4,
                         layer_types=["sliding", "full", "sliding", "full"], rope_local_theta=1000.0,
                         rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5},
                         attention_k_eq_v=True, kv_shared_layers=2, kv_shared_mlp_factor=2, per_layer_input_size=8,
-                        mlp_activation="gelu_tanh", final_logit_softcapping=30.0),
+                        mlp_activation="gelu_tanh", final_logit_softcapping=30.0, n_expert=4, n_expert_per_token=2,
+                        moe_intermediate_size=16, moe_beside_dense=True, moe_router_norm=True,
+                        moe_per_expert_scale=True),
 }
 # LoRA targets where attention has no q/k/v projections (multi-head latent attention)
 LORA_TARGETS = {"deepseek_v3": ["q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"]}

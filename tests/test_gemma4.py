@@ -1,6 +1,6 @@
 """Gemma 4 beyond the per-family parity tests: its multimodal checkpoints import the text model, packing through
 FlexAttention, and what litft refuses for it by name (prompt tuning and LLaMA-Adapter where its attention or
-per-layer inputs have no place for them)."""
+per-layer inputs have no place for them, PEFT names for LoRA on its stacked experts)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_the_multimodal_checkpoint_imports_the_text_model(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("variant", ["gemma4", "gemma4-keqv"])
+@pytest.mark.parametrize("variant", ["gemma4", "gemma4-keqv", "gemma4-moe"])
 def test_packed_sequences_through_flex_attention_equal_each_alone(variant, tmp_path):
     """Packing (segment ids, positions restarting per sample) through FlexAttention's block masks gives the
     dense-mask SDPA logits and each sample's logits alone: per-layer inputs, KV-shared layers and the full layers'
@@ -79,3 +79,16 @@ def test_prompt_tuning_and_adapter_are_refused_where_they_have_no_place(tmp_path
                                          r"attention_k_eq_v or kv_shared_layers in the model config"):
         apply_adapter(model, AdapterArgs(prompt_length=2, start_layer=1))
     assert model.virtual_prompt is None and all(block.attn.adapter is None for block in model.blocks)
+
+
+def test_a_lora_on_the_moe_blocks_experts_has_no_peft_name():
+    """transformers stacks the MoE block's experts in 3-D parameters: to_peft refuses a LoRA on one by name; the
+    dense MLP beside them and the attention map to PEFT's module names."""
+    from litft.peft.lora import lora_name_to_peft
+
+    with pytest.raises(ValueError, match="mixture-of-experts weights are 3-D parameters in transformers"):
+        lora_name_to_peft("blocks.0.moe.experts.1.gate_proj.lora_A.weight", "gemma4_text")
+    assert lora_name_to_peft("blocks.0.mlp.gate_proj.lora_A.weight", "gemma4_text") == \
+        "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"
+    assert lora_name_to_peft("blocks.3.per_layer_input_gate.lora_B.weight", "gemma4_text") == \
+        "base_model.model.model.layers.3.per_layer_input_gate.lora_B.weight"

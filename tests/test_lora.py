@@ -116,6 +116,8 @@ CASES = {
     # per-layer input gates and projections, KV-shared layers (q and o only), double-wide MLPs
     "gemma4-all-linear": ("gemma4", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
     # full layers without v_proj (values from k_proj) and with their own head size
+    # attention of the MoE block's model (its experts are 3-D parameters in transformers, as above)
+    "gemma4-moe-attention": ("gemma4-moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
     "gemma4-keqv-dora": ("gemma4-keqv", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o", "down"],
                                                  use_dora=True)),
 }

@@ -95,12 +95,13 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
-@pytest.mark.parametrize("variant", ["gpt_oss", "llama4"])
+@pytest.mark.parametrize("variant", ["gpt_oss", "llama4", "gemma4", "gemma4-moe"])
 def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(variant, tmp_path):
     """The backward through sinks, biases, the router bias and the clamped SwiGLU (gpt-oss), through chunked and
     NoPE layers, L2 qk-norm, the query temperature, sigmoid scores on the experts' inputs and the shared expert
-    (Llama 4): litft's gradients, mapped to transformers' names by the weight table (experts stacked), equal
-    transformers'."""
+    (Llama 4), through per-layer inputs and KV-shared layers (Gemma 4) and its MoE block beside the dense MLP (router
+    scales, per-expert scales): litft's gradients, mapped to transformers' names by the weight table (experts
+    stacked), equal transformers'."""
     from litft.convert.hf import native_tensors_to_hf
 
     hf_model = make_hf_model(variant, tmp_path / "hf")

@@ -10,28 +10,36 @@ attention scale is 1. Per-layer inputs (``hidden_size_per_layer_input``): a seco
 of the input embeddings, gated into every layer's residual stream after its MLP. The last ``num_kv_shared_layers``
 layers compute no keys or values: each attends over those of the last earlier layer of its kind (in the generation
 cache too: :class:`litft.cache.SharedKVCache`), with MLPs twice as wide under ``use_double_wide_mlp``. Every layer's
-output is multiplied by its ``layer_scalar`` (a buffer of the checkpoint, not trained).
+output is multiplied by its ``layer_scalar`` (a buffer of the checkpoint, not trained). The MoE block
+(``enable_moe_block``, 26B-A4B): beside every dense MLP, ``num_experts`` experts of ``moe_intermediate_size``, the
+top ``top_k_experts`` by softmax (renormalised, times ``router.per_expert_scale``) of a router that sees the residual
+stream RMS-normed without a weight, times ``router.scale`` and 1 / sqrt(hidden_size); the experts take the residual
+through ``pre_feedforward_layernorm_2``; the dense and expert outputs are normed (``post_feedforward_layernorm_1``,
+``_2``) and summed. transformers stacks the experts (``experts.gate_up_proj`` (E, 2I, C), ``experts.down_proj``
+(E, C, I)); the table unstacks them to one module per expert and back.
 
-Not implemented, refused by name: the mixture-of-experts block (``enable_moe_block``, Gemma-4-26B-A4B) and
-bidirectional attention over all tokens (``use_bidirectional_attention: "all"``; "vision" only changes attention
-among image tokens, which a text model has none of).
+Not implemented, refused by name: bidirectional attention over all tokens (``use_bidirectional_attention: "all"``;
+"vision" only changes attention among image tokens, which a text model has none of).
 
 LoRA can target q, k, v, o (k and v where the layer has them: not on KV-shared layers, no v on ``attention_k_eq_v``
-full layers), gate, up, down and lm_head; all-linear also takes the blocks' ``per_layer_input_gate`` and
-``per_layer_projection``. Prompt tuning and LLaMA-Adapter are refused where per-layer inputs or KV sharing are on
-(every size but 31B).
+full layers), gate, up, down (the dense MLPs and every expert) and lm_head; all-linear also takes the blocks'
+``per_layer_input_gate`` and ``per_layer_projection``. ``to_peft`` refuses a LoRA on experts (3-D parameters in
+transformers). Prompt tuning and LLaMA-Adapter are refused by name (per-layer inputs, KV sharing, value norms).
 
 Named configs (numbers from the released config.json ``text_config`` sections, as found with the search tool: the
 E2B preset transcribed in a public repository's model_preset file, the E4B config transcribed from
 google/gemma-4-E4B-it-qat-w4a16-ct in a public test, the 31B fields locked in a public checkpoint-contract test;
-the vocabulary size and token ids are those shared by every size): E2B, E4B, 31B, base and ``-it``. 26B-A4B is
-left out: it needs the MoE block.
+26B-A4B's from configs transcribed in several public repositories that agree (one of them the mlx-community
+4-bit conversion's, another the released config.json with its text_config); the vocabulary size and token ids are
+those shared by every size): E2B, E4B, 26B-A4B, 31B, base and ``-it``.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+import torch
 
 from litft.config import Config
 from litft.zoo.base import Family, WeightRule, refuse_scaled_sliding_rope
@@ -78,10 +86,20 @@ def _global_attention(hf: dict, fields: dict) -> None:
         fields["global_n_query_groups"] = int(groups)
 
 
+def _read_moe_block(hf: dict, fields: dict) -> None:
+    """The mixture of experts beside the dense MLP (``enable_moe_block``): softmax top-k routing, renormalised, from
+    a normed and scaled router input, weights times a per-expert scale."""
+    missing = [key for key in ("num_experts", "top_k_experts", "moe_intermediate_size") if not hf.get(key)]
+    if missing:
+        raise ValueError(f"config.json: enable_moe_block=true needs {', '.join(missing)} (positive integers)")
+    fields.update(n_expert=int(hf["num_experts"]), n_expert_per_token=int(hf["top_k_experts"]),
+                  moe_intermediate_size=int(hf["moe_intermediate_size"]), moe_beside_dense=True,
+                  moe_router_norm=True, moe_per_expert_scale=True, moe_normalize_topk=True)
+
+
 def _read_gemma4(hf: dict, fields: dict) -> None:
     if hf.get("enable_moe_block"):
-        raise ValueError("config.json: enable_moe_block=true (Gemma 4's mixture-of-experts block, 26B-A4B) is not "
-                         "implemented in litft")
+        _read_moe_block(hf, fields)
     refuse_scaled_sliding_rope(hf, "gemma4_text")
     n_layer = int(hf["num_hidden_layers"])
     if not hf.get("layer_types"):  # transformers' default: every 6th layer full
@@ -120,7 +138,16 @@ def _write_gemma4(config: Config, hf: dict) -> None:
     hf["use_double_wide_mlp"] = config.kv_shared_mlp_factor == 2
     hf["hidden_size_per_layer_input"] = config.per_layer_input_size
     hf["vocab_size_per_layer_input"] = config.per_layer_input_vocab_size or config.vocab_size
-    hf["enable_moe_block"] = False
+    hf["enable_moe_block"] = config.moe_beside_dense
+    if config.moe_beside_dense:
+        if not (config.moe_router_norm and config.moe_per_expert_scale and config.moe_normalize_topk
+                and config.moe_routing == "softmax" and config.moe_shared_expert_size is None):
+            raise ValueError("Gemma4ForCausalLM's MoE block routes by softmax, renormalised, with moe_router_norm "
+                             "and moe_per_expert_scale, and has no shared expert")
+        hf.update(num_experts=config.n_expert, top_k_experts=config.n_expert_per_token,
+                  moe_intermediate_size=config.moe_intermediate_size)
+    elif config.n_expert:
+        raise ValueError("Gemma4ForCausalLM has experts only beside the dense MLP (moe_beside_dense)")
     for key in ("rope_theta", "rope_scaling", "mlp_bias", "query_pre_attn_scalar"):
         hf.pop(key, None)
 
@@ -135,9 +162,37 @@ def _unused_tensor(hf_key: str, config: Config) -> bool:
     return m is not None and int(m["i"]) < config.n_layer and config.kv_source_layer(int(m["i"])) is not None
 
 
+def _unstack_gate_up(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    """(E, 2I, C) gate rows then up rows, as Linear weights → gate, up of expert 0, of expert 1, ..."""
+    return [part for w in tensor.unbind(0) for part in w.chunk(2, dim=0)]
+
+
+def _stack_gate_up(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
+    return torch.stack([torch.cat((gate, up), dim=0) for gate, up in zip(parts[0::2], parts[1::2])])
+
+
+def _unstack(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    return list(tensor.unbind(0))
+
+
+def _stack(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
+    return torch.stack(parts)
+
+
 def _gemma4_rules() -> list[WeightRule]:
     layer = "model.layers.{i}."
+    expert = "blocks.{i}.moe.experts.{e}."
     return _sandwich_rules() + [
+        # the MoE block: router, stacked experts (Linear-weight orientation) and the extra norms
+        WeightRule("blocks.{i}.moe.router.weight", layer + "router.proj.weight"),
+        WeightRule("blocks.{i}.moe.router_scale", layer + "router.scale"),
+        WeightRule("blocks.{i}.moe.per_expert_scale", layer + "router.per_expert_scale"),
+        WeightRule((expert + "gate_proj.weight", expert + "up_proj.weight"), layer + "experts.gate_up_proj",
+                   unstack=_unstack_gate_up, stack=_stack_gate_up),
+        WeightRule(expert + "down_proj.weight", layer + "experts.down_proj", unstack=_unstack, stack=_stack),
+        WeightRule("blocks.{i}.pre_moe_norm.weight", layer + "pre_feedforward_layernorm_2.weight"),
+        WeightRule("blocks.{i}.post_moe_norm.weight", layer + "post_feedforward_layernorm_2.weight"),
+        WeightRule("blocks.{i}.post_dense_norm.weight", layer + "post_feedforward_layernorm_1.weight"),
         WeightRule("embed_per_layer.weight", "model.embed_tokens_per_layer.weight"),
         WeightRule("per_layer_model_projection.weight", "model.per_layer_model_projection.weight"),
         WeightRule("per_layer_projection_norm.weight", "model.per_layer_projection_norm.weight"),
@@ -163,6 +218,10 @@ _SIZES = {
     "E4B": dict(n_layer=42, n_embd=2560, intermediate_size=10240, n_head=8, n_query_groups=2, block_size=131072,
                 sliding_window=512, layer_types=_layer_types(42, 6), kv_shared_layers=18, per_layer_input_size=256,
                 per_layer_input_vocab_size=262144),
+    "26B-A4B": dict(n_layer=30, n_embd=2816, intermediate_size=2112, n_head=16, n_query_groups=8,
+                    global_n_query_groups=2, attention_k_eq_v=True, block_size=262144, sliding_window=1024,
+                    layer_types=_layer_types(30, 6), n_expert=128, n_expert_per_token=8, moe_intermediate_size=704,
+                    moe_beside_dense=True, moe_router_norm=True, moe_per_expert_scale=True),
     "31B": dict(n_layer=60, n_embd=5376, intermediate_size=21504, n_head=32, n_query_groups=16,
                 global_n_query_groups=4, attention_k_eq_v=True, block_size=262144, sliding_window=1024,
                 layer_types=_layer_types(60, 6)),
