@@ -92,3 +92,25 @@ def test_a_lora_on_the_moe_blocks_experts_has_no_peft_name():
         "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"
     assert lora_name_to_peft("blocks.3.per_layer_input_gate.lora_B.weight", "gemma4_text") == \
         "base_model.model.model.layers.3.per_layer_input_gate.lora_B.weight"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_the_gradients_of_kv_shared_layers(mode, tmp_path):
+    """Blocks recomputed in the backward pass (the KV-shared layers read keys and values another block computed)
+    give the gradients of the plain backward, for every parameter."""
+    from litft.train.loop import enable_activation_checkpointing
+
+    make_hf_model("gemma4-moe" if mode == "selective" else "gemma4", tmp_path / "hf")
+    native = convert_from_hf(tmp_path / "hf", tmp_path / "native")
+    idx = _tokens(4, (2, 16))
+    grads = []
+    for checkpointed in (False, True):
+        model = load_model(native)
+        if checkpointed:
+            enable_activation_checkpointing(model, mode)
+        model(idx).pow(2).mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    plain, recomputed = grads
+    assert plain.keys() == recomputed.keys() and all(g is not None for g in recomputed.values())
+    for name, grad in plain.items():
+        assert (recomputed[name] - grad).abs().max() <= 1e-6 * max(1.0, grad.abs().max().item()), name
