@@ -90,6 +90,8 @@ class GPT(nn.Module):
                 for scale in (module.router_scale, module.per_expert_scale):
                     if scale is not None:
                         nn.init.ones_(scale)
+            elif isinstance(module, Block) and module.layer_scalar is not None:
+                nn.init.ones_(module.layer_scalar)
 
     @property
     def num_virtual_tokens(self) -> int:
