@@ -114,3 +114,44 @@ def test_activation_checkpointing_keeps_the_gradients_of_kv_shared_layers(mode, 
     assert plain.keys() == recomputed.keys() and all(g is not None for g in recomputed.values())
     for name, grad in plain.items():
         assert (recomputed[name] - grad).abs().max() <= 1e-6 * max(1.0, grad.abs().max().item()), name
+
+
+def _released(n_layer: int, every: int, **fields) -> dict:
+    """A text_config as the released Gemma 4 config.json files write it (global_head_dim and
+    num_global_key_value_heads, not transformers' per_layer_config)."""
+    return {"model_type": "gemma4_text", "vocab_size": 262144, "num_hidden_layers": n_layer, "head_dim": 256,
+            "global_head_dim": 512, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1,
+            "pad_token_id": 0, "layer_types": ["sliding_attention" if (i + 1) % every else "full_attention"
+                                               for i in range(n_layer)],
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                   "rope_theta": 1000000.0}}, **fields}
+
+
+@pytest.mark.parametrize("name, hf", [
+    ("gemma-4-E2B-it", _released(35, 5, hidden_size=1536, intermediate_size=6144, num_attention_heads=8,
+                                 num_key_value_heads=1, max_position_embeddings=131072, sliding_window=512,
+                                 hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+                                 num_kv_shared_layers=20, use_double_wide_mlp=True)),
+    ("gemma-4-31B-it", _released(60, 6, hidden_size=5376, intermediate_size=21504, num_attention_heads=32,
+                                 num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True,
+                                 max_position_embeddings=262144, sliding_window=1024, hidden_size_per_layer_input=0,
+                                 num_kv_shared_layers=0, use_bidirectional_attention="vision")),
+    ("gemma-4-26B-A4B-it", _released(30, 6, hidden_size=2816, intermediate_size=2112, num_attention_heads=16,
+                                     num_key_value_heads=8, num_global_key_value_heads=2, attention_k_eq_v=True,
+                                     max_position_embeddings=262144, sliding_window=1024,
+                                     hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128,
+                                     top_k_experts=8, moe_intermediate_size=704)),
+])
+def test_the_released_config_layout_reads_as_the_named_config(name, hf):
+    """config.json as released (the full layers' head size and key/value heads as global_* keys; transformers applies
+    num_global_key_value_heads only with attention_k_eq_v) gives the named config's architecture."""
+    import dataclasses
+
+    from litft.config import Config
+    from litft.zoo import family_for
+
+    named = Config.from_name(name)
+    read = family_for("gemma4_text").config_from_hf(hf, named.name, named.hf_id)
+    assert dataclasses.replace(read, extra={}) == named
