@@ -34,9 +34,10 @@ slot only the compressed latent and the shared RoPE key, which the attention rea
 and values). :func:`cache_class` picks a layer's kind. How the kinds litft does not have yet fit the same
 interface:
 
-- KV shared across layers (Gemma 4): the reading layer's cache is a view of the writing layer's: ``update``
-  ignores its entries and returns the source's, ``key_slots`` are the source's, ``bytes_per_row`` is 0 and the row
-  and slot operations do nothing (the source layer's cache does them).
+- KV shared across layers (Gemma 4, :class:`SharedKVCache`, made by ``make_cache`` for those layers): the reading
+  layer's cache is a view of the writing layer's: the model hands the reading layer the keys and values the
+  source's ``update`` returned (its own ``update`` is never called), ``key_slots`` are the source's,
+  ``bytes_per_row`` is 0 and the row and slot operations do nothing (the source layer's cache does them).
 - Linear attention (Gated DeltaNet): a :class:`Cache` holding a per-row convolution window (rows, channels,
   kernel - 1) and recurrent state (rows, heads, dk, dv) instead of slots: ``update`` runs the state forward
   over the new tokens (padding slots leave it unchanged), ``key_slots`` is empty, ``copy_rows_from`` takes the
@@ -144,16 +145,19 @@ class SlotCache(Cache):
 
 class KVCache(SlotCache):
     """Keys and values of a full-attention layer: ``k`` and ``v`` of shape (rows, n_query_groups, length,
-    head_size), keys after RoPE."""
+    head_size) (the full layers' own ``global_n_query_groups`` and ``global_head_size`` where set), keys after
+    RoPE."""
+
+    kind = "full"  # the layer kind (Config.layer_types) whose heads the cache holds
 
     def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
                  device: Optional[torch.device]) -> None:
-        shape = (config.n_query_groups, config.head_size)
+        shape = (config.kind_query_groups(self.kind), config.kind_head_size(self.kind))
         super().__init__(rows, length, {"k": shape, "v": shape}, dtype, device)
 
     @classmethod
     def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
-        return 2 * config.n_query_groups * config.head_size * length * dtype.itemsize
+        return 2 * config.kind_query_groups(cls.kind) * config.kind_head_size(cls.kind) * length * dtype.itemsize
 
     def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
         return torch.arange(self.length, device=input_pos.device)
@@ -170,11 +174,13 @@ class SlidingKVCache(SlotCache):
     ``ring`` entries are written, so chunks longer than the window need nothing special.
     """
 
+    kind = "sliding"
+
     def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
                  device: Optional[torch.device]) -> None:
         window = self.window_size(config)
         ring = min(length, window)
-        shape = (config.n_query_groups, config.head_size)
+        shape = (config.kind_query_groups(self.kind), config.kind_head_size(self.kind))
         super().__init__(rows, ring, {"k": shape, "v": shape}, dtype, device)
         self.window, self.ring = window, ring
         self.length = length  # slots addressed; only the last ``ring`` of them are held
@@ -186,7 +192,8 @@ class SlidingKVCache(SlotCache):
 
     @classmethod
     def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
-        return KVCache.bytes_per_row(config, min(length, cls.window_size(config)), dtype)
+        slots = min(length, cls.window_size(config))
+        return 2 * config.kind_query_groups(cls.kind) * config.kind_head_size(cls.kind) * slots * dtype.itemsize
 
     def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, steps = entries[0].shape[0], entries[0].shape[2]
@@ -238,6 +245,8 @@ class ChunkedKVCache(SlidingKVCache):
     chunk's slots holds all it needs; the mask (built from the queries' positions) drops the ring's keys of the
     previous chunk."""
 
+    kind = "chunked"
+
     @classmethod
     def window_size(cls, config: Config) -> int:
         return config.attention_chunk_size
@@ -259,6 +268,41 @@ class LatentCache(SlotCache):
 
     def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
         return torch.arange(self.length, device=input_pos.device)
+
+
+class SharedKVCache(Cache):
+    """A KV-shared layer's cache (``Config.kv_shared_layers``): a view of its source layer's cache. It holds nothing
+    (``bytes_per_row`` 0); the row and slot operations are the source's to do; its ``key_slots`` are the source's.
+    ``update`` is never called: the model hands the layer the keys and values its source's ``update`` returned (for
+    a sliding layer's prefill chunk those include the chunk's own, which the ring may not keep)."""
+
+    def __init__(self, source: Cache) -> None:
+        super().__init__(source.rows, source.length)
+        object.__setattr__(self, "source", source)  # a plain reference, not a submodule: its buffers are the source's
+
+    @classmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        return 0
+
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise RuntimeError("a KV-shared layer's cache is its source layer's: the model passes it the source's keys "
+                           "and values")
+
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.source.key_slots(input_pos)
+
+    def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
+        if type(source) is not type(self):
+            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        pass
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        pass
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        pass
 
 
 CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache, "chunked": ChunkedKVCache}

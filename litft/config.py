@@ -110,6 +110,30 @@ class Config:
     # n_shared_experts are one of n_shared_experts * moe_intermediate_size); None: none
     moe_shared_expert_size: Optional[int] = None
 
+    # Gemma 4: "full" layers with their own head size and key/value heads (None: head_size, n_query_groups)
+    global_head_size: Optional[int] = None
+    global_n_query_groups: Optional[int] = None
+    attention_k_eq_v: bool = False  # "full" layers have no v_proj: their values are the key projection (before k_norm)
+    value_norm: bool = False  # a weightless RMSNorm of each value head
+    # the last kv_shared_layers layers compute no keys or values: each attends over those of the last earlier layer of
+    # its kind; their MLPs are kv_shared_mlp_factor times as wide (use_double_wide_mlp)
+    kv_shared_layers: int = 0
+    kv_shared_mlp_factor: int = 1
+    # per-layer inputs: a second embedding (per_layer_input_vocab_size tokens, n_layer * per_layer_input_size wide)
+    # plus a projection of the input embeddings give each layer per_layer_input_size channels, gated into the
+    # residual stream after its MLP; 0: none
+    per_layer_input_size: int = 0
+    per_layer_input_vocab_size: Optional[int] = None  # None = vocab_size
+    layer_scalars: bool = False  # every block's output is multiplied by its own scalar (a buffer, not trained)
+    # a mixture of experts beside every layer's dense MLP (Gemma 4's MoE block): the dense MLP's output and the
+    # experts' (their input normed by pre_moe_norm, their output by post_moe_norm), each post-normed, are summed
+    # before the post-MLP norm; the router sees the block's residual stream
+    moe_beside_dense: bool = False
+    # routing options (softmax routing): the router's input is RMS-normed without a weight, times a learned
+    # per-channel scale and n_embd ** -0.5; the chosen experts' weights are multiplied by a learned per-expert scale
+    moe_router_norm: bool = False
+    moe_per_expert_scale: bool = False
+
     # embeddings and head
     scale_embeddings: bool = False  # multiply embeddings by sqrt(n_embd) (Gemma)
     tie_embeddings: bool = False
@@ -169,6 +193,7 @@ class Config:
                              f"(got mlp_activation={self.mlp_activation!r}, swiglu_alpha={self.swiglu_alpha}, "
                              f"swiglu_limit={self.swiglu_limit})")
         self._check_latent_attention_and_routing()
+        self._check_per_layer_attention()
         if not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
 
@@ -199,9 +224,62 @@ class Config:
         if self.moe_routed_scaling != 1.0 and self.moe_routing != "sigmoid":
             raise ValueError("moe_routed_scaling needs moe_routing 'sigmoid'")
 
+    def _check_per_layer_attention(self) -> None:
+        if self.global_n_query_groups is not None and self.n_head % self.global_n_query_groups:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of global_n_query_groups "
+                             f"({self.global_n_query_groups})")
+        if not 0 <= self.kv_shared_layers < self.n_layer:
+            raise ValueError(f"kv_shared_layers must be in [0, n_layer={self.n_layer}), got {self.kv_shared_layers}")
+        if self.kv_shared_mlp_factor < 1:
+            raise ValueError(f"kv_shared_mlp_factor must be >= 1, got {self.kv_shared_mlp_factor}")
+        first_shared = self.n_layer - self.kv_shared_layers
+        missing = sorted(set(self.layer_types[first_shared:]) - set(self.layer_types[:first_shared]))
+        if missing:
+            raise ValueError(f"kv_shared_layers={self.kv_shared_layers}: the shared layers' kinds {missing} have no "
+                             "earlier layer of their kind to take keys and values from")
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "proportional" and self.partial_rotary_factor != 1.0:
+            raise ValueError("proportional RoPE rotates its own fraction of each head (rope_scaling's "
+                             "partial_rotary_factor): partial_rotary_factor must be 1.0")
+        if self.moe_beside_dense and (not self.n_expert or self.moe_dense_layers):
+            raise ValueError("moe_beside_dense needs n_expert > 0 (and puts the experts beside every layer's dense MLP: "
+                             "no moe_dense_layers)")
+        if (self.moe_router_norm or self.moe_per_expert_scale) and (not self.n_expert or self.moe_routing != "softmax"):
+            raise ValueError("moe_router_norm and moe_per_expert_scale need n_expert > 0 and moe_routing 'softmax'")
+        if self.per_layer_input_size < 0:
+            raise ValueError(f"per_layer_input_size must be >= 0, got {self.per_layer_input_size}")
+        if self.kv_lora_rank is not None and (self.global_head_size or self.global_n_query_groups or self.value_norm
+                                              or self.attention_k_eq_v or self.kv_shared_layers):
+            raise ValueError("multi-head latent attention (kv_lora_rank) does not implement global_head_size, "
+                             "global_n_query_groups, value_norm, attention_k_eq_v or kv_shared_layers")
+
+    def layer_head_size(self, index: int) -> int:
+        """The head size of layer ``index``: ``global_head_size`` on "full" layers when set."""
+        return self.kind_head_size(self.layer_types[index])
+
+    def kind_head_size(self, kind: str) -> int:
+        """The head size of layers of attention ``kind``."""
+        return self.global_head_size if kind == "full" and self.global_head_size else self.head_size
+
+    def kind_query_groups(self, kind: str) -> int:
+        """The key/value heads of layers of attention ``kind``."""
+        return self.global_n_query_groups if kind == "full" and self.global_n_query_groups else self.n_query_groups
+
+    def kv_source_layer(self, index: int) -> Optional[int]:
+        """The layer whose keys and values layer ``index`` attends over (``kv_shared_layers``); None: its own."""
+        first_shared = self.n_layer - self.kv_shared_layers
+        if index < first_shared:
+            return None
+        kind = self.layer_types[index]
+        return max(i for i in range(first_shared) if self.layer_types[i] == kind)
+
+    def kind_rope_dim(self, kind: str) -> int:
+        """Number of dimensions of each head of layers of attention ``kind`` that RoPE rotates."""
+        return int(self.kind_head_size(kind) * self.partial_rotary_factor)
+
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` has the mixture of experts (not a dense MLP)."""
-        return self.n_expert > 0 and index not in self.moe_dense_layers
+        return self.n_expert > 0 and not self.moe_beside_dense and index not in self.moe_dense_layers
 
     @property
     def rope_dim(self) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litft.cache import Cache, ModelCache, cache_class
+from litft.cache import Cache, ModelCache, SharedKVCache, cache_class
 from litft.config import Config
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, 1, T, rope_dim)
@@ -45,6 +45,16 @@ class GPT(nn.Module):
         self.rope = RotaryEmbedding(config)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # per-layer inputs (Config.per_layer_input_size): token embeddings and a projection of the input embeddings,
+        # n_layer * per_layer_input_size wide, split into one input per layer (see per_layer_inputs)
+        size = config.n_layer * config.per_layer_input_size
+        if size:
+            self.embed_per_layer = nn.Embedding(config.per_layer_input_vocab_size or config.vocab_size, size)
+            self.per_layer_model_projection = nn.Linear(config.n_embd, size, bias=False)
+            self.per_layer_projection_norm = RMSNorm(config.per_layer_input_size, config.norm_eps,
+                                                     config.norm_unit_offset)
+        else:
+            self.embed_per_layer = self.per_layer_model_projection = self.per_layer_projection_norm = None
         # prompt tuning: a litft.peft.prompt.VirtualPrompt (N learned input embeddings before every sequence)
         self.virtual_prompt: Optional[nn.Module] = None
         # "sdpa" (dense boolean masks) or "flex" (FlexAttention block masks for the uncached forward: packing and
@@ -76,11 +86,31 @@ class GPT(nn.Module):
                 nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
             elif isinstance(module, CausalSelfAttention) and module.sinks is not None:
                 nn.init.zeros_(module.sinks)
+            elif isinstance(module, MoE):
+                for scale in (module.router_scale, module.per_expert_scale):
+                    if scale is not None:
+                        nn.init.ones_(scale)
+            elif isinstance(module, Block) and module.layer_scalar is not None:
+                nn.init.ones_(module.layer_scalar)
 
     @property
     def num_virtual_tokens(self) -> int:
         """Virtual tokens prompt tuning puts before every sequence (they take that many positions of the context)."""
         return 0 if self.virtual_prompt is None else self.virtual_prompt.num_tokens
+
+    def per_layer_inputs(self, idx: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Every layer's per-layer input (B, T, n_layer, per_layer_input_size) for token ids ``idx`` (B, T) and their
+        input embeddings ``x``: (norm(projection of x / sqrt(n_embd)) + per-layer token embedding * sqrt(size)) /
+        sqrt(2). None without per-layer inputs."""
+        if self.embed_per_layer is None:
+            return None
+        B, T = idx.shape
+        size = self.config.per_layer_input_size
+        tokens = self.embed_per_layer(idx)
+        tokens = (tokens * torch.tensor(size**0.5, dtype=tokens.dtype)).view(B, T, -1, size)
+        projected = self.per_layer_model_projection(x) * self.config.n_embd**-0.5
+        projected = self.per_layer_projection_norm(projected.view(B, T, -1, size))
+        return (projected + tokens) * 2**-0.5
 
     def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """The input embeddings of token ids, as they enter the first block (scaled where the family scales)."""
@@ -100,14 +130,18 @@ class GPT(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
         kinds = self.config.layer_types
-        layers = [cache_class(self.config, kind)(self.config, rows, length, dtype, device) for kind in kinds]
+        layers: list[Cache] = []
+        for i, kind in enumerate(kinds):
+            source = self.config.kv_source_layer(i)  # KV sharing: a view of the source layer's cache
+            layers.append(SharedKVCache(layers[source]) if source is not None else
+                          cache_class(self.config, kind)(self.config, rows, length, dtype, device))
         return ModelCache(layers, kinds, rows, length, dtype)
 
     def cache_bytes_per_row(self, length: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes one row of ``length`` slots takes in :meth:`make_cache`'s cache (every layer)."""
         dtype = dtype or self.embed.weight.dtype
         return sum(cache_class(self.config, kind).bytes_per_row(self.config, length, dtype)
-                   for kind in self.config.layer_types)
+                   for i, kind in enumerate(self.config.layer_types) if self.config.kv_source_layer(i) is None)
 
     # ------------------------------------------------------------------ forward
 
@@ -139,6 +173,7 @@ class GPT(nn.Module):
             positions = positions.unsqueeze(0).expand(B, T)
         kv_len = cache.length if cached else T
         x = self.embed_tokens(idx)
+        per_layer = self.per_layer_inputs(idx, x)
         n_virtual = self.num_virtual_tokens
         virtual_kv: list = [None] * len(self.blocks)
         if n_virtual:
@@ -170,10 +205,12 @@ class GPT(nn.Module):
         rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
         q_scale = self.query_temperature(positions)
         layer_caches = cache.layers if cached else [None] * len(self.blocks)
+        shared_kv: dict = {}  # KV sharing: the keys and values of the last layer of each kind that others reuse
         for i, (block, kind, layer_kv, layer_cache) in enumerate(
                 zip(self.blocks, self.config.layer_types, virtual_kv, layer_caches)):
             x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv, cache=layer_cache,
-                      q_scale=self.layer_query_scale(i, q_scale))
+                      q_scale=self.layer_query_scale(i, q_scale), shared_kv=shared_kv,
+                      per_layer_input=None if per_layer is None else per_layer[:, :, i])
         x = self.norm(x)
         if return_hidden:
             return x
@@ -249,45 +286,87 @@ class Block(nn.Module):
             self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         else:
             self.attn_norm = self.mlp_norm = None
-        self.attn = CausalSelfAttention(config) if config.kv_lora_rank is None else LatentAttention(config)
-        self.mlp = MoE(config) if config.is_moe_layer(index) else GatedMLP(config)
+        self.attn = CausalSelfAttention(config, index) if config.kv_lora_rank is None else LatentAttention(config)
+        shared = config.kv_source_layer(index) is not None
+        self.mlp = MoE(config) if config.is_moe_layer(index) else GatedMLP(
+            config, config.intermediate_size * (config.kv_shared_mlp_factor if shared else 1))
+        if config.moe_beside_dense:  # experts beside the dense MLP, each with its own norms
+            self.moe = MoE(config)
+            self.pre_moe_norm, self.post_moe_norm, self.post_dense_norm = (
+                RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset) for _ in range(3))
+        else:
+            self.moe = self.pre_moe_norm = self.post_moe_norm = self.post_dense_norm = None
         if config.post_block_norms:
             self.post_attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
             self.post_mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         else:
             self.post_attn_norm = self.post_mlp_norm = None
+        # per-layer input (Config.per_layer_input_size): gated by the residual stream, projected, normed and added
+        # after the MLP
+        size = config.per_layer_input_size
+        if size:
+            self.per_layer_input_gate = nn.Linear(config.n_embd, size, bias=False)
+            self.per_layer_projection = nn.Linear(size, config.n_embd, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        else:
+            self.per_layer_input_gate = self.per_layer_projection = self.post_per_layer_input_norm = None
+        self.activation = config.mlp_activation
+        if config.layer_scalars:  # part of the checkpoint, not trained
+            self.register_buffer("layer_scalar", torch.ones(1))
+        else:
+            self.layer_scalar = None
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                return_kv: bool = False, cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None) -> Any:
+                return_kv: bool = False, cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None,
+                shared_kv: Optional[dict] = None, per_layer_input: Optional[torch.Tensor] = None) -> Any:
         """The block's output; with ``return_kv``, also this layer's keys and values of ``x`` (see attention).
-        ``rope``: None on a NoPE layer."""
+        ``rope``: None on a NoPE layer. ``shared_kv``: keys and values by layer kind, for KV sharing (see attention).
+        ``per_layer_input``: this layer's (B, T, per_layer_input_size) per-layer input."""
         h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, input_pos, virtual_kv,
-                      return_kv, cache, q_scale)
+                      return_kv, cache, q_scale, shared_kv)
         if return_kv:
             h, kv = h
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
         h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
+        if self.moe is not None:
+            h = self.post_dense_norm(h) + self.post_moe_norm(self.moe(self.pre_moe_norm(x), routing_input=x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return (x + h, kv) if return_kv else x + h
+        x = x + h
+        if self.per_layer_input_gate is not None:
+            h = activate(self.per_layer_input_gate(x), self.activation) * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(h))
+        if self.layer_scalar is not None:
+            x = x * self.layer_scalar.to(x.dtype)
+        return (x, kv) if return_kv else x
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: Config) -> None:
+    """Attention of layer ``index``: its kind's head size and key/value heads (``Config.global_head_size``); on a
+    KV-shared layer (``Config.kv_shared_layers``) no key or value projection: it attends over the keys and values
+    its source layer stored in ``shared_kv``."""
+
+    def __init__(self, config: Config, index: int = 0) -> None:
         super().__init__()
         self.config = config
-        hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
+        self.kind = config.layer_types[index]
+        hs, nh, ng = config.kind_head_size(self.kind), config.n_head, config.kind_query_groups(self.kind)
+        self.head_size = hs
+        shared = config.kv_source_layer(index) is not None
+        # the layer whose keys and values later layers reuse: the last one of its kind before the shared layers
+        self.stores_kv = any(config.kv_source_layer(j) == index for j in range(index + 1, config.n_layer))
         self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
+        self.k_proj = None if shared else nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
+        values_from_keys = shared or (config.attention_k_eq_v and self.kind == "full")
+        self.v_proj = None if values_from_keys else nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
         self.o_proj = nn.Linear(nh * hs, config.n_embd, bias=config.attention_out_bias)
         if config.qk_norm:  # per head, or (qk_norm_across_heads) over the whole projection
             q_size, k_size = (nh * hs, ng * hs) if config.qk_norm_across_heads else (hs, hs)
             self.q_norm = RMSNorm(q_size, config.norm_eps, config.norm_unit_offset)
-            self.k_norm = RMSNorm(k_size, config.norm_eps, config.norm_unit_offset)
+            self.k_norm = None if shared else RMSNorm(k_size, config.norm_eps, config.norm_unit_offset)
         else:
             self.q_norm = self.k_norm = None
         self.scale = (config.query_pre_attn_scalar or hs) ** -0.5
@@ -298,32 +377,28 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                return_kv: bool = False, cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None) -> Any:
+                return_kv: bool = False, cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None,
+                shared_kv: Optional[dict] = None) -> Any:
         """Attention output for ``x`` (B, T, C). ``rope``: None on a NoPE layer. ``cache``: this layer's cache,
         written at slots ``input_pos`` and attended over. ``virtual_kv``: keys and values (1, ng, N, hs) of virtual
         tokens put in front of the keys (``mask`` then has N more columns). ``return_kv``: also return ``x``'s own
         keys and values (after RoPE), as :meth:`GPT.virtual_kv` collects them. ``q_scale``: (B, 1, T, 1) factors
-        the queries are multiplied by (attention temperature tuning)."""
+        the queries are multiplied by (attention temperature tuning). ``shared_kv``: keys and values (as attended
+        over, after the cache) by layer kind: a KV-shared layer reads its kind's, the layer they come from writes
+        them."""
         B, T, _ = x.shape
-        hs = self.config.head_size
-        q, k = self.q_proj(x), self.k_proj(x)
-        if self.q_norm is not None and self.config.qk_norm_across_heads:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, -1, hs).transpose(1, 2)  # (B, ng, T, hs)
-        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)
-        if self.q_norm is not None and not self.config.qk_norm_across_heads:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            rotate = apply_rope_interleaved if self.config.rope_interleaved else apply_rope
-            q, k = rotate(q, rope), rotate(k, rope)
-            if self.config.qk_l2_norm:
-                q, k = l2_norm(q, self.config.norm_eps), l2_norm(k, self.config.norm_eps)
+        q, k, v = self.project(x, rope)
         if q_scale is not None:
             q = (q * q_scale).to(q.dtype)
+        if k is None:  # a KV-shared layer: its source layer's keys and values
+            if return_kv:
+                raise ValueError("a KV-shared layer (kv_shared_layers) has no keys or values of its own to return")
+            k, v = shared_kv[self.kind]
         own_kv = (k, v) if return_kv else None
-        if cache is not None:
+        if cache is not None and self.k_proj is not None:
             k, v = cache.update(input_pos, k, v)
+        if self.stores_kv and shared_kv is not None:
+            shared_kv[self.kind] = (k, v)
         if virtual_kv is not None:
             vk, vv = virtual_kv
             k = torch.cat((vk.to(k.dtype).expand(k.shape[0], -1, -1, -1), k), dim=2)
@@ -333,6 +408,33 @@ class CausalSelfAttention(nn.Module):
             y = y + self.adapter(self, q)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         return (out, own_kv) if return_kv else out
+
+    def project(self, x: torch.Tensor,
+                rope: Optional[RopeTables]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Queries (B, nh, T, hs), keys and values (B, ng, T, hs) of ``x`` (B, T, C), normed and rotated; on
+        ``attention_k_eq_v`` full layers the values are the key projection (before k_norm); no keys or values (None)
+        on a KV-shared layer."""
+        B, T, _ = x.shape
+        hs = self.head_size
+        q = self.q_proj(x)
+        k = None if self.k_proj is None else self.k_proj(x)
+        v = k if self.v_proj is None else self.v_proj(x)
+        if self.q_norm is not None and self.config.qk_norm_across_heads:
+            q, k = self.q_norm(q), k if k is None else self.k_norm(k)
+        q = q.view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if k is not None:
+            k = k.view(B, T, -1, hs).transpose(1, 2)  # (B, ng, T, hs)
+            v = v.view(B, T, -1, hs).transpose(1, 2)
+            if self.config.value_norm:
+                v = l2_norm(v, self.config.norm_eps)
+        if self.q_norm is not None and not self.config.qk_norm_across_heads:
+            q, k = self.q_norm(q), k if k is None else self.k_norm(k)
+        if rope is not None:
+            rotate = apply_rope_interleaved if self.config.rope_interleaved else apply_rope
+            q, k = rotate(q, rope), k if k is None else rotate(k, rope)
+            if self.config.qk_l2_norm:
+                q, k = l2_norm(q, self.config.norm_eps), k if k is None else l2_norm(k, self.config.norm_eps)
+        return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T * scale, masked) v over (B, nh, T, hs) queries and (B, ng, S, hs) keys/values; with
@@ -403,8 +505,9 @@ class LatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables], mask: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor], virtual_kv: Optional[Any] = None, return_kv: bool = False,
-                cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """As :meth:`CausalSelfAttention.forward`, without virtual tokens."""
+                cache: Optional[Cache] = None, q_scale: Optional[torch.Tensor] = None,
+                shared_kv: Optional[dict] = None) -> torch.Tensor:
+        """As :meth:`CausalSelfAttention.forward`, without virtual tokens or KV sharing."""
         if virtual_kv is not None or return_kv:
             raise ValueError("prompt tuning (virtual tokens) is not implemented for multi-head latent attention "
                              "(kv_lora_rank): use LoRA")
@@ -554,9 +657,10 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 class MoE(nn.Module):
     """Sparse mixture of gated-MLP experts with top-k routing (``Config.moe_routing``): softmax weights on the
-    experts' outputs (Mixtral, Qwen3-MoE, gpt-oss), sigmoid scores on their inputs (Llama 4) or grouped sigmoid
-    scores with a correction bias on their outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared
-    expert every token goes through (``Config.moe_shared_expert_size``).
+    experts' outputs (Mixtral, Qwen3-MoE, gpt-oss; Gemma 4 with a normed, scaled router input and per-expert
+    scales), sigmoid scores on their inputs (Llama 4) or grouped sigmoid scores with a correction bias on their
+    outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared expert every token goes through
+    (``Config.moe_shared_expert_size``).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
     on its contiguous group of rows, and every token's k outputs are summed with their routing weights (or, with
@@ -579,6 +683,8 @@ class MoE(nn.Module):
             self.score_correction_bias = None
         shared = config.moe_shared_expert_size
         self.shared_expert = GatedMLP(config, shared) if shared else None
+        self.router_scale = nn.Parameter(torch.ones(config.n_embd)) if config.moe_router_norm else None
+        self.per_expert_scale = nn.Parameter(torch.ones(config.n_expert)) if config.moe_per_expert_scale else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
         """As nn.Module's (``.to``, ``.cuda``, ``.bfloat16`` ...), but the score correction bias only moves: it keeps
@@ -601,10 +707,15 @@ class MoE(nn.Module):
             weights, chosen = self.route_sigmoid(x)
             weights = weights * self.config.moe_routed_scaling
         else:
-            probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)
+            seen = x  # by the router: with router_scale, weightless RMSNorm times a scale per channel, / sqrt(C)
+            if self.router_scale is not None:
+                seen = l2_norm(x, self.config.norm_eps) * self.router_scale * self.config.n_embd**-0.5
+            probs = torch.softmax(self.router(seen), dim=-1, dtype=torch.float32)
             weights, chosen = probs.topk(self.top_k, dim=-1)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.per_expert_scale is not None:
+                weights = weights * self.per_expert_scale[chosen]
         return weights.to(x.dtype), chosen
 
     def route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -628,10 +739,11 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights, chosen
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The experts' output for ``x`` (..., C), routed by ``routing_input`` (the same shape; default ``x``)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, chosen = self.route(x)
+        weights, chosen = self.route(x if routing_input is None else routing_input.reshape(-1, shape[-1]))
         flat = chosen.reshape(-1)  # (N * k,): the expert of every (token, choice) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert, tokens in order within a group
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
@@ -691,10 +803,11 @@ class RotaryEmbedding(nn.Module):
     def reset(self, device: Optional[torch.device]) -> None:
         cfg = self.config
         for kind in ("full", "sliding", "chunked"):
+            dim = cfg.kind_rope_dim(kind)
             if kind == "sliding" and cfg.rope_local_theta is not None:
-                inv, scale, long_inv = rope_inv_freq(cfg.rope_dim, cfg.rope_local_theta, None, cfg.block_size)
+                inv, scale, long_inv = rope_inv_freq(dim, cfg.rope_local_theta, None, cfg.block_size)
             else:
-                inv, scale, long_inv = rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.block_size)
+                inv, scale, long_inv = rope_inv_freq(dim, cfg.rope_theta, cfg.rope_scaling, cfg.block_size)
             self.register_buffer(f"inv_freq_{kind}", inv if device is None else inv.to(device), persistent=False)
             if long_inv is not None:
                 self.register_buffer(f"long_inv_freq_{kind}", long_inv if device is None else long_inv.to(device), persistent=False)
@@ -741,6 +854,12 @@ def rope_inv_freq(
         return torch.where(medium, smoothed, scaled), 1.0, None
     if kind == "yarn":
         return _yarn(dim, base, scaling, max_positions)
+    if kind == "proportional":
+        # the first partial_rotary_factor of the frequencies (exponents over the whole dim), the rest 0: channels
+        # i and i + dim / 2 rotate together, by nothing past the rotated fraction (Gemma 4's global layers)
+        rotated = int(scaling.get("partial_rotary_factor", 1.0) * dim // 2)
+        inv_freq = torch.cat((inv_freq[:rotated], torch.zeros(dim // 2 - rotated)))
+        return inv_freq / scaling.get("factor", 1.0), 1.0, None
     if kind == "longrope":
         old_len = scaling["original_max_position_embeddings"]
         factor = scaling.get("factor") or max_positions / old_len
@@ -750,7 +869,8 @@ def rope_inv_freq(
         short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * base**exponents)
         long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * base**exponents)
         return short, att, long
-    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, dynamic, llama3, yarn, longrope)")
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, dynamic, llama3, yarn, longrope, "
+                     "proportional)")
 
 
 def _yarn(dim: int, base: float, scaling: dict, max_positions: int) -> tuple[torch.Tensor, float, None]:

@@ -101,6 +101,41 @@ FAMILY_VARIANTS = {
                                                 first_k_dense_replace=1, moe_intermediate_size=24,
                                                 n_shared_experts=2, norm_topk_prob=False, rope_interleave=False,
                                                 routed_scaling_factor=1.5, rope_theta=50000.0)),
+    # sliding (window 4) and full layers 5:1-ish (the last full), full layers with a bigger head (32 vs 16) and
+    # proportional RoPE rotating half of each head, per-layer inputs, the last 2 layers (one of each kind) KV-shared
+    # with double-wide MLPs, a final softcap
+    "gemma4": ("gemma4_text", dict(head_dim=8, global_head_dim=16, num_hidden_layers=6, sliding_window=4,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                "sliding_attention", "sliding_attention", "full_attention"],
+                                   rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                          "rope_theta": 1000.0},
+                                                    "full_attention": {"rope_type": "proportional",
+                                                                       "partial_rotary_factor": 0.5,
+                                                                       "rope_theta": 20000.0}},
+                                   # a per-layer vocabulary of its own (room for the test tokenizer's 400 ids)
+                                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=400,
+                                   num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=5.0,
+                                   rms_norm_eps=1e-5)),
+    # full layers with values from the key projection (no v_proj) and their own key/value heads (1), proportional
+    # RoPE with a factor; no per-layer inputs, no KV sharing
+    "gemma4-keqv": ("gemma4_text", dict(head_dim=16, global_head_dim=32, num_hidden_layers=4, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                     "full_attention"],
+                                        attention_k_eq_v=True, num_global_key_value_heads=1,
+                                        rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": 5000.0},
+                                                         "full_attention": {"rope_type": "proportional",
+                                                                            "partial_rotary_factor": 0.25,
+                                                                            "factor": 2.0, "rope_theta": 50000.0}},
+                                        hidden_size_per_layer_input=0, tie_word_embeddings=False)),
+    # the MoE block (26B-A4B's): top-2 of 4 experts beside every dense MLP, router input norm and scale, per-expert
+    # scales (made non-trivial below); full layers with values from the keys
+    "gemma4-moe": ("gemma4_text", dict(head_dim=16, global_head_dim=32, num_hidden_layers=4, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                    "full_attention"],
+                                       attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True,
+                                       num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                                       hidden_size_per_layer_input=0, final_logit_softcapping=10.0)),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),
@@ -123,11 +158,14 @@ def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dty
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
     with torch.no_grad():  # non-trivial norm weights, biases and sinks so that they are really exercised
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(("bias", "sinks")):
+            # (and Gemma 4's router input and per-expert scales, ones at init)
+            if "norm" in name or name.endswith(("bias", "sinks", "router.scale", "per_expert_scale")):
                 p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
         for name, b in model.named_buffers():  # DeepSeek-V3's routing correction bias: shifts which experts are chosen
             if name.endswith("e_score_correction_bias"):
                 b.add_(torch.randn_like(b) * 0.1)
+            if name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale (ones at init)
+                b.add_(torch.randn_like(b) * 0.2)
     model.eval()
     model.save_pretrained(directory)
     return model

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from litft.cache import ChunkedKVCache, KVCache, ModelCache, SlidingKVCache
+from litft.cache import ChunkedKVCache, KVCache, ModelCache, SharedKVCache, SlidingKVCache
 from litft.convert.hf import convert_from_hf
 from litft.weights import load_model
 from tests.hf_models import make_hf_model
@@ -32,6 +32,15 @@ def llama4(tmp_path_factory: pytest.TempPathFactory):
     """Tiny Llama 4: chunked (chunks of 4), full NoPE and chunked layers; transformers' model and litft's."""
     d = tmp_path_factory.mktemp("llama4")
     hf = make_hf_model("llama4", d / "hf")
+    return hf, load_model(convert_from_hf(d / "hf", d / "native")).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny Gemma 4: sliding (window 4) and full layers with bigger heads, the last sliding and full layers
+    KV-shared with layers 3 and 2; transformers' model and litft's."""
+    d = tmp_path_factory.mktemp("gemma4")
+    hf = make_hf_model("gemma4", d / "hf")
     return hf, load_model(convert_from_hf(d / "hf", d / "native")).eval()
 
 
@@ -85,7 +94,24 @@ def test_the_memory_budget_counts_what_is_allocated(gemma3) -> None:
     assert engine.kv_cache_longest_row(per_slot * 2) == 0
 
 
-@pytest.mark.parametrize("variant", ["gemma3", "llama4"])
+def test_kv_shared_layers_hold_nothing_and_read_their_source(gemma4) -> None:
+    """Gemma 4's KV-shared layers get a view of their source layer's cache: no buffers, no bytes in the estimate,
+    the source's key slots; the full layers' cache has their own key/value heads and head size."""
+    _, model = gemma4
+    cache = model.make_cache(rows=2, length=20)
+    assert model.config.layer_types == ["sliding", "sliding", "full", "sliding", "sliding", "full"]
+    assert [type(layer) for layer in cache.layers] == [SlidingKVCache] * 2 + [KVCache, SlidingKVCache,
+                                                                              SharedKVCache, SharedKVCache]
+    assert cache.layers[4].source is cache.layers[3] and cache.layers[5].source is cache.layers[2]
+    assert not list(cache.layers[4].buffers()) and not list(cache.layers[5].buffers())
+    assert cache.layers[2].k.shape[-1] == 16 and cache.layers[0].k.shape[-1] == 8
+    slots = torch.tensor([6])
+    assert torch.equal(cache.layers[4].key_slots(slots), cache.layers[3].key_slots(slots))
+    allocated = sum(buf.numel() * buf.element_size() for buf in cache.buffers())
+    assert model.cache_bytes_per_row(20) * 2 == allocated
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "llama4", "gemma4"])
 @pytest.mark.parametrize("chunk", [3, 7])
 def test_chunked_prefill_and_decode_through_the_cache_equal_transformers(variant: str, chunk: int, request) -> None:
     """A 9-token prompt prefilled ``chunk`` tokens at a time (chunks shorter and longer than the window or
@@ -110,7 +136,7 @@ def _decode_logits(model, cache: ModelCache, token: int, slot: int, start: int) 
                  segment_ids=segments, cache=cache)[0, -1]
 
 
-@pytest.mark.parametrize("variant", ["gemma3", "llama4"])
+@pytest.mark.parametrize("variant", ["gemma3", "llama4", "gemma4"])
 def test_rows_copied_in_moved_and_shifted_keep_their_sequence(variant: str, request) -> None:
     """A prompt prefilled into a cache of its own, copied into row 2 at slot 3, moved to row 0 and shifted back to
     slot 0 (every row's slots shift), then decoded: the logits are transformers' for the whole sequence (Llama 4's

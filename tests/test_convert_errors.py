@@ -233,6 +233,23 @@ _SLIDING_YARN = {"full_attention": {"rope_type": "default", "rope_theta": 10000.
     ("llama4", {"quantization_config": {"quant_method": "fbgemm_fp8"}},
      r"config\.json: quantization_config \(quant_method='fbgemm_fp8'\) is not a format litft imports for "
      r"model_type 'llama4_text'"),
+    ("gemma4", {"enable_moe_block": True, "num_experts": 4}, r"config\.json: enable_moe_block=true needs "
+                                                             r"top_k_experts, moe_intermediate_size \(positive "
+                                                             r"integers\)"),
+    ("gemma4", {"use_bidirectional_attention": "all"}, r"config\.json: use_bidirectional_attention='all' is not a "
+                                                        r"value litft implements for model_type 'gemma4_text' "
+                                                        r"\(supported: 'vision'\)"),
+    ("gemma4", {"rope_parameters": _SLIDING_YARN}, r"config\.json: rope_parameters\.sliding_attention\.rope_type="
+                                                    r"'yarn' is not implemented by litft for model_type 'gemma4_text'"),
+    ("gemma4", {"per_layer_config": {"2": {"head_dim": 32, "sliding_window": 8}, "5": {"head_dim": 32}}},
+     r"config\.json: per_layer_config\['2'\] overrides \['sliding_window'\]: litft implements only head_dim, "
+     r"num_key_value_heads"),
+    ("gemma4", {"per_layer_config": {"1": {"head_dim": 32}, "2": {"head_dim": 32}, "5": {"head_dim": 32}}},
+     r"config\.json: per_layer_config\['1'\]: litft implements per-layer overrides of full_attention layers only"),
+    ("gemma4", {"per_layer_config": {"2": {"head_dim": 32}, "5": {"head_dim": 16}}},
+     r"config\.json: per_layer_config must give every full_attention layer the same overrides"),
+    ("gemma4", {"num_kv_shared_layers": 4}, r"config\.json: kv_shared_layers=4: the shared layers' kinds \['full'\] "
+                                            r"have no earlier layer of their kind to take keys and values from"),
 ])
 def test_config_features_litft_does_not_implement_are_refused_by_name(tmp_path, variant, changes, message):
     """A config.json value litft cannot compute is refused naming its key, before anything is written."""

@@ -166,6 +166,25 @@ def test_qlora_on_cpu_and_dora(ckpt, data_dir, tmp_path):
     check_loads_and_generates(final)
 
 
+def test_qlora_on_gemma4(data_dir, tmp_path):
+    """QLoRA (NF4 base) on Gemma 4's per-layer inputs, KV-shared layers, k_eq_v full layers and MoE block learns,
+    and its final/ loads and generates."""
+    pytest.importorskip("bitsandbytes")
+    from litft.finetune.lora import finetune_lora
+    from litft.peft import LoRAArgs
+    from litft.zoo import family_for
+
+    base = make_checkpoint(tmp_path / "base", hf_model_type="gemma4_text", **family_for("gemma4_text").traits,
+                           **NEW_ARCHITECTURES["gemma4_text"])
+    out = tmp_path / "qlora"
+    final = finetune_lora(base, out, data=data_args(data_dir), train=train_args(lr=2e-2, max_steps=8),
+                          lora=LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"]), quantize="bnb.nf4",
+                          **COMMON)
+    curve = losses(out)
+    assert sum(curve[-2:]) < sum(curve[:2]), curve
+    check_loads_and_generates(final)
+
+
 def test_adapter_end_to_end_with_packing_and_activation_checkpointing(ckpt, data_dir, tmp_path):
     from litft.finetune.adapter import finetune_adapter
     from litft.peft import AdapterArgs
@@ -200,6 +219,16 @@ NEW_ARCHITECTURES = {
                         v_head_dim=8, rope_interleaved=True, n_expert=4, n_expert_per_token=2, moe_intermediate_size=24,
                         moe_shared_expert_size=24, moe_dense_layers=[0], moe_n_group=2, moe_topk_group=1,
                         moe_routed_scaling=2.5),
+    # sliding and full layers with a bigger head on the full ones (values from the keys, proportional RoPE),
+    # per-layer inputs, the last two layers (one of each kind) KV-shared with double-wide MLPs, the MoE block beside
+    # every dense MLP; LoRA on every expert too
+    "gemma4_text": dict(n_layer=4, head_size=16, global_head_size=32, sliding_window=4,
+                        layer_types=["sliding", "full", "sliding", "full"], rope_local_theta=1000.0,
+                        rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5},
+                        attention_k_eq_v=True, kv_shared_layers=2, kv_shared_mlp_factor=2, per_layer_input_size=8,
+                        mlp_activation="gelu_tanh", final_logit_softcapping=30.0, n_expert=4, n_expert_per_token=2,
+                        moe_intermediate_size=16, moe_beside_dense=True, moe_router_norm=True,
+                        moe_per_expert_scale=True),
 }
 # LoRA targets where attention has no q/k/v projections (multi-head latent attention)
 LORA_TARGETS = {"deepseek_v3": ["q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"]}

@@ -280,11 +280,12 @@ def lora_run_to_peft(tmp_path: Path, variant: str, targets: str) -> dict[str, Pa
     return model
 
 
-@pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3", "olmo3", "smollm3"])
+@pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3", "olmo3", "smollm3", "gemma4"])
 def test_to_peft_of_other_families_loads_in_peft_with_the_same_logits(variant, tokens, tmp_path):
     """A LoRA run on a tiny Gemma (tied embeddings, GeGLU, (1 + w) norms), Mistral (sliding window), Qwen3
-    (q/k norms), OLMo 3 (post-only norms, whole-projection q/k norms, sliding layers) and SmolLM3 (NoPE layers)
-    exported to_peft: PeftModel over the original HF model computes what litft computes."""
+    (q/k norms), OLMo 3 (post-only norms, whole-projection q/k norms, sliding layers), SmolLM3 (NoPE layers) and
+    Gemma 4 (per-layer inputs, KV-shared layers without k/v projections) exported to_peft: PeftModel over the
+    original HF model computes what litft computes."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -113,6 +113,13 @@ CASES = {
     "gpt_oss-attention": ("gpt_oss", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
     # chunked and NoPE layers with L2 qk-norm and query temperature (experts 3-D in transformers, as above)
     "llama4-attention": ("llama4", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
+    # per-layer input gates and projections, KV-shared layers (q and o only), double-wide MLPs
+    "gemma4-all-linear": ("gemma4", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
+    # full layers without v_proj (values from k_proj) and with their own head size
+    # attention of the MoE block's model (its experts are 3-D parameters in transformers, as above)
+    "gemma4-moe-attention": ("gemma4-moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
+    "gemma4-keqv-dora": ("gemma4-keqv", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o", "down"],
+                                                 use_dora=True)),
 }
 
 
@@ -137,7 +144,10 @@ def test_logits_grads_and_merge_match_peft(tiny, case):
     idx = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
     ours = model(idx)
     theirs = peft_model(input_ids=idx).logits
-    assert (ours - theirs).abs().max() <= TOL
+    # relative to the logits' size, as the gradients below (fp32 rounding grows with the values: Gemma 4's logits
+    # reach its softcap of 5)
+    logits_tol = TOL * max(1.0, theirs.abs().max().item())
+    assert (ours - theirs).abs().max() <= logits_tol
 
     # gradients: the same for every LoRA tensor, and nothing else gets one
     ours.pow(2).mean().backward()
@@ -155,7 +165,7 @@ def test_logits_grads_and_merge_match_peft(tiny, case):
     # merge: a plain GPT with plain names and the same logits as unmerged (and as PEFT's merge, untied models)
     with torch.no_grad():
         merged = merge_lora(model)(idx)
-    assert (merged - ours).abs().max() <= TOL
+    assert (merged - ours).abs().max() <= logits_tol
     assert not lora_modules(model)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
     assert set(model.state_dict()) == set(GPT(model.config).state_dict())
@@ -165,7 +175,7 @@ def test_logits_grads_and_merge_match_peft(tiny, case):
     else:
         with torch.no_grad():
             peft_merged = peft_model.merge_and_unload()(input_ids=idx).logits
-        assert (merged - peft_merged).abs().max() <= TOL
+        assert (merged - peft_merged).abs().max() <= logits_tol
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

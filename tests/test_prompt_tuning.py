@@ -90,7 +90,8 @@ def test_init_equals_peft(init, n, tiny_llama_hf, tiny_llama_native):
         assert init_token_ids(Tokenizer(tiny_llama_native), PromptTuningArgs(n, "text", TEXT)) == (ids * n)[:n]
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "llama4"])  # GQA; window 4 < 3 + 9; softcap; chunks
+# GQA; window 4 < 3 + 9; softcap; chunks; Gemma 4's bigger global heads with values from the keys
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "llama4", "gemma4-keqv"])
 def test_logits_and_gradients_equal_peft(variant, family):
     hf_dir, native = family(variant)
     n = 3

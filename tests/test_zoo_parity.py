@@ -95,12 +95,13 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
-@pytest.mark.parametrize("variant", ["gpt_oss", "llama4"])
+@pytest.mark.parametrize("variant", ["gpt_oss", "llama4", "gemma4", "gemma4-moe"])
 def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(variant, tmp_path):
     """The backward through sinks, biases, the router bias and the clamped SwiGLU (gpt-oss), through chunked and
     NoPE layers, L2 qk-norm, the query temperature, sigmoid scores on the experts' inputs and the shared expert
-    (Llama 4): litft's gradients, mapped to transformers' names by the weight table (experts stacked), equal
-    transformers'."""
+    (Llama 4), through per-layer inputs and KV-shared layers (Gemma 4) and its MoE block beside the dense MLP (router
+    scales, per-expert scales): litft's gradients, mapped to transformers' names by the weight table (experts
+    stacked), equal transformers'."""
     from litft.convert.hf import native_tensors_to_hf
 
     hf_model = make_hf_model(variant, tmp_path / "hf")
@@ -260,7 +261,7 @@ def test_folder_name_of_another_model_does_not_change_the_architecture(variant, 
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "olmo2", "olmo3", "smollm3", "gpt_oss", "llama4_text",
-                                        "deepseek_v3"])
+                                        "deepseek_v3", "gemma4_text"])
 def test_named_configs_build_the_transformers_model_with_the_same_weights(model_type):
     """Every named config of the newer families, written as config.json, makes transformers build a model (on the
     meta device: no memory) whose tensors are exactly litft's under the family's weight table, and reads back as
@@ -281,8 +282,12 @@ def test_named_configs_build_the_transformers_model_with_the_same_weights(model_
         if shape in shapes_seen:  # base and instruct variants of one size
             continue
         shapes_seen.add(shape)
-        n = 4  # the first layers only (their kinds as in the full model): every size at the cost of a small one
+        # the first layers only (their kinds as in the full model): every size at the cost of a small one; up to a
+        # full layer at least (Gemma 4's last layer is one), twice that with the second half KV-shared
+        n = max(4, config.layer_types.index("full") + 1 if "full" in config.layer_types else 0)
+        n *= 2 if config.kv_shared_layers else 1
         config = dataclasses.replace(config, n_layer=n, layer_types=config.layer_types[:n],
+                                     kv_shared_layers=n // 2 if config.kv_shared_layers else 0,
                                      nope_layers=[i for i in config.nope_layers if i < n],
                                      moe_dense_layers=[i for i in config.moe_dense_layers if i < n])
         hf_config = family.config_to_hf(config)

@@ -87,9 +87,13 @@ def apply_adapter(model: nn.Module, args: AdapterArgs) -> nn.Module:
     if model.config.kv_lora_rank is not None:
         raise ValueError("LLaMA-Adapter is not implemented for multi-head latent attention (kv_lora_rank in the model "
                          "config, DeepSeek-V3): use LoRA")
+    cfg = model.config
+    if cfg.value_norm or cfg.attention_k_eq_v or cfg.kv_shared_layers:
+        raise ValueError("LLaMA-Adapter is not implemented for Gemma 4's attention (value_norm, attention_k_eq_v or "
+                         "kv_shared_layers in the model config: the prompt's values would need the value norm, the "
+                         "key projection or another layer's projections): use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = model.config
     for block in list(model.blocks)[args.start_layer:]:
         attn = block.attn
         weight = attn.q_proj.weight

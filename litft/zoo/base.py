@@ -118,6 +118,9 @@ class Family:
     hf_keys: tuple[str, ...] = ()  # config.json keys that read_hf interprets (kept out of Config.extra)
     # config.json keys with the only values litft implements: any other value is refused by name, never dropped
     hf_supported_values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # (hf_key, config) -> whether an HF tensor is one the architecture does not use (transformers does not load it
+    # either), e.g. the key/value projections of Gemma 4's KV-shared layers
+    hf_unused: Optional[Callable[[str, Config], bool]] = None
     # tensors of layers numbered num_hidden_layers and above are skipped on import (DeepSeek-V3's multi-token
     # prediction layers, which transformers does not load either)
     hf_layers_past_n_layer_ignored: bool = False
@@ -223,6 +226,8 @@ class Family:
             m = _HF_LAYER.match(hf_key)
             if m is not None and int(m["i"]) >= config.n_layer:
                 return True
+        if self.hf_unused is not None and config is not None and self.hf_unused(hf_key, config):
+            return True
         return hf_key.startswith(self.hf_ignored_prefixes) or hf_key.endswith("rotary_emb.inv_freq")
 
     def native_to_hf(self, native_key: str) -> Optional[tuple[WeightRule, int, str]]:
@@ -279,10 +284,20 @@ def read_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict], Optional[float
     return float(theta), scaling, None if local_theta is None else float(local_theta)
 
 
+def refuse_scaled_sliding_rope(hf: dict[str, Any], model_type: str) -> None:
+    """Refuse by name a ``rope_parameters.sliding_attention`` of another type than default: litft gives sliding
+    layers their own base only (``Config.rope_local_theta``), scaling applies to the full layers."""
+    sliding_rope = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
+    kind = sliding_rope.get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(f"config.json: rope_parameters.sliding_attention.rope_type={kind!r} is not implemented by "
+                         f"litft for model_type {model_type!r} (supported: 'default'; scaling applies to full layers)")
+
+
 # the keys each RoPE scaling type needs in config.json's rope_scaling / rope_parameters (as transformers validates them)
 ROPE_REQUIRED_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
                       "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-                      "longrope": ("short_factor", "long_factor")}
+                      "longrope": ("short_factor", "long_factor"), "proportional": ()}
 _ORIGINAL_MAX = "original_max_position_embeddings"
 
 
@@ -301,7 +316,9 @@ def _scaling(params: dict[str, Any], hf: dict[str, Any], per_layer: bool = False
     if missing:
         raise ValueError(f"config.json: rope_scaling of rope_type {kind!r} has no {missing[0]!r} (it needs "
                          f"{', '.join(ROPE_REQUIRED_KEYS[kind])})")
-    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
+    # proportional RoPE (Gemma 4) keeps its partial_rotary_factor: it says which of the frequencies are not zero
+    dropped = ("rope_theta", "type") if kind == "proportional" else ("rope_theta", "type", "partial_rotary_factor")
+    scaling = {k: v for k, v in params.items() if k not in dropped}
     scaling["rope_type"] = kind
     if kind in ("llama3", "longrope", "yarn"):
         top_level = None if per_layer else hf.get(_ORIGINAL_MAX)

@@ -5,7 +5,7 @@ them), RMSNorm over the whole q and k projections (not per head); OLMo 3 adds sl
 from __future__ import annotations
 
 from litft.config import Config
-from litft.zoo.base import Family, WeightRule, llama_rules
+from litft.zoo.base import Family, WeightRule, llama_rules, refuse_scaled_sliding_rope
 
 _OLMO3_THETA = 500000.0  # Olmo3Config.default_theta
 _OLMO_TRAITS = dict(qk_norm=True, qk_norm_across_heads=True, pre_block_norms=False, post_block_norms=True)
@@ -35,11 +35,7 @@ def _read_olmo3(hf: dict, fields: dict) -> None:
     # a config.json in the legacy layout (rope_theta, rope_scaling) sets the full layers' RoPE only: transformers
     # gives the sliding layers the class default base, unscaled
     fields.setdefault("rope_local_theta", _OLMO3_THETA)
-    sliding_rope = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
-    kind = sliding_rope.get("rope_type", "default")
-    if kind != "default":
-        raise ValueError(f"config.json: rope_parameters.sliding_attention.rope_type={kind!r} is not implemented by "
-                         "litft for model_type 'olmo3' (supported: 'default'; scaling applies to full layers)")
+    refuse_scaled_sliding_rope(hf, "olmo3")
 
 
 def _write_olmo3(config: Config, hf: dict) -> None:
