@@ -9,7 +9,9 @@ Attention is computed over *slots*: positions in the sequence, or in the generat
 (:meth:`GPT.make_cache` builds one :class:`litft.cache.Cache` per layer, of the class its attention kind needs;
 see litft/cache.py). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
 sliding layers, ``q - k <= p % attention_chunk_size`` on chunked layers (``p``: the query's position, so the key is
-in its chunk), and both slots carry the same segment id (packing and left padding).
+in its chunk), and both slots carry the same segment id (packing and left padding). "linear" layers (Gated
+DeltaNet, :mod:`litft.linear_attention`) have no mask: they get the flags of the tokens that start a segment, where
+they forget their recurrent state.
 
 Prompt tuning (:mod:`litft.peft.prompt`) sets ``GPT.virtual_prompt``: N learned embeddings that act as N tokens in
 front of every sequence, at positions 0..N-1 (the real tokens then start at position N), as PEFT's prompt tuning
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from litft.cache import Cache, ModelCache, cache_class
 from litft.config import Config
+from litft.linear_attention import GatedDeltaNet, segment_starts
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, 1, T, rope_dim)
 
@@ -76,6 +79,8 @@ class GPT(nn.Module):
                 nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
             elif isinstance(module, CausalSelfAttention) and module.sinks is not None:
                 nn.init.zeros_(module.sinks)
+            elif isinstance(module, GatedDeltaNet):
+                module.reset_parameters()
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -146,9 +151,12 @@ class GPT(nn.Module):
             positions = positions + n_virtual  # the real tokens come after the virtual ones
 
         masks = {}
+        kinds = self.attention_kinds()
+        if "linear" in self.config.layer_types:  # linear layers take the segment starts instead of a mask
+            masks["linear"] = segment_starts(q_slots, segment_ids, cached)
         # FlexAttention block masks have no virtual-token columns: with a virtual prompt, dense SDPA masks
         flex = self.attention_backend == "flex" and not cached and not n_virtual
-        for kind in set(self.config.layer_types):
+        for kind in kinds:
             full_window = self.config.sliding_window if kind == "sliding" else None
             chunk = self.config.attention_chunk_size if kind == "chunked" else None
             window = full_window
@@ -167,12 +175,12 @@ class GPT(nn.Module):
             if n_virtual:
                 masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len, chunk)
 
-        rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
+        rope = {kind: self.rope(positions, kind, x.dtype) for kind in kinds}
         q_scale = self.query_temperature(positions)
         layer_caches = cache.layers if cached else [None] * len(self.blocks)
         for i, (block, kind, layer_kv, layer_cache) in enumerate(
                 zip(self.blocks, self.config.layer_types, virtual_kv, layer_caches)):
-            x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv, cache=layer_cache,
+            x = block(x, self.layer_rope(i, rope.get(kind)), masks[kind], input_pos, layer_kv, cache=layer_cache,
                       q_scale=self.layer_query_scale(i, q_scale))
         x = self.norm(x)
         if return_hidden:
@@ -197,7 +205,7 @@ class GPT(nn.Module):
         x = vp.embeddings.to(dtype).unsqueeze(0)  # (1, N, C): already in the residual stream's scale
         positions = torch.arange(n, device=x.device).unsqueeze(0)
         rope, masks = {}, {}
-        for kind in set(self.config.layer_types):
+        for kind in self.attention_kinds():
             window = self.config.sliding_window if kind == "sliding" else None
             rope[kind] = self.rope(positions, kind, dtype)
             masks[kind] = build_attention_mask(positions[0], n, window if window is not None and n > window
@@ -208,14 +216,18 @@ class GPT(nn.Module):
         q_scale = self.query_temperature(positions)
         kv = []
         for i, (block, kind) in enumerate(zip(self.blocks, self.config.layer_types)):
-            x, layer_kv = block(x, self.layer_rope(i, rope[kind]), masks[kind], None, None, True,
+            x, layer_kv = block(x, self.layer_rope(i, rope.get(kind)), masks.get(kind), None, None, True,
                                 q_scale=self.layer_query_scale(i, q_scale))
             kv.append(layer_kv)
         if key is not None:
             vp.cached_kv = (key, kv)
         return kv
 
-    def layer_rope(self, index: int, rope: RopeTables) -> Optional[RopeTables]:
+    def attention_kinds(self) -> list[str]:
+        """The layer kinds with (softmax) attention, which take masks and RoPE: every kind but "linear"."""
+        return sorted(set(self.config.layer_types) - {"linear"})
+
+    def layer_rope(self, index: int, rope: Optional[RopeTables]) -> Optional[RopeTables]:
         """The cos/sin tables layer ``index`` rotates with; None on a NoPE layer (``Config.nope_layers``)."""
         return None if index in self.config.nope_layers else rope
 
@@ -249,7 +261,10 @@ class Block(nn.Module):
             self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         else:
             self.attn_norm = self.mlp_norm = None
-        self.attn = CausalSelfAttention(config) if config.kv_lora_rank is None else LatentAttention(config)
+        if config.layer_types[index] == "linear":
+            self.attn = GatedDeltaNet(config)
+        else:
+            self.attn = CausalSelfAttention(config) if config.kv_lora_rank is None else LatentAttention(config)
         self.mlp = MoE(config) if config.is_moe_layer(index) else GatedMLP(config)
         if config.post_block_norms:
             self.post_attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
@@ -280,7 +295,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
-        self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.attention_bias)
+        # with an output gate, each head's query is followed by its gate's hs channels
+        q_size = nh * hs * (2 if config.attention_output_gate else 1)
+        self.q_proj = nn.Linear(config.n_embd, q_size, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
         self.o_proj = nn.Linear(nh * hs, config.n_embd, bias=config.attention_out_bias)
@@ -307,6 +324,10 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         hs = self.config.head_size
         q, k = self.q_proj(x), self.k_proj(x)
+        gate = None
+        if self.config.attention_output_gate:
+            q, gate = q.view(B, T, -1, 2 * hs).split(hs, dim=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.q_norm is not None and self.config.qk_norm_across_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -331,7 +352,10 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v, mask)
         if self.adapter is not None:
             y = y + self.adapter(self, q)
-        out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
+        out = self.o_proj(y)
         return (out, own_kv) if return_kv else out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -556,7 +580,8 @@ class MoE(nn.Module):
     """Sparse mixture of gated-MLP experts with top-k routing (``Config.moe_routing``): softmax weights on the
     experts' outputs (Mixtral, Qwen3-MoE, gpt-oss), sigmoid scores on their inputs (Llama 4) or grouped sigmoid
     scores with a correction bias on their outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared
-    expert every token goes through (``Config.moe_shared_expert_size``).
+    expert every token goes through (``Config.moe_shared_expert_size``), its output scaled by the sigmoid of a
+    per-token gate with ``Config.moe_shared_expert_gate`` (Qwen3.5-MoE).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
     on its contiguous group of rows, and every token's k outputs are summed with their routing weights (or, with
@@ -579,6 +604,8 @@ class MoE(nn.Module):
             self.score_correction_bias = None
         shared = config.moe_shared_expert_size
         self.shared_expert = GatedMLP(config, shared) if shared else None
+        # one scalar per token scaling the shared expert's output by its sigmoid (Qwen3.5-MoE)
+        self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if config.moe_shared_expert_gate else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
         """As nn.Module's (``.to``, ``.cuda``, ``.bfloat16`` ...), but the score correction bias only moves: it keeps
@@ -643,7 +670,10 @@ class MoE(nn.Module):
         unsorted = torch.empty_like(y).index_copy_(0, order, y).view(-1, self.top_k, shape[-1])  # (token, choice)
         routed = unsorted.sum(dim=1) if self.weights_on_inputs else (unsorted * weights.unsqueeze(-1)).sum(dim=1)
         if self.shared_expert is not None:
-            routed = self.shared_expert(x) + routed
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            routed = shared + routed
         return routed.view(shape)
 
 
