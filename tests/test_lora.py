@@ -113,6 +113,11 @@ CASES = {
     "gpt_oss-attention": ("gpt_oss", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
     # chunked and NoPE layers with L2 qk-norm and query temperature (experts 3-D in transformers, as above)
     "llama4-attention": ("llama4", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
+    # gated full attention and every projection of the Gated DeltaNet layers
+    "qwen3_5-all-linear": ("qwen3_5", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
+    # the gated full attention (the experts are 3-D parameters in transformers, as for Qwen3-MoE)
+    "qwen3_5_moe-attention": ("qwen3_5_moe", LoRAArgs(r=4, alpha=8, dropout=0.0,
+                                                      targets=["q", "k", "v", "o"])),
 }
 
 
