@@ -450,7 +450,7 @@ def test_llama4_layer_kinds_follow_config_json(tmp_path):
     (dict(layer_types=["chunked", "full"], attention_chunk_size=0),
      r"layer_types has 'chunked' layers but attention_chunk_size is not a positive integer \(got 0\)"),
     (dict(layer_types=["chunked", "banded"], attention_chunk_size=4),
-     r"layer_types may only hold 'full', 'sliding' or 'chunked', got \['banded'\]"),
+     r"layer_types may only hold 'full', 'sliding', 'chunked' or 'linear', got \['banded'\]"),
     (dict(nope_layers=[1], attn_temperature_floor_scale=0), "attn_temperature_floor_scale must be > 0, got 0"),
     (dict(n_expert=4, n_expert_per_token=1, moe_routing="sigmoid_outputs"),
      "moe_routing must be 'softmax', 'sigmoid_inputs' or 'sigmoid', got 'sigmoid_outputs'"),

@@ -194,10 +194,12 @@ def _layers(n_layer: int) -> list[str]:
 _COMMON = dict(vocab_size=248320, block_size=262144, head_size=256, norm_eps=1e-6, rope_theta=10000000.0,
                partial_rotary_factor=0.25, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel=4,
                eos_token_id=248044)
-CONFIGS = [
+DENSE_CONFIGS = [
     Config(name="Qwen3.5-27B", hf_id="Qwen/Qwen3.5-27B", hf_model_type="qwen3_5_text", n_layer=64, n_embd=5120,
            n_head=24, n_query_groups=4, intermediate_size=17408, layer_types=_layers(64), linear_num_key_heads=16,
            linear_num_value_heads=48, **_COMMON, **_TRAITS),
+]
+MOE_CONFIGS = [
     Config(name="Qwen3.5-35B-A3B", hf_id="Qwen/Qwen3.5-35B-A3B", hf_model_type="qwen3_5_moe_text", n_layer=40,
            n_embd=2048, n_head=16, n_query_groups=2, intermediate_size=512, layer_types=_layers(40),
            linear_num_key_heads=16, linear_num_value_heads=32, n_expert=256, n_expert_per_token=8,
@@ -208,7 +210,7 @@ QWEN35 = Family(
     model_type="qwen3_5_text",
     architecture="Qwen3_5ForCausalLM",
     weight_rules=llama_rules() + _linear_attention_rules(),
-    configs=[c for c in CONFIGS if c.hf_model_type == "qwen3_5_text"],
+    configs=DENSE_CONFIGS,
     traits=dict(_TRAITS),
     # transformers' Qwen3_5TextConfig defaults, for keys a config.json leaves out
     hf_defaults=dict(_HF_DEFAULTS, intermediate_size=12288),
@@ -224,7 +226,7 @@ QWEN35_MOE = Family(
     model_type="qwen3_5_moe_text",
     architecture="Qwen3_5MoeForCausalLM",
     weight_rules=[r for r in llama_rules() if ".mlp." not in r.hf] + _linear_attention_rules() + _moe_rules(),
-    configs=[c for c in CONFIGS if c.hf_model_type == "qwen3_5_moe_text"],
+    configs=MOE_CONFIGS,
     traits=dict(_MOE_TRAITS),
     # transformers' Qwen3_5MoeTextConfig defaults, for keys a config.json leaves out
     hf_defaults=dict(_HF_DEFAULTS, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
