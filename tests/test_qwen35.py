@@ -244,6 +244,9 @@ def test_stacked_experts_import_as_transformers_holds_them(tmp_path):
     ("qwen3_5_moe", "mlp_only_layers", [1], r"mlp_only_layers=\[1\]: Qwen3.5-MoE has a mixture of experts in every "
                                             "layer"),
     ("qwen3_5_moe", "norm_topk_prob", False, "norm_topk_prob=False is not a value litft implements"),
+    ("qwen3_5_moe", "quantization_config", {"quant_method": "fp8"}, r"quantization_config \(quant_method='fp8'\) is "
+                                                                     "not a format litft imports for model_type "
+                                                                     "'qwen3_5_moe_text'"),
 ])
 def test_config_keys_litft_does_not_implement_are_refused_by_name(variant, key, value, message, tmp_path):
     from litft.convert.hf import hf_config_to_config

@@ -76,6 +76,11 @@ def _read_rotary(hf: dict, fields: dict) -> None:
 
 
 def _read_qwen35(hf: dict, fields: dict) -> None:
+    quant = hf.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ValueError(f"config.json: quantization_config (quant_method={method!r}) is not a format litft imports "
+                         f"for model_type {hf['model_type']!r}; convert the unquantized (bf16) checkpoint")
     _read_layers(hf, fields)
     _read_rotary(hf, fields)
 
