@@ -331,8 +331,8 @@ CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": Slidi
 
 
 def cache_class(config: Config, kind: str) -> type[Cache]:
-    """The cache class of a layer of attention ``kind`` ("full", "sliding", "chunked" or "linear") in a model of ``config``:
-    :class:`LatentCache` for every layer of a multi-head latent attention model (``kv_lora_rank``)."""
+    """The cache class of a layer of attention ``kind`` ("full", "sliding", "chunked" or "linear") in a model of
+    ``config``: :class:`LatentCache` for every layer of a multi-head latent attention model (``kv_lora_rank``)."""
     if config.kv_lora_rank is not None:
         return LatentCache
     return CACHE_BY_LAYER_TYPE[kind]

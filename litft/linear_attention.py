@@ -90,7 +90,8 @@ class GatedDeltaNet(nn.Module):
             self.norm.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor, rope: Any, starts: Optional[torch.Tensor], input_pos: Optional[torch.Tensor],
-                virtual_kv: Any = None, return_kv: bool = False, cache: Any = None, q_scale: Any = None) -> torch.Tensor:
+                virtual_kv: Any = None, return_kv: bool = False, cache: Any = None,
+                q_scale: Any = None) -> torch.Tensor:
         """The layer's output for ``x`` (B, T, C), in the attention modules' signature (``rope`` and ``q_scale`` are
         unused: no positions). ``starts``: (B or 1, T) segment-start flags (:func:`segment_starts`) or None.
         ``cache``: this layer's :class:`litft.cache.LinearAttentionCache`, read and written for rows 0..B-1."""

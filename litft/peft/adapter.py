@@ -88,8 +88,8 @@ def apply_adapter(model: nn.Module, args: AdapterArgs) -> nn.Module:
         raise ValueError("LLaMA-Adapter is not implemented for multi-head latent attention (kv_lora_rank in the model "
                          "config, DeepSeek-V3): use LoRA")
     if "linear" in model.config.layer_types:
-        raise ValueError("LLaMA-Adapter is not implemented for linear-attention layers (layer_types 'linear' in the model "
-                         "config, Gated DeltaNet: Qwen3.5): use LoRA")
+        raise ValueError("LLaMA-Adapter is not implemented for linear-attention layers (layer_types 'linear' in the "
+                         "model config, Gated DeltaNet: Qwen3.5): use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = model.config

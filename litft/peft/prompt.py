@@ -92,8 +92,8 @@ def add_virtual_prompt(model: nn.Module, num_virtual_tokens: int) -> VirtualProm
         raise ValueError("prompt tuning is not implemented for multi-head latent attention (kv_lora_rank in the "
                          "model config, DeepSeek-V3): use LoRA")
     if "linear" in model.config.layer_types:
-        raise ValueError("prompt tuning is not implemented for linear-attention layers (layer_types 'linear' in the model "
-                         "config, Gated DeltaNet: Qwen3.5): use LoRA")
+        raise ValueError("prompt tuning is not implemented for linear-attention layers (layer_types 'linear' in the "
+                         "model config, Gated DeltaNet: Qwen3.5): use LoRA")
     if model.virtual_prompt is not None:
         raise ValueError("the model already has a virtual prompt (prompt tuning): start a new prompt-tuning run from "
                          "its base checkpoint (base.yaml's base_checkpoint), or pass --resume to continue this one")
