@@ -68,7 +68,7 @@ def test_round_trip_is_identical_and_loads_in_transformers(converted):
         assert (reloaded(idx).logits - hf_model(idx).logits).abs().max().item() <= TOL, variant
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step", "deepseek_v3", "qwen3_5_moe"])
 def test_moe_gradients_match_transformers(variant, tmp_path):
     """The backward of the MoE computed by expert: router and every expert's weight gradients equal transformers'
     (which holds the experts as 3-D tensors: gate and up stacked in ``gate_up_proj``)."""
@@ -95,11 +95,11 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
-@pytest.mark.parametrize("variant", ["gpt_oss", "llama4"])
+@pytest.mark.parametrize("variant", ["gpt_oss", "llama4", "qwen3_5"])
 def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(variant, tmp_path):
     """The backward through sinks, biases, the router bias and the clamped SwiGLU (gpt-oss), through chunked and
     NoPE layers, L2 qk-norm, the query temperature, sigmoid scores on the experts' inputs and the shared expert
-    (Llama 4): litft's gradients, mapped to transformers' names by the weight table (experts stacked), equal
+    (Llama 4), through the Gated DeltaNet layers and the gated full attention (Qwen3.5): litft's gradients, mapped to transformers' names by the weight table (experts stacked), equal
     transformers'."""
     from litft.convert.hf import native_tensors_to_hf
 
