@@ -20,11 +20,21 @@ the linear layers' projections (in_qkv, in_z, in_b, in_a, out); ``all-linear`` t
 gate. The PEFT export reaches the experts of Qwen3.5-MoE only as litft's per-expert names (transformers holds them as
 3-D tensors, as for Qwen3-MoE).
 
-Named configs: Qwen3.5-27B (dense) and Qwen3.5-35B-A3B (MoE), the text_config values of their released config.json
-files (found with the search tool in public code quoting them: 64 layers of 5120 with 24 query / 4 KV heads of 256,
-17408 MLP, 16 key / 48 value linear heads; 40 layers of 2048 with 16 / 2 heads, 16 / 32 linear heads, 256 experts of
-512, top-8, a shared expert of 512). The other sizes (0.8B to 9B, 122B-A10B, 397B-A17B) are left out: their numbers
-were not found.
+Named configs, from the text_config values of the released config.json files as public code quotes them (found with
+the search tool); every size has 262144 positions, a 248320-token vocabulary, RoPE base 1e7 on a quarter of each
+256-channel head, linear heads of 128 with 16 key heads, and a full-attention layer every 4th:
+
+- Qwen3.5-9B: 32 layers of 4096, 16 query / 4 KV heads, 12288 MLP, 32 value heads (transformers'
+  Qwen3_5TextConfig defaults, which its docstring calls the 9B configuration, and a model card's table);
+- Qwen3.5-27B: 64 layers of 5120, 24 / 4 heads, 17408 MLP, 48 value heads;
+- Qwen3.5-35B-A3B: 40 layers of 2048, 16 / 2 heads, 32 value heads, 256 experts of 512, top-8, a shared expert of 512;
+- Qwen3.5-122B-A10B: 48 layers of 3072, 32 / 2 heads, 64 value heads, 256 experts of 1024, top-8, a shared expert of
+  1024 (one source);
+- Qwen3.5-397B-A17B: 60 layers of 4096, 32 / 2 heads, 64 value heads, 512 experts of 1024, top-10, a shared expert
+  of 1024 (two sources; a third says 4096 for the shared expert).
+
+The text models built from them hold 8.95B, 26.9B, 34.7B, 122.1B and 396.4B parameters, as the names say. The smaller
+sizes (0.8B, 2B, 4B) are left out: their numbers were not found.
 """
 
 from __future__ import annotations
@@ -200,6 +210,9 @@ _COMMON = dict(vocab_size=248320, block_size=262144, head_size=256, norm_eps=1e-
                partial_rotary_factor=0.25, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel=4,
                eos_token_id=248044)
 DENSE_CONFIGS = [
+    Config(name="Qwen3.5-9B", hf_id="Qwen/Qwen3.5-9B", hf_model_type="qwen3_5_text", n_layer=32, n_embd=4096,
+           n_head=16, n_query_groups=4, intermediate_size=12288, layer_types=_layers(32), linear_num_key_heads=16,
+           linear_num_value_heads=32, **_COMMON, **_TRAITS),
     Config(name="Qwen3.5-27B", hf_id="Qwen/Qwen3.5-27B", hf_model_type="qwen3_5_text", n_layer=64, n_embd=5120,
            n_head=24, n_query_groups=4, intermediate_size=17408, layer_types=_layers(64), linear_num_key_heads=16,
            linear_num_value_heads=48, **_COMMON, **_TRAITS),
@@ -209,6 +222,14 @@ MOE_CONFIGS = [
            n_embd=2048, n_head=16, n_query_groups=2, intermediate_size=512, layer_types=_layers(40),
            linear_num_key_heads=16, linear_num_value_heads=32, n_expert=256, n_expert_per_token=8,
            moe_intermediate_size=512, moe_shared_expert_size=512, **_COMMON, **_MOE_TRAITS),
+    Config(name="Qwen3.5-122B-A10B", hf_id="Qwen/Qwen3.5-122B-A10B", hf_model_type="qwen3_5_moe_text", n_layer=48,
+           n_embd=3072, n_head=32, n_query_groups=2, intermediate_size=1024, layer_types=_layers(48),
+           linear_num_key_heads=16, linear_num_value_heads=64, n_expert=256, n_expert_per_token=8,
+           moe_intermediate_size=1024, moe_shared_expert_size=1024, **_COMMON, **_MOE_TRAITS),
+    Config(name="Qwen3.5-397B-A17B", hf_id="Qwen/Qwen3.5-397B-A17B", hf_model_type="qwen3_5_moe_text", n_layer=60,
+           n_embd=4096, n_head=32, n_query_groups=2, intermediate_size=1024, layer_types=_layers(60),
+           linear_num_key_heads=16, linear_num_value_heads=64, n_expert=512, n_expert_per_token=10,
+           moe_intermediate_size=1024, moe_shared_expert_size=1024, **_COMMON, **_MOE_TRAITS),
 ]
 
 QWEN35 = Family(
