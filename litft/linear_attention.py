@@ -23,7 +23,8 @@ convolution inputs of its current segment (zeros before its start) and the float
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -144,6 +145,21 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, window: Optional[torch.Te
     return F.silu(out).to(x.dtype), new_window
 
 
+RuleResult = tuple[torch.Tensor, torch.Tensor]  # (output (B, T, Hv, dv), final state (B, Hv, dk, dv))
+
+
+def _in_float32(rule: Callable[..., RuleResult]) -> Callable[..., RuleResult]:
+    """Run a form of the delta rule with autocast off: its float32 state and triangular solves stay float32 under
+    mixed precision (bf16-mixed training)."""
+
+    @functools.wraps(rule)
+    def run(q: torch.Tensor, *args: Any) -> RuleResult:
+        with torch.autocast(q.device.type, enabled=False):
+            return rule(q, *args)
+
+    return run
+
+
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
              beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(B, T, heads, d) inputs → float32 (B, Hv, T, d), q and k L2-normalised and shared across their value heads,
@@ -157,6 +173,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     return q, k, v, g.transpose(1, 2).float(), beta.transpose(1, 2).float()
 
 
+@_in_float32
 def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                                starts: Optional[torch.Tensor],
                                state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +198,7 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return torch.stack(outputs, dim=1), state
 
 
+@_in_float32
 def chunked_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                              starts: Optional[torch.Tensor], state: Optional[torch.Tensor],
                              chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:

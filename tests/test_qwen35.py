@@ -72,6 +72,18 @@ def test_chunked_form_equals_recurrent_form_and_transformers_reference():
     torch.testing.assert_close(recurrent, theirs, atol=TOL, rtol=0)
 
 
+def test_both_forms_stay_float32_under_autocast():
+    """Under bf16 autocast (bf16-mixed training) the delta rule still runs in float32: the outputs equal those
+    computed without autocast."""
+    q, k, v, g, beta, state = _rule_inputs()
+    for form in (lambda *a: chunked_gated_delta_rule(*a, 8), recurrent_gated_delta_rule):
+        reference = form(q, k, v, g, beta, None, state)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = form(q, k, v, g, beta, None, state)[0]
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("starts_at", [[0, 5, 17], [8, 9, 23], [3]])
 def test_a_segment_start_forgets_the_state_in_both_forms(starts_at):
     """Segment starts inside a chunk, at a chunk's first token and at the last token: both forms give, for every
