@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from litft.cache import KVCache, LinearAttentionCache
 from litft.config import Config
@@ -189,13 +189,39 @@ def test_cached_rows_move_reset_and_copy_with_their_state(tmp_path):
     assert all(b.abs().sum() == 0 for layer in cache.layers for b in layer.buffers())
 
 
+def test_the_multimodal_rope_of_text_positions_is_plain_rope():
+    """transformers' Qwen3.5 rotary embedding with the released multimodal sections ([11, 11, 10], interleaved, a
+    quarter of 256 channels, base 1e7) gives, for text positions (the same on the temporal, height and width axes),
+    litft's plain RoPE tables of Qwen3.5-27B; positions that differ per axis (vision tokens) would not."""
+    from transformers import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
+
+    from litft.model import RotaryEmbedding
+
+    config = Config.from_name("Qwen3.5-27B")
+    hf_config = Qwen3_5TextConfig(head_dim=256, rope_parameters={
+        "rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 0.25,
+        "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+    rotary = Qwen3_5TextRotaryEmbedding(hf_config)
+    positions = torch.tensor([[0, 1, 2, 7, 100, 5000, 70000]])
+    x = torch.zeros(1, 7, 8)
+    cos, sin = rotary(x, positions)
+    ours_cos, ours_sin = RotaryEmbedding(config)(positions, "full", torch.float32)
+    assert cos.shape[-1] == config.rope_dim == 64
+    torch.testing.assert_close(ours_cos[:, 0], cos, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours_sin[:, 0], sin, atol=1e-6, rtol=0)
+    per_axis = torch.stack((positions, positions + 3, positions * 2))  # (3, B, T): a vision token's grid positions
+    assert not torch.allclose(rotary(x, per_axis)[0], cos)
+
+
 # ---------------------------------------------------------------------- checkpoints
 
 
 @pytest.mark.parametrize("moe", [False, True])
 def test_the_text_model_of_a_multimodal_checkpoint_converts(moe, tmp_path):
-    """A multimodal Qwen3.5 checkpoint (text_config, weights under model.language_model., a vision tower): the
-    conversion takes the text model, whose logits equal the multimodal model's on text."""
+    """A multimodal Qwen3.5 checkpoint (text_config, weights under model.language_model., a vision tower, a
+    multi-token-prediction layer): the conversion takes the text model, whose logits equal the multimodal model's on
+    text."""
     import transformers
 
     prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
@@ -214,6 +240,10 @@ def test_the_text_model_of_a_multimodal_checkpoint_converts(moe, tmp_path):
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     hf_model.save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert any(k.startswith("model.visual.") for k in weights)
+    weights["mtp.fc.weight"] = torch.randn(64, 128)  # a multi-token-prediction layer, as the released files have
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
     model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
     assert model.config.hf_model_type == ("qwen3_5_moe_text" if moe else "qwen3_5_text")
     idx = _tokens(2)
