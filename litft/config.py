@@ -205,6 +205,10 @@ class Config:
                              f"linear_num_key_heads ({self.linear_num_key_heads})")
         if self.kv_lora_rank is not None:
             raise ValueError("linear-attention layers and multi-head latent attention (kv_lora_rank) do not mix")
+        if (self.rope_scaling or {}).get("rope_type") == "longrope":
+            raise ValueError("linear-attention layers and LongRoPE (rope_scaling rope_type 'longrope') do not mix: "
+                             "generation re-runs the sequence at LongRoPE's switch point, which a recurrent state "
+                             "cannot take twice")
 
     def _check_latent_attention_and_routing(self) -> None:
         if self.kv_lora_rank is not None:

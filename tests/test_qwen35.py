@@ -302,6 +302,21 @@ def test_config_keys_litft_does_not_implement_are_refused_by_name(variant, key, 
         hf_config_to_config(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                        "original_max_position_embeddings": 16}),
+     "linear-attention layers and LongRoPE \\(rope_scaling rope_type 'longrope'\\) do not mix"),
+    (dict(linear_num_key_heads=3), r"linear_num_value_heads \(4\) must be a multiple of linear_num_key_heads \(3\)"),
+    (dict(linear_conv_kernel=0), "layer_types has 'linear' layers, which need positive integers: linear_conv_kernel=0"),
+    (dict(moe_shared_expert_gate=True), r"moe_shared_expert_gate is set but there is no shared expert"),
+])
+def test_config_fields_linear_layers_cannot_take_are_refused(fields, message):
+    base = dict(n_layer=2, n_embd=32, n_head=4, intermediate_size=64, layer_types=["linear", "full"],
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+    with pytest.raises(ValueError, match=f"^config: {message}"):
+        Config.from_dict({**base, **fields})
+
+
 @pytest.mark.parametrize("method", ["prompt", "adapter"])
 def test_prompt_tuning_and_llama_adapter_are_refused_by_name(method, tmp_path):
     from litft.peft.adapter import AdapterArgs, apply_adapter
