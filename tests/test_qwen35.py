@@ -333,6 +333,29 @@ def test_prompt_tuning_and_llama_adapter_are_refused_by_name(method, tmp_path):
             apply_adapter(model, AdapterArgs(prompt_length=2, start_layer=0))
 
 
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.int8"])
+def test_quantized_logits_equal_transformers_bnb(mode, tmp_path):
+    """QLoRA's base: the Gated DeltaNet's and the gated attention's projections quantized by bitsandbytes give the
+    logits of transformers' own BitsAndBytesConfig loading of the same checkpoint; a LoRA on every linear layer
+    trains on top of it."""
+    pytest.importorskip("bitsandbytes")
+    from litft.peft.lora import LoRAArgs, apply_lora
+    from litft.peft.quantize import is_quantized, quantize_model
+    from tests.test_quantize import hf_quantized
+
+    make_hf_model("qwen3_5", tmp_path / "hf")
+    model = quantize_model(load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native")), mode).eval()
+    assert is_quantized(model.blocks[0].attn.in_proj_qkv) and is_quantized(model.blocks[3].attn.q_proj)
+    idx = _tokens(0, (2, 13))
+    with torch.no_grad():
+        ours = model(idx)
+        theirs = hf_quantized(tmp_path / "hf", mode)(input_ids=idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    apply_lora(model, LoRAArgs(r=2, dropout=0.0, targets=["all-linear"]))
+    model(idx).pow(2).mean().backward()
+    assert model.blocks[0].attn.in_proj_a.lora_B.weight.grad.abs().sum() > 0
+
+
 def test_lora_on_linear_and_full_attention_exports_to_peft_with_the_same_logits(tmp_path):
     """A LoRA run on the full attention (q, k, v, o), the MLPs and the linear attention's projections (in_qkv, in_z,
     in_b, in_a, out) exported to_peft: PeftModel over the original HF model computes what litft computes."""
