@@ -1,7 +1,8 @@
 """Qwen3.5 beyond the parametrised family tests (test_zoo_parity, test_generate): the Gated DeltaNet's chunked form
 against its recurrent form and transformers' torch reference, several chunks per sequence, packing and segment
-resets, the linear-attention cache, the multimodal checkpoints' text model, stacked experts on import, config keys
-refused by name, prompt tuning / LLaMA-Adapter refused, and LoRA on the linear attention exported to PEFT."""
+resets, bf16 autocast, the multimodal RoPE of text positions, the linear-attention cache, the multimodal checkpoints'
+text model, stacked experts on import, config keys and fields refused by name, prompt tuning / LLaMA-Adapter refused,
+bitsandbytes quantization against transformers', and LoRA on the linear attention exported to PEFT."""
 
 from __future__ import annotations
 
