@@ -29,19 +29,20 @@ Operations (every :class:`Cache` implements them):
 Kinds implemented: :class:`KVCache` (full attention: every slot), :class:`SlidingKVCache` (sliding window: a
 ring buffer of the window's slots; prompts longer than the window prefill in chunks), :class:`ChunkedKVCache`
 (chunked local attention, Llama 4: the same ring of one chunk's slots; the mask keeps a key when it is in the
-query's chunk, from the query's position) and :class:`LatentCache` (multi-head latent attention, DeepSeek-V3: per
+query's chunk, from the query's position), :class:`LatentCache` (multi-head latent attention, DeepSeek-V3: per
 slot only the compressed latent and the shared RoPE key, which the attention reads instead of every head's keys
-and values). :func:`cache_class` picks a layer's kind. How the kinds litft does not have yet fit the same
-interface:
+and values) and :class:`LinearAttentionCache` (Gated DeltaNet, below). :func:`cache_class` picks a layer's kind. How
+KV sharing (not in litft yet) and linear attention fit the same interface:
 
 - KV shared across layers (Gemma 4, :class:`SharedKVCache`, made by ``make_cache`` for those layers): the reading
   layer's cache is a view of the writing layer's: the model hands the reading layer the keys and values the
   source's ``update`` returned (its own ``update`` is never called), ``key_slots`` are the source's,
   ``bytes_per_row`` is 0 and the row and slot operations do nothing (the source layer's cache does them).
-- Linear attention (Gated DeltaNet): a :class:`Cache` holding a per-row convolution window (rows, channels,
-  kernel - 1) and recurrent state (rows, heads, dk, dv) instead of slots: ``update`` runs the state forward
-  over the new tokens (padding slots leave it unchanged), ``key_slots`` is empty, ``copy_rows_from`` takes the
-  source's final state, ``move_rows``/``reset_rows`` copy or zero it, ``shift_slots`` does nothing, and
+- Linear attention (Gated DeltaNet): :class:`LinearAttentionCache` holds a per-row convolution window (rows,
+  kernel - 1, channels) and recurrent state (rows, heads, dk, dv) instead of slots: ``held`` gives the layer its
+  rows' window and state, ``update`` stores the ones it ran forward over the new tokens (the layer forgets them at
+  segment starts, so left padding never reaches a prompt's state), ``key_slots`` is empty, ``copy_rows_from``
+  takes the source's final state, ``move_rows``/``reset_rows`` copy or zero it, ``shift_slots`` does nothing, and
   ``bytes_per_row`` is independent of ``length``.
 """
 
@@ -305,12 +306,77 @@ class SharedKVCache(Cache):
         pass
 
 
-CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache, "chunked": ChunkedKVCache}
+class LinearAttentionCache(Cache):
+    """What a Gated DeltaNet layer (``"linear"`` layers, :mod:`litft.linear_attention`) keeps per row, whatever the
+    length: ``conv`` (rows, linear_conv_kernel - 1, channels), the last convolution inputs of the row's current
+    segment, and ``state`` (rows, value heads, dk, dv), the recurrent state in float32. Slots play no part: a step
+    continues from the state its rows hold."""
+
+    def __init__(self, config: Config, rows: int, length: int, dtype: torch.dtype,
+                 device: Optional[torch.device]) -> None:
+        super().__init__(rows, length)
+        conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim + \
+            config.linear_num_value_heads * config.linear_value_head_dim
+        self.register_buffer("conv", torch.zeros(rows, config.linear_conv_kernel - 1, conv_dim, dtype=dtype,
+                                                 device=device), persistent=False)
+        self.register_buffer("state", torch.zeros(rows, config.linear_num_value_heads, config.linear_key_head_dim,
+                                                  config.linear_value_head_dim, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    @classmethod
+    def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
+        conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim + \
+            config.linear_num_value_heads * config.linear_value_head_dim
+        state = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
+        return (config.linear_conv_kernel - 1) * conv_dim * dtype.itemsize + state * torch.float32.itemsize
+
+    def held(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The convolution window and state of rows 0..batch-1."""
+        if batch > self.rows:
+            raise ValueError(f"batch of {batch} rows but the cache holds {self.rows}")
+        return self.conv[:batch], self.state[:batch]
+
+    def update(self, input_pos: torch.Tensor, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store the window and state (``entries``) of rows 0..B-1 after the step at ``input_pos``; return them."""
+        window, state = entries
+        batch = window.shape[0]
+        self.conv[:batch].copy_(window)
+        self.state[:batch].copy_(state)
+        return self.conv[:batch], self.state[:batch]
+
+    def key_slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.long, device=input_pos.device)
+
+    def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
+        if type(source) is not type(self):
+            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        if first_slot < 0 or first_slot + source.length > self.length:
+            raise ValueError(f"slots [{first_slot}, {first_slot + source.length}) are outside the cache's "
+                             f"{self.length} slots")
+        self.conv[rows] = source.conv.to(self.conv.dtype)
+        self.state[rows] = source.state
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for buf in (self.conv, self.state):
+            buf.index_copy_(0, dst, buf.index_select(0, src))
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        for buf in (self.conv, self.state):
+            buf.index_fill_(0, rows, 0)
+
+    def shift_slots(self, start: int, end: int, offset: int) -> None:
+        """Nothing moves: the state holds no slots."""
+        if start + offset < 0 or end + offset > self.length:
+            raise ValueError(f"cannot shift slots [{start}, {end}) by {offset} in a cache of {self.length} slots")
+
+
+CACHE_BY_LAYER_TYPE: dict[str, type[Cache]] = {"full": KVCache, "sliding": SlidingKVCache, "chunked": ChunkedKVCache,
+                                               "linear": LinearAttentionCache}
 
 
 def cache_class(config: Config, kind: str) -> type[Cache]:
-    """The cache class of a layer of attention ``kind`` ("full", "sliding" or "chunked") in a model of ``config``:
-    :class:`LatentCache` for every layer of a multi-head latent attention model (``kv_lora_rank``)."""
+    """The cache class of a layer of attention ``kind`` ("full", "sliding", "chunked" or "linear") in a model of
+    ``config``: :class:`LatentCache` for every layer of a multi-head latent attention model (``kv_lora_rank``)."""
     if config.kv_lora_rank is not None:
         return LatentCache
     return CACHE_BY_LAYER_TYPE[kind]

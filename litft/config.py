@@ -46,7 +46,8 @@ class Config:
     # a learned logit per head as one more softmax column: it takes probability mass and adds no value (gpt-oss)
     attention_sinks: bool = False
     sliding_window: Optional[int] = None  # window size for layers of type "sliding"
-    # per-layer attention kind: "full", "sliding" or "chunked"; None = all "sliding" if sliding_window else all "full"
+    # per-layer attention kind: "full", "sliding", "chunked" or "linear" (Gated DeltaNet, the fields below); None = all
+    # "sliding" if sliding_window else all "full"
     layer_types: Optional[list[str]] = None
     # chunked local attention (Llama 4): on "chunked" layers a token at position p sees only the earlier tokens of
     # its chunk, positions [p - p % attention_chunk_size, p]
@@ -77,6 +78,19 @@ class Config:
     q_lora_rank: Optional[int] = None  # low-rank query (q_a_proj, q_a_norm, q_b_proj); None = one q_proj
     qk_nope_head_dim: int = 0
     v_head_dim: Optional[int] = None
+
+    # Gated DeltaNet linear attention on "linear" layers (Qwen3.5, litft/linear_attention.py): linear_num_key_heads
+    # query/key heads of linear_key_head_dim and linear_num_value_heads value heads of linear_value_head_dim, a causal
+    # depthwise convolution of linear_conv_kernel taps; linear_chunk_size: tokens per chunk of the chunked form
+    # (training and prefill), a compute setting that does not change the results
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 4
+    linear_chunk_size: int = 64
+    # full attention gated per channel (Qwen3.5): q_proj also gives a gate, the output is multiplied by its sigmoid
+    attention_output_gate: bool = False
 
     # normalisation
     norm_eps: float = 1e-5
@@ -109,6 +123,8 @@ class Config:
     # hidden size of a shared expert (a gated MLP every token goes through, added to the routed experts; DeepSeek-V3's
     # n_shared_experts are one of n_shared_experts * moe_intermediate_size); None: none
     moe_shared_expert_size: Optional[int] = None
+    # the shared expert's output is scaled by sigmoid(shared_expert_gate(x)), one scalar per token (Qwen3.5-MoE)
+    moe_shared_expert_gate: bool = False
 
     # Gemma 4: "full" layers with their own head size and key/value heads (None: head_size, n_query_groups)
     global_head_size: Optional[int] = None
@@ -160,9 +176,10 @@ class Config:
             self.layer_types = [kind] * self.n_layer
         if len(self.layer_types) != self.n_layer:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries but n_layer is {self.n_layer}")
-        bad = sorted(set(self.layer_types) - {"full", "sliding", "chunked"})
+        bad = sorted(set(self.layer_types) - {"full", "sliding", "chunked", "linear"})
         if bad:
-            raise ValueError(f"layer_types may only hold 'full', 'sliding' or 'chunked', got {bad}")
+            raise ValueError(f"layer_types may only hold 'full', 'sliding', 'chunked' or 'linear', got {bad}")
+        self._check_linear_attention()
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has 'sliding' layers but sliding_window is not set")
         if "chunked" in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
@@ -196,6 +213,27 @@ class Config:
         self._check_per_layer_attention()
         if not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+
+    def _check_linear_attention(self) -> None:
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_size:
+            raise ValueError("moe_shared_expert_gate is set but there is no shared expert (moe_shared_expert_size)")
+        if "linear" not in self.layer_types:
+            return
+        sizes = {key: getattr(self, key) for key in ("linear_num_key_heads", "linear_num_value_heads",
+                                                     "linear_key_head_dim", "linear_value_head_dim",
+                                                     "linear_conv_kernel", "linear_chunk_size")}
+        small = [f"{key}={value}" for key, value in sizes.items() if not (isinstance(value, int) and value >= 1)]
+        if small:
+            raise ValueError(f"layer_types has 'linear' layers, which need positive integers: {', '.join(small)}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                             f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if self.kv_lora_rank is not None:
+            raise ValueError("linear-attention layers and multi-head latent attention (kv_lora_rank) do not mix")
+        if (self.rope_scaling or {}).get("rope_type") == "longrope":
+            raise ValueError("linear-attention layers and LongRoPE (rope_scaling rope_type 'longrope') do not mix: "
+                             "generation re-runs the sequence at LongRoPE's switch point, which a recurrent state "
+                             "cannot take twice")
 
     def _check_latent_attention_and_routing(self) -> None:
         if self.kv_lora_rank is not None:

@@ -9,7 +9,9 @@ Attention is computed over *slots*: positions in the sequence, or in the generat
 (:meth:`GPT.make_cache` builds one :class:`litft.cache.Cache` per layer, of the class its attention kind needs;
 see litft/cache.py). A query at slot ``q`` may see a key at slot ``k`` when ``k <= q``, ``q - k < window`` on
 sliding layers, ``q - k <= p % attention_chunk_size`` on chunked layers (``p``: the query's position, so the key is
-in its chunk), and both slots carry the same segment id (packing and left padding).
+in its chunk), and both slots carry the same segment id (packing and left padding). "linear" layers (Gated
+DeltaNet, :mod:`litft.linear_attention`) have no mask: they get the flags of the tokens that start a segment, where
+they forget their recurrent state.
 
 Prompt tuning (:mod:`litft.peft.prompt`) sets ``GPT.virtual_prompt``: N learned embeddings that act as N tokens in
 front of every sequence, at positions 0..N-1 (the real tokens then start at position N), as PEFT's prompt tuning
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from litft.cache import Cache, ModelCache, SharedKVCache, cache_class
 from litft.config import Config
+from litft.linear_attention import GatedDeltaNet, segment_starts
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, 1, T, rope_dim)
 
@@ -92,6 +95,8 @@ class GPT(nn.Module):
                         nn.init.ones_(scale)
             elif isinstance(module, Block) and module.layer_scalar is not None:
                 nn.init.ones_(module.layer_scalar)
+            elif isinstance(module, GatedDeltaNet):
+                module.reset_parameters()
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -181,9 +186,12 @@ class GPT(nn.Module):
             positions = positions + n_virtual  # the real tokens come after the virtual ones
 
         masks = {}
+        kinds = self.attention_kinds()
+        if "linear" in self.config.layer_types:  # linear layers take the segment starts instead of a mask
+            masks["linear"] = segment_starts(q_slots, segment_ids, cached)
         # FlexAttention block masks have no virtual-token columns: with a virtual prompt, dense SDPA masks
         flex = self.attention_backend == "flex" and not cached and not n_virtual
-        for kind in set(self.config.layer_types):
+        for kind in kinds:
             full_window = self.config.sliding_window if kind == "sliding" else None
             chunk = self.config.attention_chunk_size if kind == "chunked" else None
             window = full_window
@@ -202,13 +210,13 @@ class GPT(nn.Module):
             if n_virtual:
                 masks[kind] = with_virtual_columns(masks[kind], positions, n_virtual, full_window, T, kv_len, chunk)
 
-        rope = {kind: self.rope(positions, kind, x.dtype) for kind in set(self.config.layer_types)}
+        rope = {kind: self.rope(positions, kind, x.dtype) for kind in kinds}
         q_scale = self.query_temperature(positions)
         layer_caches = cache.layers if cached else [None] * len(self.blocks)
         shared_kv: dict = {}  # KV sharing: the keys and values of the last layer of each kind that others reuse
         for i, (block, kind, layer_kv, layer_cache) in enumerate(
                 zip(self.blocks, self.config.layer_types, virtual_kv, layer_caches)):
-            x = block(x, self.layer_rope(i, rope[kind]), masks[kind], input_pos, layer_kv, cache=layer_cache,
+            x = block(x, self.layer_rope(i, rope.get(kind)), masks[kind], input_pos, layer_kv, cache=layer_cache,
                       q_scale=self.layer_query_scale(i, q_scale), shared_kv=shared_kv,
                       per_layer_input=None if per_layer is None else per_layer[:, :, i])
         x = self.norm(x)
@@ -234,7 +242,7 @@ class GPT(nn.Module):
         x = vp.embeddings.to(dtype).unsqueeze(0)  # (1, N, C): already in the residual stream's scale
         positions = torch.arange(n, device=x.device).unsqueeze(0)
         rope, masks = {}, {}
-        for kind in set(self.config.layer_types):
+        for kind in self.attention_kinds():
             window = self.config.sliding_window if kind == "sliding" else None
             rope[kind] = self.rope(positions, kind, dtype)
             masks[kind] = build_attention_mask(positions[0], n, window if window is not None and n > window
@@ -245,14 +253,18 @@ class GPT(nn.Module):
         q_scale = self.query_temperature(positions)
         kv = []
         for i, (block, kind) in enumerate(zip(self.blocks, self.config.layer_types)):
-            x, layer_kv = block(x, self.layer_rope(i, rope[kind]), masks[kind], None, None, True,
+            x, layer_kv = block(x, self.layer_rope(i, rope.get(kind)), masks.get(kind), None, None, True,
                                 q_scale=self.layer_query_scale(i, q_scale))
             kv.append(layer_kv)
         if key is not None:
             vp.cached_kv = (key, kv)
         return kv
 
-    def layer_rope(self, index: int, rope: RopeTables) -> Optional[RopeTables]:
+    def attention_kinds(self) -> list[str]:
+        """The layer kinds with (softmax) attention, which take masks and RoPE: every kind but "linear"."""
+        return sorted(set(self.config.layer_types) - {"linear"})
+
+    def layer_rope(self, index: int, rope: Optional[RopeTables]) -> Optional[RopeTables]:
         """The cos/sin tables layer ``index`` rotates with; None on a NoPE layer (``Config.nope_layers``)."""
         return None if index in self.config.nope_layers else rope
 
@@ -286,7 +298,10 @@ class Block(nn.Module):
             self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         else:
             self.attn_norm = self.mlp_norm = None
-        self.attn = CausalSelfAttention(config, index) if config.kv_lora_rank is None else LatentAttention(config)
+        if config.layer_types[index] == "linear":
+            self.attn = GatedDeltaNet(config)
+        else:
+            self.attn = CausalSelfAttention(config, index) if config.kv_lora_rank is None else LatentAttention(config)
         shared = config.kv_source_layer(index) is not None
         self.mlp = MoE(config) if config.is_moe_layer(index) else GatedMLP(
             config, config.intermediate_size * (config.kv_shared_mlp_factor if shared else 1))
@@ -358,7 +373,9 @@ class CausalSelfAttention(nn.Module):
         shared = config.kv_source_layer(index) is not None
         # the layer whose keys and values later layers reuse: the last one of its kind before the shared layers
         self.stores_kv = any(config.kv_source_layer(j) == index for j in range(index + 1, config.n_layer))
-        self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.attention_bias)
+        # with an output gate, each head's query is followed by its gate's hs channels
+        q_size = nh * hs * (2 if config.attention_output_gate else 1)
+        self.q_proj = nn.Linear(config.n_embd, q_size, bias=config.attention_bias)
         self.k_proj = None if shared else nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
         values_from_keys = shared or (config.attention_k_eq_v and self.kind == "full")
         self.v_proj = None if values_from_keys else nn.Linear(config.n_embd, ng * hs, bias=config.attention_bias)
@@ -387,7 +404,7 @@ class CausalSelfAttention(nn.Module):
         over, after the cache) by layer kind: a KV-shared layer reads its kind's, the layer they come from writes
         them."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, rope)
+        q, k, v, gate = self.project(x, rope)
         if q_scale is not None:
             q = (q * q_scale).to(q.dtype)
         if k is None:  # a KV-shared layer: its source layer's keys and values
@@ -406,17 +423,23 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v, mask)
         if self.adapter is not None:
             y = y + self.adapter(self, q)
-        out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
+        out = self.o_proj(y)
         return (out, own_kv) if return_kv else out
 
-    def project(self, x: torch.Tensor,
-                rope: Optional[RopeTables]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Queries (B, nh, T, hs), keys and values (B, ng, T, hs) of ``x`` (B, T, C), normed and rotated; on
-        ``attention_k_eq_v`` full layers the values are the key projection (before k_norm); no keys or values (None)
-        on a KV-shared layer."""
+    def project(self, x: torch.Tensor, rope: Optional[RopeTables]) -> tuple[
+            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Queries (B, nh, T, hs), keys and values (B, ng, T, hs) of ``x`` (B, T, C), normed and rotated, and the
+        output gate (B, T, nh * hs; None without ``attention_output_gate``); on ``attention_k_eq_v`` full layers the
+        values are the key projection (before k_norm); no keys or values (None) on a KV-shared layer."""
         B, T, _ = x.shape
         hs = self.head_size
-        q = self.q_proj(x)
+        q, gate = self.q_proj(x), None
+        if self.config.attention_output_gate:  # each head's query channels, then its gate's
+            q, gate = q.view(B, T, -1, 2 * hs).split(hs, dim=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         k = None if self.k_proj is None else self.k_proj(x)
         v = k if self.v_proj is None else self.v_proj(x)
         if self.q_norm is not None and self.config.qk_norm_across_heads:
@@ -434,7 +457,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, rope), k if k is None else rotate(k, rope)
             if self.config.qk_l2_norm:
                 q, k = l2_norm(q, self.config.norm_eps), k if k is None else l2_norm(k, self.config.norm_eps)
-        return q, k, v
+        return q, k, v, gate
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T * scale, masked) v over (B, nh, T, hs) queries and (B, ng, S, hs) keys/values; with
@@ -660,7 +683,8 @@ class MoE(nn.Module):
     experts' outputs (Mixtral, Qwen3-MoE, gpt-oss; Gemma 4 with a normed, scaled router input and per-expert
     scales), sigmoid scores on their inputs (Llama 4) or grouped sigmoid scores with a correction bias on their
     outputs (DeepSeek-V3, :meth:`route_sigmoid`), plus an optional shared expert every token goes through
-    (``Config.moe_shared_expert_size``).
+    (``Config.moe_shared_expert_size``), its output scaled by the sigmoid of a per-token gate with
+    ``Config.moe_shared_expert_gate`` (Qwen3.5-MoE).
 
     Computed by expert, not by token: the (token, choice) pairs are sorted by expert id, each expert runs once
     on its contiguous group of rows, and every token's k outputs are summed with their routing weights (or, with
@@ -685,6 +709,8 @@ class MoE(nn.Module):
         self.shared_expert = GatedMLP(config, shared) if shared else None
         self.router_scale = nn.Parameter(torch.ones(config.n_embd)) if config.moe_router_norm else None
         self.per_expert_scale = nn.Parameter(torch.ones(config.n_expert)) if config.moe_per_expert_scale else None
+        # one scalar per token scaling the shared expert's output by its sigmoid (Qwen3.5-MoE)
+        self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if config.moe_shared_expert_gate else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
         """As nn.Module's (``.to``, ``.cuda``, ``.bfloat16`` ...), but the score correction bias only moves: it keeps
@@ -755,7 +781,10 @@ class MoE(nn.Module):
         unsorted = torch.empty_like(y).index_copy_(0, order, y).view(-1, self.top_k, shape[-1])  # (token, choice)
         routed = unsorted.sum(dim=1) if self.weights_on_inputs else (unsorted * weights.unsqueeze(-1)).sum(dim=1)
         if self.shared_expert is not None:
-            routed = self.shared_expert(x) + routed
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            routed = shared + routed
         return routed.view(shape)
 
 

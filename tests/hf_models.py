@@ -136,6 +136,22 @@ FAMILY_VARIANTS = {
                                        attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True,
                                        num_experts=4, top_k_experts=2, moe_intermediate_size=16,
                                        hidden_size_per_layer_input=0, final_logit_softcapping=10.0)),
+    # Gated DeltaNet linear layers 0-2 before full attention layer 3 (q_proj with the output gate, qk-norm, RoPE on a
+    # quarter of each head), 2 key heads shared by 4 value heads, a 4-tap convolution, the multimodal RoPE's sections
+    "qwen3_5": ("qwen3_5_text", dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                                     linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+                                     rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 20000.0,
+                                                                         "partial_rotary_factor": 0.25,
+                                                                         "mrope_section": [1, 1, 0],
+                                                                         "mrope_interleaved": True})),
+    # the same hybrid layers (full attention at layer 1 too) with a mixture of experts in every layer: top-2 of 4, a
+    # shared expert scaled by its sigmoid gate
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2,
+                                             linear_num_value_heads=2, linear_key_head_dim=12, linear_value_head_dim=8,
+                                             layer_types=["linear_attention", "full_attention", "linear_attention",
+                                                          "full_attention"],
+                                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=48, rope_theta=50000.0)),
     "qwen2": ("qwen2", dict()),
     "qwen3": ("qwen3", dict(head_dim=32)),
     "phi3": ("phi3", dict(pad_token_id=0, rope_scaling=_LONGROPE, original_max_position_embeddings=16)),
@@ -161,6 +177,8 @@ def make_hf_model(variant: str, directory: Path, seed: int = 0, dtype: torch.dty
             # (and Gemma 4's router input and per-expert scales, ones at init)
             if "norm" in name or name.endswith(("bias", "sinks", "router.scale", "per_expert_scale")):
                 p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
+            if name.endswith("dt_bias"):  # random per-head decay offsets (transformers initialises them to 1)
+                p.add_(torch.randn_like(p) * 0.5)
         for name, b in model.named_buffers():  # DeepSeek-V3's routing correction bias: shifts which experts are chosen
             if name.endswith("e_score_correction_bias"):
                 b.add_(torch.randn_like(b) * 0.1)

@@ -229,9 +229,20 @@ NEW_ARCHITECTURES = {
                         mlp_activation="gelu_tanh", final_logit_softcapping=30.0, n_expert=4, n_expert_per_token=2,
                         moe_intermediate_size=16, moe_beside_dense=True, moe_router_norm=True,
                         moe_per_expert_scale=True),
+    # a Gated DeltaNet linear layer before a gated full-attention layer; LoRA on both kinds of attention
+    "qwen3_5_text": dict(layer_types=["linear", "full"], head_size=16, partial_rotary_factor=0.25,
+                         linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8,
+                         linear_value_head_dim=8, linear_chunk_size=8),
+    # the same with top-2 of 4 experts and a gated shared expert in both layers; LoRA on every expert
+    "qwen3_5_moe_text": dict(layer_types=["linear", "full"], head_size=16, partial_rotary_factor=0.25,
+                             linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8,
+                             linear_value_head_dim=8, n_expert=4, n_expert_per_token=2, moe_intermediate_size=24,
+                             moe_shared_expert_size=24),
 }
-# LoRA targets where attention has no q/k/v projections (multi-head latent attention)
-LORA_TARGETS = {"deepseek_v3": ["q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"]}
+# LoRA targets where attention has no q/k/v projections (multi-head latent attention) or more (linear attention)
+LORA_TARGETS = {"deepseek_v3": ["q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"],
+                **{t: ["q", "k", "v", "o", "gate", "up", "down", "in_qkv", "in_z", "out"]
+                   for t in ("qwen3_5_text", "qwen3_5_moe_text")}}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

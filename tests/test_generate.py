@@ -112,11 +112,12 @@ def test_continuous_batching_equals_alone(llama) -> None:
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "phi3", "olmo3", "smollm3-sliding", "qwen3_moe", "gpt_oss", "llama4",
-                                     "deepseek_v3", "gemma4"])
+                                     "deepseek_v3", "gemma4", "qwen3_5"])
 def test_requests_join_a_running_batch_and_the_cache_shifts(variant: str, tmp_path: Path) -> None:
     """The step-wise API a server schedules with: a longer prompt joins mid-decode (slots shift right), the cache
     fills up (slots shift left); sliding windows, attention chunks, softcapping, LongRoPE, NoPE layers (and their
-    query temperature), MoE routing and KV-shared layers still give the tokens of each alone."""
+    query temperature), MoE routing, KV-shared layers and linear-attention states still give the tokens of each
+    alone."""
     make_hf_model(variant, tmp_path / "hf")
     engine = Engine(load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native")))
     prompts = _prompts((5, 10, 14))
@@ -177,14 +178,17 @@ def test_a_step_decodes_only_the_rows_in_use(llama) -> None:
     assert engine.last_step_rows == 1  # the longest request ended alone in row 0
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "gemma3", "gpt_oss", "llama4", "gemma4"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma2", "gemma3", "gpt_oss", "llama4", "gemma4",
+                                     "qwen3_5_moe"])
 def test_chunked_prefill_equals_one_shot(variant: str, tmp_path: Path) -> None:
     """Prompts longer than the sliding window or attention chunk (4 tokens for mistral, gemma2, gemma3, gpt_oss,
     llama4 and gemma4, whose KV-shared layers read their source's chunk) prefilled 3 tokens at a time give the
-    tokens of a one-shot prefill."""
+    tokens of a one-shot prefill; so do linear-attention states carried from chunk to chunk through left padding
+    (qwen3_5_moe)."""
     make_hf_model(variant, tmp_path / "hf")
     model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
-    assert variant == "llama" or 4 in (model.config.sliding_window, model.config.attention_chunk_size)
+    assert variant == "llama" or 4 in (model.config.sliding_window, model.config.attention_chunk_size) or \
+        "linear" in model.config.layer_types
     prompts = _prompts((13, 4, 9))
     whole = [r.tokens for r in Engine(model).generate(prompts, GREEDY)]
     chunked = [r.tokens for r in Engine(model, prefill_chunk_size=3).generate(prompts, GREEDY)]

@@ -120,6 +120,11 @@ CASES = {
     "gemma4-moe-attention": ("gemma4-moe", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])),
     "gemma4-keqv-dora": ("gemma4-keqv", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o", "down"],
                                                  use_dora=True)),
+    # gated full attention and every projection of the Gated DeltaNet layers
+    "qwen3_5-all-linear": ("qwen3_5", LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["all-linear"])),
+    # the gated full attention (the experts are 3-D parameters in transformers, as for Qwen3-MoE)
+    "qwen3_5_moe-attention": ("qwen3_5_moe", LoRAArgs(r=4, alpha=8, dropout=0.0,
+                                                      targets=["q", "k", "v", "o"])),
 }
 
 

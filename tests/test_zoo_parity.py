@@ -68,7 +68,7 @@ def test_round_trip_is_identical_and_loads_in_transformers(converted):
         assert (reloaded(idx).logits - hf_model(idx).logits).abs().max().item() <= TOL, variant
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "qwen3_moe-step", "deepseek_v3", "qwen3_5_moe"])
 def test_moe_gradients_match_transformers(variant, tmp_path):
     """The backward of the MoE computed by expert: router and every expert's weight gradients equal transformers'
     (which holds the experts as 3-D tensors: gate and up stacked in ``gate_up_proj``)."""
@@ -95,13 +95,13 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
-@pytest.mark.parametrize("variant", ["gpt_oss", "llama4", "gemma4", "gemma4-moe"])
+@pytest.mark.parametrize("variant", ["gpt_oss", "llama4", "gemma4", "gemma4-moe", "qwen3_5"])
 def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(variant, tmp_path):
     """The backward through sinks, biases, the router bias and the clamped SwiGLU (gpt-oss), through chunked and
     NoPE layers, L2 qk-norm, the query temperature, sigmoid scores on the experts' inputs and the shared expert
     (Llama 4), through per-layer inputs and KV-shared layers (Gemma 4) and its MoE block beside the dense MLP (router
-    scales, per-expert scales): litft's gradients, mapped to transformers' names by the weight table (experts
-    stacked), equal transformers'."""
+    scales, per-expert scales), through the Gated DeltaNet layers and the gated full attention (Qwen3.5): litft's
+    gradients, mapped to transformers' names by the weight table (experts stacked), equal transformers'."""
     from litft.convert.hf import native_tensors_to_hf
 
     hf_model = make_hf_model(variant, tmp_path / "hf")
@@ -455,7 +455,7 @@ def test_llama4_layer_kinds_follow_config_json(tmp_path):
     (dict(layer_types=["chunked", "full"], attention_chunk_size=0),
      r"layer_types has 'chunked' layers but attention_chunk_size is not a positive integer \(got 0\)"),
     (dict(layer_types=["chunked", "banded"], attention_chunk_size=4),
-     r"layer_types may only hold 'full', 'sliding' or 'chunked', got \['banded'\]"),
+     r"layer_types may only hold 'full', 'sliding', 'chunked' or 'linear', got \['banded'\]"),
     (dict(nope_layers=[1], attn_temperature_floor_scale=0), "attn_temperature_floor_scale must be > 0, got 0"),
     (dict(n_expert=4, n_expert_per_token=1, moe_routing="sigmoid_outputs"),
      "moe_routing must be 'softmax', 'sigmoid_inputs' or 'sigmoid', got 'sigmoid_outputs'"),

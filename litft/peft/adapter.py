@@ -92,6 +92,9 @@ def apply_adapter(model: nn.Module, args: AdapterArgs) -> nn.Module:
         raise ValueError("LLaMA-Adapter is not implemented for Gemma 4's attention (value_norm, attention_k_eq_v or "
                          "kv_shared_layers in the model config: the prompt's values would need the value norm, the "
                          "key projection or another layer's projections): use LoRA")
+    if "linear" in model.config.layer_types:
+        raise ValueError("LLaMA-Adapter is not implemented for linear-attention layers (layer_types 'linear' in the "
+                         "model config, Gated DeltaNet: Qwen3.5): use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     for block in list(model.blocks)[args.start_layer:]:

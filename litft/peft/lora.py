@@ -36,6 +36,8 @@ TARGETS: dict[str, str] = {
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "lm_head": "lm_head",
     # multi-head latent attention (DeepSeek-V3): the low-rank query's and the key/value latent's projections
     "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj", "kv_b": "kv_b_proj",
+    # Gated DeltaNet linear attention (Qwen3.5): the q/k/v, output-gate, beta and decay input projections, the output
+    "in_qkv": "in_proj_qkv", "in_z": "in_proj_z", "in_b": "in_proj_b", "in_a": "in_proj_a", "out": "out_proj",
 }
 ALL_LINEAR = "all-linear"
 # not wrapped by all-linear: the MoE router (a routing score, not a projection; no nn.Linear in HF either)
@@ -53,7 +55,8 @@ class LoRAArgs:
         alpha: scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).
         dropout: dropout probability on the LoRA branch's input.
         targets: projections to adapt: any of q, k, v, o, gate, up, down, lm_head (q_a, q_b, kv_a, kv_b: the
-            latent attention's projections, DeepSeek-V3); or all-linear (every linear layer of the blocks, not
+            latent attention's projections, DeepSeek-V3; in_qkv, in_z, in_b, in_a, out: the linear attention's,
+            Qwen3.5); or all-linear (every linear layer of the blocks, not
             lm_head, as PEFT's all-linear), optionally with lm_head.
         use_dora: weight-decomposed LoRA (DoRA): also train a per-output-row magnitude.
         use_rslora: rank-stabilised scaling alpha / sqrt(r).

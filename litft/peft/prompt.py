@@ -95,6 +95,9 @@ def add_virtual_prompt(model: nn.Module, num_virtual_tokens: int) -> VirtualProm
         raise ValueError("prompt tuning is not implemented for per-layer inputs or KV-shared layers "
                          "(per_layer_input_size, kv_shared_layers in the model config, Gemma 4): virtual tokens have "
                          "no token id to look up a per-layer input for, nor keys of their own there; use LoRA")
+    if "linear" in model.config.layer_types:
+        raise ValueError("prompt tuning is not implemented for linear-attention layers (layer_types 'linear' in the "
+                         "model config, Gated DeltaNet: Qwen3.5): use LoRA")
     if model.virtual_prompt is not None:
         raise ValueError("the model already has a virtual prompt (prompt tuning): start a new prompt-tuning run from "
                          "its base checkpoint (base.yaml's base_checkpoint), or pass --resume to continue this one")

@@ -10,12 +10,13 @@ from dataclasses import replace
 from typing import Any
 
 from litft.config import Config
-from litft.zoo import deepseek, gemma, gemma4, gpt_oss, llama, llama4, mistral, olmo, phi, qwen, qwen3_moe, smollm3
+from litft.zoo import (deepseek, gemma, gemma4, gpt_oss, llama, llama4, mistral, olmo, phi, qwen, qwen3_moe, qwen35,
+                       smollm3)
 from litft.zoo.base import Family, WeightRule
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
-    for module in (llama, mistral, gemma, qwen, qwen3_moe, phi, olmo, smollm3, gpt_oss, llama4, deepseek, gemma4)
+    for module in (llama, mistral, gemma, qwen, qwen3_moe, phi, olmo, smollm3, gpt_oss, llama4, deepseek, gemma4, qwen35)
     for f in module.FAMILIES
 }
 

@@ -260,8 +260,10 @@ def _layer_kind(hf_type: str) -> str:
         return "full"
     if hf_type in ("chunked_attention", "chunked"):
         return "chunked"
-    raise ValueError(f"config.json: unsupported layer type {hf_type!r} (expected full_attention, sliding_attention or "
-                     "chunked_attention)")
+    if hf_type == "linear_attention":
+        return "linear"
+    raise ValueError(f"config.json: unsupported layer type {hf_type!r} (expected full_attention, sliding_attention, "
+                     "chunked_attention or linear_attention)")
 
 
 def read_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict], Optional[float]]:
