@@ -13,7 +13,8 @@ REQUIRED = {  # the models and methods issue 3 asks for
     "llama-3.2-1b": {"full", "lora", "qlora", "adapter", "prompt"}, "llama-3.2-3b": {"lora", "qlora"},
     "llama-3.1-8b": {"lora", "qlora"}, "mistral-7b": {"lora", "qlora"}, "gemma-2-2b": {"full", "lora", "qlora"},
     "gemma-3-1b": {"full", "lora", "qlora"}, "qwen2.5-1.5b": {"full", "lora", "qlora"},
-    "qwen3-30b-a3b": {"lora"}, "smollm3-3b": {"lora"}, "gpt-oss-20b": {"lora"},  # issue 18
+    "qwen3-30b-a3b": {"lora"}, "smollm3-3b": {"lora"}, "gpt-oss-20b": {"lora"}, "gemma-4-e4b": {"lora"},  # issue 18
+    "qwen3.5-9b": {"lora"},
 }
 
 
