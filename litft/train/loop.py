@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from litft.config import Config
 from litft.train import checkpoint as ckpt
 from litft.train.args import TrainArgs
 from litft.train.objectives import Objective, ObjectiveContext, SFTObjective
