@@ -17,8 +17,8 @@ the recurrent state in float32).
 
 LoRA can target q, k, v, o (full attention), gate, up, down (the dense MLPs, every expert and the shared expert) and
 the linear layers' projections (in_qkv, in_z, in_b, in_a, out); ``all-linear`` takes all of them and the shared expert
-gate. The PEFT export reaches the experts of Qwen3.5-MoE only as litft's per-expert names (transformers holds them as
-3-D tensors, as for Qwen3-MoE).
+gate. ``to_peft`` refuses a LoRA on Qwen3.5-MoE's experts by name (transformers holds them as 3-D tensors, which
+PEFT's LoRA does not target, as for Qwen3-MoE): ``to_hf`` merges it instead.
 
 Named configs, from the text_config values of the released config.json files as public code quotes them (found with
 the search tool); every size has 262144 positions, a 248320-token vocabulary, RoPE base 1e7 on a quarter of each
