@@ -346,6 +346,27 @@ def stack_transposed(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
     return torch.stack([p.T if p.dim() == 2 else p for p in parts])
 
 
+def unstack_experts(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    """Stacked (E, out, in) Linear weights → expert 0's, expert 1's, ... (a :class:`WeightRule` ``unstack``)."""
+    return list(tensor.unbind(0))
+
+
+def stack_experts(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
+    """The inverse of :func:`unstack_experts`."""
+    return torch.stack(parts)
+
+
+def unstack_gate_up_rows(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    """Stacked (E, 2I, C) experts whose first I rows are the gate's and last I the up projection's (Linear weights) →
+    gate, up of expert 0, of expert 1, ... (a :class:`WeightRule` ``unstack``)."""
+    return [part for w in tensor.unbind(0) for part in w.chunk(2, dim=0)]
+
+
+def stack_gate_up_rows(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
+    """The inverse of :func:`unstack_gate_up_rows`."""
+    return torch.stack([torch.cat((gate, up), dim=0) for gate, up in zip(parts[0::2], parts[1::2])])
+
+
 def llama_rules(attention_bias: bool = False) -> list[WeightRule]:
     """The Llama layout that most families share."""
     layer = "model.layers.{i}."

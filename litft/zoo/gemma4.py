@@ -39,10 +39,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from litft.config import Config
-from litft.zoo.base import Family, WeightRule, refuse_scaled_sliding_rope
+from litft.zoo.base import (Family, WeightRule, refuse_scaled_sliding_rope, stack_experts, stack_gate_up_rows,
+                             unstack_experts, unstack_gate_up_rows)
 from litft.zoo.gemma import _sandwich_rules
 
 _TRAITS = dict(norm_unit_offset=False, scale_embeddings=True, post_block_norms=True, qk_norm=True, value_norm=True,
@@ -162,22 +161,6 @@ def _unused_tensor(hf_key: str, config: Config) -> bool:
     return m is not None and int(m["i"]) < config.n_layer and config.kv_source_layer(int(m["i"])) is not None
 
 
-def _unstack_gate_up(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
-    """(E, 2I, C) gate rows then up rows, as Linear weights → gate, up of expert 0, of expert 1, ..."""
-    return [part for w in tensor.unbind(0) for part in w.chunk(2, dim=0)]
-
-
-def _stack_gate_up(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
-    return torch.stack([torch.cat((gate, up), dim=0) for gate, up in zip(parts[0::2], parts[1::2])])
-
-
-def _unstack(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
-    return list(tensor.unbind(0))
-
-
-def _stack(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
-    return torch.stack(parts)
-
 
 def _gemma4_rules() -> list[WeightRule]:
     layer = "model.layers.{i}."
@@ -188,8 +171,8 @@ def _gemma4_rules() -> list[WeightRule]:
         WeightRule("blocks.{i}.moe.router_scale", layer + "router.scale"),
         WeightRule("blocks.{i}.moe.per_expert_scale", layer + "router.per_expert_scale"),
         WeightRule((expert + "gate_proj.weight", expert + "up_proj.weight"), layer + "experts.gate_up_proj",
-                   unstack=_unstack_gate_up, stack=_stack_gate_up),
-        WeightRule(expert + "down_proj.weight", layer + "experts.down_proj", unstack=_unstack, stack=_stack),
+                   unstack=unstack_gate_up_rows, stack=stack_gate_up_rows),
+        WeightRule(expert + "down_proj.weight", layer + "experts.down_proj", unstack=unstack_experts, stack=stack_experts),
         WeightRule("blocks.{i}.pre_moe_norm.weight", layer + "pre_feedforward_layernorm_2.weight"),
         WeightRule("blocks.{i}.post_moe_norm.weight", layer + "post_feedforward_layernorm_2.weight"),
         WeightRule("blocks.{i}.post_dense_norm.weight", layer + "post_feedforward_layernorm_1.weight"),

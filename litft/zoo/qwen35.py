@@ -41,10 +41,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from litft.config import Config
-from litft.zoo.base import Family, WeightRule, llama_rules
+from litft.zoo.base import (Family, WeightRule, llama_rules, stack_experts, stack_gate_up_rows, unstack_experts,
+                             unstack_gate_up_rows)
 
 _LINEAR_KEYS = {"linear_num_key_heads": "linear_num_key_heads", "linear_num_value_heads": "linear_num_value_heads",
                 "linear_key_head_dim": "linear_key_head_dim", "linear_value_head_dim": "linear_value_head_dim",
@@ -148,26 +147,6 @@ def _linear_attention_rules() -> list[WeightRule]:
     return rules
 
 
-def _unstack_gate_up(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
-    """Stacked (E, 2I, C) experts, gate the first I rows and up the last I (Linear weights) → gate, up of expert 0,
-    of expert 1, ..."""
-    parts = []
-    for x in tensor.unbind(0):
-        parts += list(x.chunk(2, dim=0))
-    return parts
-
-
-def _stack_gate_up(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
-    return torch.stack([torch.cat((gate, up), dim=0) for gate, up in zip(parts[0::2], parts[1::2])])
-
-
-def _unstack(tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
-    return list(tensor.unbind(0))
-
-
-def _stack(parts: list[torch.Tensor], config: Config) -> torch.Tensor:
-    return torch.stack(parts)
-
 
 def _moe_rules() -> list[WeightRule]:
     """The router, the experts (one tensor per expert and projection, as transformers saves them; first, so that
@@ -181,8 +160,8 @@ def _moe_rules() -> list[WeightRule]:
         rules.append(WeightRule(f"blocks.{{i}}.mlp.shared_expert.{p}.weight", moe + f"shared_expert.{p}.weight"))
     rules += [
         WeightRule((expert + "gate_proj.weight", expert + "up_proj.weight"), moe + "experts.gate_up_proj",
-                   unstack=_unstack_gate_up, stack=_stack_gate_up),
-        WeightRule(expert + "down_proj.weight", moe + "experts.down_proj", unstack=_unstack, stack=_stack),
+                   unstack=unstack_gate_up_rows, stack=stack_gate_up_rows),
+        WeightRule(expert + "down_proj.weight", moe + "experts.down_proj", unstack=unstack_experts, stack=stack_experts),
     ]
     return rules
 
