@@ -64,6 +64,15 @@ class Cache(nn.Module, abc.ABC):
         super().__init__()
         self.rows, self.length = rows, length
 
+    def check_copy_source(self, source: "Cache", first_slot: int) -> None:
+        """Refuse, for ``copy_rows_from``, a source of another class or one whose slots from ``first_slot`` on fall
+        outside this cache."""
+        if type(source) is not type(self):
+            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        end = first_slot + source.length
+        if first_slot < 0 or end > self.length:
+            raise ValueError(f"slots [{first_slot}, {end}) are outside the cache's {self.length} slots")
+
     @classmethod
     @abc.abstractmethod
     def bytes_per_row(cls, config: Config, length: int, dtype: torch.dtype) -> int:
@@ -121,11 +130,8 @@ class SlotCache(Cache):
         return tuple(out)
 
     def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
-        if type(source) is not type(self):
-            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        self.check_copy_source(source, first_slot)
         end = first_slot + source.length
-        if first_slot < 0 or end > self.length:
-            raise ValueError(f"slots [{first_slot}, {end}) are outside the cache's {self.length} slots")
         for buf, src in zip(self.buffers(), source.buffers(), strict=True):
             buf[rows, :, first_slot:end] = src.to(buf.dtype)
 
@@ -220,11 +226,7 @@ class SlidingKVCache(SlotCache):
         return held if steps == 1 else torch.cat((held, input_pos))
 
     def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
-        if type(source) is not type(self):
-            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
-        if first_slot < 0 or first_slot + source.length > self.length:
-            raise ValueError(f"slots [{first_slot}, {first_slot + source.length}) are outside the cache's "
-                             f"{self.length} slots")
+        self.check_copy_source(source, first_slot)
         kept = min(source.ring, self.ring)  # the source's last slots that land in the ring
         slots = torch.arange(source.length - kept, source.length, device=rows.device)
         for buf, src in zip(self.buffers(), source.buffers(), strict=True):
@@ -293,8 +295,7 @@ class SharedKVCache(Cache):
         return self.source.key_slots(input_pos)
 
     def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
-        if type(source) is not type(self):
-            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
+        self.check_copy_source(source, first_slot)
 
     def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         pass
@@ -348,11 +349,7 @@ class LinearAttentionCache(Cache):
         return torch.empty(0, dtype=torch.long, device=input_pos.device)
 
     def copy_rows_from(self, source: Cache, rows: torch.Tensor, first_slot: int) -> None:
-        if type(source) is not type(self):
-            raise TypeError(f"cannot copy a {type(source).__name__} into a {type(self).__name__}")
-        if first_slot < 0 or first_slot + source.length > self.length:
-            raise ValueError(f"slots [{first_slot}, {first_slot + source.length}) are outside the cache's "
-                             f"{self.length} slots")
+        self.check_copy_source(source, first_slot)
         self.conv[rows] = source.conv.to(self.conv.dtype)
         self.state[rows] = source.state
 

@@ -280,22 +280,30 @@ def lora_run_to_peft(tmp_path: Path, variant: str, targets: str) -> dict[str, Pa
     return model
 
 
+def assert_peft_export_computes_what_litft_computes(tmp_path: Path, variant: str, targets: str,
+                                                    tokens: torch.Tensor) -> dict:
+    """:func:`lora_run_to_peft`, then: the run changed the logits, and PeftModel over the original HF model computes
+    litft's logits of the run's final checkpoint on ``tokens``. Returns the adapter's adapter_config.json."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = lora_run_to_peft(tmp_path, variant, targets)
+    hf = AutoModelForCausalLM.from_pretrained(model["hf"])
+    base = hf_logits(hf, tokens)
+    expected = litft_logits(tmp_path / "run" / "final", tokens)
+    assert (expected - base).abs().max() > 1e-2, "the run should have changed the model"
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    torch.testing.assert_close(hf_logits(peft_model, tokens), expected, atol=TOL, rtol=0)
+    return json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+
+
 @pytest.mark.parametrize("variant", ["gemma", "mistral", "qwen3", "olmo3", "smollm3", "gemma4"])
 def test_to_peft_of_other_families_loads_in_peft_with_the_same_logits(variant, tokens, tmp_path):
     """A LoRA run on a tiny Gemma (tied embeddings, GeGLU, (1 + w) norms), Mistral (sliding window), Qwen3
     (q/k norms), OLMo 3 (post-only norms, whole-projection q/k norms, sliding layers), SmolLM3 (NoPE layers) and
     Gemma 4 (per-layer inputs, KV-shared layers without k/v projections) exported to_peft: PeftModel over the
     original HF model computes what litft computes."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = lora_run_to_peft(tmp_path, variant, "[q,k,v,o,gate,up,down]")
-    hf = AutoModelForCausalLM.from_pretrained(model["hf"])
-    base = hf_logits(hf, tokens)
-    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter")
-    expected = litft_logits(tmp_path / "run" / "final", tokens)
-    assert (expected - base).abs().max() > 1e-2, "the run should have changed the model"
-    torch.testing.assert_close(hf_logits(peft_model, tokens), expected, atol=TOL, rtol=0)
+    assert_peft_export_computes_what_litft_computes(tmp_path, variant, "[q,k,v,o,gate,up,down]", tokens)
 
 
 def make_peft_adapter(hf_dir: Path, out: Path, use_dora: bool) -> torch.nn.Module:
