@@ -218,11 +218,12 @@ def test_the_multimodal_rope_of_text_positions_is_plain_rope():
 # ---------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_the_text_model_of_a_multimodal_checkpoint_converts(moe, tmp_path):
+@pytest.mark.parametrize("moe, tied", [(False, False), (True, False), (False, True)])
+def test_the_text_model_of_a_multimodal_checkpoint_converts(moe, tied, tmp_path):
     """A multimodal Qwen3.5 checkpoint (text_config, weights under model.language_model., a vision tower, a
     multi-token-prediction layer): the conversion takes the text model, whose logits equal the multimodal model's on
-    text."""
+    text. ``tied``: the wrapper's tie_word_embeddings (which transformers ties the head by) is true while the
+    text_config's is false: the head is the embedding."""
     import transformers
 
     prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
@@ -233,7 +234,7 @@ def test_the_text_model_of_a_multimodal_checkpoint_converts(moe, tmp_path):
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
                   num_position_embeddings=16)
-    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision)
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, tie_word_embeddings=tied)
     torch.manual_seed(0)
     hf_model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
     with torch.no_grad():
@@ -247,6 +248,8 @@ def test_the_text_model_of_a_multimodal_checkpoint_converts(moe, tmp_path):
     save_file(weights, tmp_path / "hf" / "model.safetensors")
     model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
     assert model.config.hf_model_type == ("qwen3_5_moe_text" if moe else "qwen3_5_text")
+    assert model.config.tie_embeddings == tied and json.loads((tmp_path / "hf" / "config.json").read_text())[
+        "text_config"].get("tie_word_embeddings") in (None, False)
     idx = _tokens(2)
     with torch.no_grad():
         assert (model(idx) - hf_model(input_ids=idx).logits).abs().max().item() <= TOL

@@ -51,6 +51,9 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "quantization_config"):
             if key not in text and key in hf:
                 text[key] = hf[key]
+        # transformers ties the wrapper's head to the embedding by the wrapper's own tie_word_embeddings
+        if "tie_word_embeddings" in hf:
+            text["tie_word_embeddings"] = hf["tie_word_embeddings"]
         hf = text
     return hf
 
