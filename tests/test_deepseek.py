@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from litft.cache import KVCache, LatentCache
-from litft.convert.hf import convert_from_hf, convert_to_hf, native_tensors_to_hf
+from litft.convert.hf import convert_from_hf, convert_to_hf
 from litft.weights import load_model
 from tests.hf_models import make_hf_model
 
@@ -55,13 +55,9 @@ def test_gradients_of_every_tensor_match_transformers(variant, tmp_path):
     """Backward through the latent attention (low-rank q, kv latent, interleaved RoPE), the grouped sigmoid
     routing, the routed and shared experts and the dense first layer: litft's gradients, mapped to transformers'
     names by the weight table, equal transformers'."""
-    hf_model = make_hf_model(variant, tmp_path / "hf")
-    model = load_model(convert_from_hf(tmp_path / "hf", tmp_path / "native"))
-    idx = _tokens(5)
-    model(idx).pow(2).mean().backward()
-    hf_model(idx).logits.pow(2).mean().backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    ours = dict(native_tensors_to_hf(tmp_path / "native", model.config, state=grads))
+    from tests.test_zoo_parity import gradients_under_the_weight_table
+
+    _, hf_model, ours = gradients_under_the_weight_table(variant, tmp_path)
     theirs = {}
     for name, p in hf_model.named_parameters():  # transformers' 3-D experts -> the checkpoint's per-expert names
         prefix = name.removesuffix("gate_up_proj").removesuffix("down_proj")

@@ -622,13 +622,7 @@ def test_cli_bounds_request_bodies_and_keeps_health_answering(checkpoint: Path) 
         client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="none", max_retries=0, timeout=60)
         assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0).choices[0].text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(60) == 0, "".join(proc.output)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        _stop(proc)
     assert "Traceback" not in "".join(proc.output), "".join(proc.output)
 
 
@@ -659,13 +653,7 @@ def test_cli_docs_need_the_key_and_nothing_shows_the_checkpoint_path(checkpoint:
         output = "".join(proc.output)
         assert f"litft serve: {checkpoint.name} on http://{HOST}:{port}/v1" in output, output
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(60) == 0, "".join(proc.output)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        _stop(proc)
 
 
 BROKEN_TEMPLATES = {  # templates that fail while rendering, each in its own way

@@ -95,13 +95,10 @@ def test_moe_gradients_match_transformers(variant, tmp_path):
     assert checked >= 4  # experts that got tokens (and so a gradient)
 
 
-@pytest.mark.parametrize("variant", ["gpt_oss", "llama4", "gemma4", "gemma4-moe", "qwen3_5"])
-def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(variant, tmp_path):
-    """The backward through sinks, biases, the router bias and the clamped SwiGLU (gpt-oss), through chunked and
-    NoPE layers, L2 qk-norm, the query temperature, sigmoid scores on the experts' inputs and the shared expert
-    (Llama 4), through per-layer inputs and KV-shared layers (Gemma 4) and its MoE block beside the dense MLP (router
-    scales, per-expert scales), through the Gated DeltaNet layers and the gated full attention (Qwen3.5): litft's
-    gradients, mapped to transformers' names by the weight table (experts stacked), equal transformers'."""
+def gradients_under_the_weight_table(variant: str, tmp_path: Path) -> tuple:
+    """The tiny ``variant`` in transformers and converted to litft, both after the backward of the same loss on the
+    same tokens; returns (litft model, transformers model, litft's gradients under transformers' names by the weight
+    table)."""
     from litft.convert.hf import native_tensors_to_hf
 
     hf_model = make_hf_model(variant, tmp_path / "hf")
@@ -110,7 +107,17 @@ def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(var
     model(idx).pow(2).mean().backward()
     hf_model(idx).logits.pow(2).mean().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
-    ours = dict(native_tensors_to_hf(tmp_path / "native", model.config, state=grads))
+    return model, hf_model, dict(native_tensors_to_hf(tmp_path / "native", model.config, state=grads))
+
+
+@pytest.mark.parametrize("variant", ["gpt_oss", "llama4", "gemma4", "gemma4-moe", "qwen3_5"])
+def test_gradients_of_every_tensor_match_transformers_under_the_weight_table(variant, tmp_path):
+    """The backward through sinks, biases, the router bias and the clamped SwiGLU (gpt-oss), through chunked and
+    NoPE layers, L2 qk-norm, the query temperature, sigmoid scores on the experts' inputs and the shared expert
+    (Llama 4), through per-layer inputs and KV-shared layers (Gemma 4) and its MoE block beside the dense MLP (router
+    scales, per-expert scales), through the Gated DeltaNet layers and the gated full attention (Qwen3.5): litft's
+    gradients, mapped to transformers' names by the weight table (experts stacked), equal transformers'."""
+    model, hf_model, ours = gradients_under_the_weight_table(variant, tmp_path)
     theirs = {name: p.grad for name, p in hf_model.named_parameters()}
     assert sorted(ours) == sorted(theirs)
     for name, grad in theirs.items():
