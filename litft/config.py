@@ -291,10 +291,6 @@ class Config:
             raise ValueError("multi-head latent attention (kv_lora_rank) does not implement global_head_size, "
                              "global_n_query_groups, value_norm, attention_k_eq_v or kv_shared_layers")
 
-    def layer_head_size(self, index: int) -> int:
-        """The head size of layer ``index``: ``global_head_size`` on "full" layers when set."""
-        return self.kind_head_size(self.layer_types[index])
-
     def kind_head_size(self, kind: str) -> int:
         """The head size of layers of attention ``kind``."""
         return self.global_head_size if kind == "full" and self.global_head_size else self.head_size
