@@ -102,9 +102,8 @@ def test_a_long_conversation_drops_its_oldest_turns(tiny) -> None:
 
 @pytest.fixture(scope="module")
 def endless(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama with a 16384-token context whose stop tokens are never the greedy choice (their head rows are
-    zero, so their logit is 0 while the largest of the 398 others is positive): a reply runs for many seconds, far
-    longer than a loaded machine may take to deliver the test's Ctrl-C."""
+    """A tiny Llama with a 4096-token context whose stop tokens are never the greedy choice (their head rows are
+    zero, so their logit is 0 while the largest of the 398 others is positive): a reply runs for seconds."""
     import torch
 
     from litft.convert.hf import convert_from_hf
@@ -113,7 +112,7 @@ def endless(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("endless")
     model = make_hf_model("llama", root / "hf", overrides={"vocab_size": 400, "bos_token_id": 0,
-                                                           "eos_token_id": [1, 2], "max_position_embeddings": 16384})
+                                                           "eos_token_id": [1, 2], "max_position_embeddings": 4096})
     with torch.no_grad():
         model.lm_head.weight[[1, 2]] = 0.0
     model.save_pretrained(root / "hf")
@@ -130,7 +129,7 @@ def test_ctrl_c_stops_the_reply_then_leaves_at_the_prompt(endless: Path) -> None
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "litft", "chat", str(endless), "--temperature", "0", "--max_new_tokens", "16000",
+        [sys.executable, "-m", "litft", "chat", str(endless), "--temperature", "0", "--max_new_tokens", "3000",
          "--device", "cpu"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     out, err = bytearray(), bytearray()
