@@ -128,10 +128,16 @@ def test_ctrl_c_stops_the_reply_then_leaves_at_the_prompt(endless: Path) -> None
     import time
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "litft", "chat", str(endless), "--temperature", "0", "--max_new_tokens", "3000",
-         "--device", "cpu"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    # chat starts as from a terminal, where Ctrl-C arrives: a test run started as a background job of a script has
+    # SIGINT ignored, and an ignored signal stays ignored in every process it starts
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "litft", "chat", str(endless), "--temperature", "0", "--max_new_tokens", "3000",
+             "--device", "cpu"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     out, err = bytearray(), bytearray()
 
     def pump(stream, buffer: bytearray) -> None:
